@@ -1,0 +1,181 @@
+"""Search configuration: one validated, frozen value read from YAML and CLI flags.
+
+Every section forbids unknown keys, so a typo in a YAML file is an error that names the key,
+not a silently ignored setting. Units are in the field names (``_ms``, ``_s``, fractions in [0, 1]).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BUILTIN_MODEL = "builtin:all-MiniLM-L6-v2"
+BUILTIN_DATA = "builtin:bbc-news"
+
+WeightFormat = Literal["fp32", "int8", "int4"]
+EmbeddingFormat = Literal["fp32", "int8"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line that names the problem and the fix."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelConfig(_Frozen):
+    """Which encoder to compress: a hub id, a local folder, or the built-in MiniLM."""
+
+    name: str = BUILTIN_MODEL
+    max_length: int = Field(128, ge=8, le=4096, description="tokens per text, longer texts are truncated")
+
+
+class TaskConfig(_Frozen):
+    """Labelled texts and the frozen classification head every candidate is scored with."""
+
+    data: str = Field(BUILTIN_DATA, description="builtin:bbc-news, a .csv/.jsonl path, or hf:NAME[:SPLIT]")
+    text_column: str = "text"
+    label_column: str = "label"
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    eval_limit: int | None = Field(None, ge=10, description="score on at most this many held-out texts")
+    seed: int = 0
+
+
+class SpaceConfig(_Frozen):
+    """Choices offered per transformer block; a list of one value fixes that dimension."""
+
+    weight_formats: tuple[WeightFormat, ...] = ("fp32", "int8", "int4")
+    ffn_sparsities: tuple[float, ...] = (0.0, 0.25, 0.5)
+    rank_fractions: tuple[float, ...] = (1.0, 0.5)
+    embedding_formats: tuple[EmbeddingFormat, ...] = ("fp32", "int8")
+    int4_block_size: int = 32
+    group_size: int = Field(1, ge=1, description="consecutive blocks that share one set of choices")
+
+    @field_validator("weight_formats", "ffn_sparsities", "rank_fractions", "embedding_formats")
+    @classmethod
+    def _non_empty_unique(cls, values: tuple) -> tuple:
+        if not values:
+            raise ValueError("needs at least one choice")
+        if len(set(values)) != len(values):
+            raise ValueError(f"has repeated choices {list(values)}")
+        return values
+
+    @field_validator("ffn_sparsities")
+    @classmethod
+    def _sparsity_range(cls, values: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0.0 <= v < 1.0 for v in values):
+            raise ValueError("every FFN sparsity must be a fraction in [0, 1)")
+        return values
+
+    @field_validator("rank_fractions")
+    @classmethod
+    def _rank_range(cls, values: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0.0 < v <= 1.0 for v in values):
+            raise ValueError("every rank fraction must be in (0, 1]; 1.0 means no factorisation")
+        return values
+
+    @field_validator("int4_block_size")
+    @classmethod
+    def _block(cls, value: int) -> int:
+        if value not in (16, 32, 64, 128, 256):
+            raise ValueError("MatMulNBits takes blocks of 16, 32, 64, 128 or 256")
+        return value
+
+
+class LatencyConfig(_Frozen):
+    """How latency is measured: one ONNX Runtime session, fixed threads, warm-up, timed repeats."""
+
+    batch_size: int = Field(8, ge=1)
+    sequence_length: int = Field(128, ge=8)
+    threads: int = Field(2, ge=1)
+    warmup_runs: int = Field(3, ge=0)
+    timed_runs: int = Field(20, ge=3)
+
+
+class SearchConfig(_Frozen):
+    trials: int = Field(24, ge=1)
+    workers: int = Field(2, ge=1, description="trials evaluated at once")
+    seed: int = 0
+    sampler: Literal["nsga2", "tpe"] = "nsga2"
+    time_budget_s: float | None = Field(None, gt=0)
+    cpus_per_trial: float = Field(1.0, gt=0)
+    address: str | None = Field(None, description="Ray cluster address; None starts a local Ray")
+
+
+class TrackingConfig(_Frozen):
+    uri: str | None = Field(None, description="MLflow tracking URI; None means sqlite under results/")
+    experiment: str = "slimtune"
+
+
+class Config(_Frozen):
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    space: SpaceConfig = SpaceConfig()
+    latency: LatencyConfig = LatencyConfig()
+    search: SearchConfig = SearchConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _enough_trials(self) -> Config:
+        if self.search.trials < 2:
+            raise ValueError("search.trials must be at least 2: fp32 and uniform int8 are always evaluated first")
+        return self
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr|d)?\s*$", re.IGNORECASE)
+_UNIT_SECONDS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "d": 86400}
+
+
+def parse_duration_s(text: str) -> float:
+    """'90s', '30m', '8h', '1.5h' or a bare number of seconds -> seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ConfigError(f"time budget {text!r} is not a duration: write e.g. 90s, 30m or 8h")
+    seconds = float(match.group(1)) * _UNIT_SECONDS[(match.group(2) or "s").lower()]
+    if seconds <= 0:
+        raise ConfigError(f"time budget {text!r} must be longer than zero")
+    return seconds
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    return f"{where}: {first['msg']}"
+
+
+def load_config(path: Path | None, overrides: dict[str, dict] | None = None) -> Config:
+    """Read YAML (if given), apply CLI overrides section by section, validate once.
+
+    Raises ConfigError with one line naming the file, the key and what is wrong.
+    """
+    raw: dict = {}
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist: pass an existing YAML file to --config")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML ({exc.__class__.__name__}): fix its syntax") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections (model, task, space, ...)")
+    for section, values in (overrides or {}).items():
+        clean = {k: v for k, v in values.items() if v is not None}
+        if clean:
+            raw.setdefault(section, {})
+            if not isinstance(raw[section], dict):
+                raise ConfigError(f"config section {section!r} must be a mapping")
+            raw[section] = {**raw[section], **clean}
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        origin = f"{path}: " if path else ""
+        raise ConfigError(f"{origin}{_describe(exc)}") from exc
+
+
+def config_to_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,87 @@
+"""Build the artifact a plan describes: the ONNX file whose bytes and kernels are the compression.
+
+plan -> structural transforms (torch) -> fp32 ONNX export -> quantization passes (ONNX) -> file.
+Every planned Linear must be found in the graph; a quantization that cannot be applied is an
+error, never a silently uncompressed layer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from torch import nn
+
+from slimtune.export.onnx_export import ExportError, export_fp32, weight_matmuls
+from slimtune.export.quantize import quantize_int4_matmuls, quantize_int8_embedding, quantize_int8_matmuls
+from slimtune.export.size import artifact_bytes, predict_size_bytes
+from slimtune.plan import CompressionPlan
+from slimtune.transforms import apply_structural
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One exported candidate. ``kernels`` counts op types in the final graph."""
+
+    path: Path
+    plan: CompressionPlan
+    kernels: Mapping[str, int]
+    export_s: float
+    quantize_s: float
+
+    @property
+    def size_bytes(self) -> int:
+        return artifact_bytes(self.path)
+
+
+def kernel_counts(model: onnx.ModelProto) -> dict[str, int]:
+    return dict(Counter(node.op_type for node in model.graph.node))
+
+
+def _quantize(proto: onnx.ModelProto, encoder: nn.Module, plan: CompressionPlan) -> onnx.ModelProto:
+    embeddings = {n for n in plan.quantize if isinstance(encoder.get_submodule(n), nn.Embedding)}
+    linears = set(plan.quantize) - embeddings
+    for name in sorted(embeddings):
+        proto = quantize_int8_embedding(proto, f"encoder.{name}.weight")
+    node_of = weight_matmuls(proto, linears)
+    missing = linears - set(node_of.values())
+    if missing:
+        raise ExportError(f"no MatMul found in the exported graph for {sorted(missing)[:3]}; cannot quantize them")
+    int8 = {node for node, name in node_of.items() if plan.quantize[name].format == "int8"}
+    proto = quantize_int8_matmuls(proto, int8)
+    for block in sorted({plan.quantize[n].block_size for n in linears if plan.quantize[n].format == "int4"}):
+        nodes = {node for node, name in node_of.items()
+                 if plan.quantize[name].format == "int4" and plan.quantize[name].block_size == block}
+        proto = quantize_int4_matmuls(proto, nodes, block)
+    return proto
+
+
+def strip_node_metadata(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop the exporter's per-node debug metadata (module scopes, stack traces): not shipped."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
+    return model
+
+
+def build_artifact(encoder: nn.Module, plan: CompressionPlan, path: Path) -> Artifact:
+    """Transform ``encoder`` by ``plan`` and write the deployable ONNX file at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    transformed = apply_structural(encoder, plan)
+    fp32_path = path.with_name(path.stem + ".fp32.onnx")
+    export_fp32(transformed, fp32_path)
+    exported = time.perf_counter()
+    try:
+        proto = _quantize(onnx.load(str(fp32_path)), encoder, plan)
+        onnx.save_model(strip_node_metadata(proto), str(path))
+    finally:
+        fp32_path.unlink(missing_ok=True)
+    return Artifact(path=path, plan=plan, kernels=kernel_counts(proto),
+                    export_s=exported - started, quantize_s=time.perf_counter() - exported)
+
+
+__all__ = ["Artifact", "ExportError", "build_artifact", "kernel_counts", "predict_size_bytes"]

@@ -1,0 +1,107 @@
+"""Find the compressible parts of a transformer from its own modules.
+
+No list of BERT names: the transformer blocks are the longest ``nn.ModuleList`` of identical
+modules that hold Linear layers; inside a block, shapes tell the roles apart. The FFN expands the
+hidden size (``up``: hidden -> intermediate, including a gated MLP's gate) and contracts it back
+(``down``: intermediate -> hidden); every other Linear that reads or writes the hidden size is
+attention. The token embedding is the model's ``get_input_embeddings()`` when it has one, else its
+largest ``nn.Embedding``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from torch import nn
+
+
+class LayoutError(ValueError):
+    """The model has no structure slimtune can compress."""
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    name: str
+    attention: tuple[str, ...]
+    ffn_up: tuple[str, ...]
+    ffn_down: tuple[str, ...]
+
+    @property
+    def ffn(self) -> tuple[str, ...]:
+        return self.ffn_up + self.ffn_down
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return self.attention + self.ffn
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    blocks: tuple[BlockLayout, ...]
+    embedding: str | None
+    hidden_size: int
+    linear_shapes: tuple[tuple[str, int, int], ...] = ()  # (name, in_features, out_features)
+
+    def shape(self, name: str) -> tuple[int, int]:
+        """(in_features, out_features) of a Linear in the original model."""
+        for linear, n_in, n_out in self.linear_shapes:
+            if linear == name:
+                return n_in, n_out
+        raise KeyError(name)
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return tuple(name for block in self.blocks for name in block.linears)
+
+
+def _block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        n_linear = sum(isinstance(m, nn.Linear) for m in module.modules())
+        if n_linear and (best is None or (len(module), n_linear) > (len(best[2]), best[0])):
+            best = (n_linear, name, module)
+    if best is None:
+        raise LayoutError("model has no list of transformer blocks with Linear layers; slimtune compresses transformers")
+    return best[1], best[2]
+
+
+def _block_layout(name: str, block: nn.Module) -> tuple[BlockLayout, int]:
+    linears = [(f"{name}.{sub}", m) for sub, m in block.named_modules() if isinstance(m, nn.Linear)]
+    hidden = Counter(m.in_features for _, m in linears).most_common(1)[0][0]
+    widest = max(m.out_features for _, m in linears)
+    ffn_up = tuple(n for n, m in linears if m.in_features == hidden and m.out_features == widest > hidden)
+    ffn_down = tuple(n for n, m in linears if m.in_features == widest and m.out_features == hidden)
+    if not (ffn_up and ffn_down):
+        ffn_up, ffn_down = (), ()
+    ffn = set(ffn_up + ffn_down)
+    attention = tuple(
+        n for n, m in linears if n not in ffn and hidden in (m.in_features, m.out_features)
+    )
+    return BlockLayout(name=name, attention=attention, ffn_up=ffn_up, ffn_down=ffn_down), hidden
+
+
+def _embedding_name(model: nn.Module) -> str | None:
+    names = {id(m): n for n, m in model.named_modules()}
+    get = getattr(model, "get_input_embeddings", None)
+    table = get() if callable(get) else None
+    if isinstance(table, nn.Embedding) and id(table) in names:
+        return names[id(table)]
+    embeddings = [(m.num_embeddings, n) for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    return max(embeddings)[1] if embeddings else None
+
+
+def discover_layout(model: nn.Module) -> ModelLayout:
+    """Blocks, their attention and FFN Linears, and the token embedding, by module name."""
+    list_name, blocks = _block_list(model)
+    layouts, hiddens = zip(*(_block_layout(f"{list_name}.{i}", b) for i, b in enumerate(blocks)), strict=True)
+    modules = dict(model.named_modules())
+    shapes = tuple(
+        (name, modules[name].in_features, modules[name].out_features) for b in layouts for name in b.linears
+    )
+    return ModelLayout(blocks=tuple(layouts), embedding=_embedding_name(model), hidden_size=hiddens[0],
+                       linear_shapes=shapes)

@@ -1,0 +1,55 @@
+"""Width pruning of FFN neurons (Minitron-style structured pruning).
+
+Removing intermediate neuron j deletes row j of every up projection (a gated MLP's gate and up)
+and column j of the down projection, so the pruned Linears are physically smaller: fewer
+parameters, fewer bytes, fewer FLOPs. Neurons are ranked by a weight-magnitude importance score:
+the product of the L2 norms of the neuron's row in each up projection and its column in the down
+projection (a neuron that reads little or writes little matters little).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimtune.layout import discover_layout
+from slimtune.plan import CompressionPlan, PlanError, pruned_width
+
+
+def neuron_importance(ups: list[nn.Linear], downs: list[nn.Linear]) -> torch.Tensor:
+    score = torch.ones(ups[0].out_features, dtype=torch.float64)
+    for up in ups:
+        score *= up.weight.detach().double().norm(dim=1)
+    for down in downs:
+        score *= down.weight.detach().double().norm(dim=0)
+    return score
+
+
+def _take(linear: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
+    weight = linear.weight.detach().index_select(dim, keep)
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None)
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        if linear.bias is not None:
+            out.bias.copy_(linear.bias.detach() if dim == 1 else linear.bias.detach().index_select(0, keep))
+    return out
+
+
+def prune_ffn_neurons(model: nn.Module, plan: CompressionPlan) -> nn.Module:
+    """Remove ``plan.ffn_prune[block]`` of each block's FFN neurons, in place on ``model``."""
+    if not plan.ffn_prune:
+        return model
+    blocks = {b.name: b for b in discover_layout(model).blocks}
+    for block_name, sparsity in plan.ffn_prune.items():
+        block = blocks.get(block_name)
+        if block is None or not block.ffn:
+            raise PlanError(f"ffn_prune names {block_name!r}, which is not a transformer block with an FFN")
+        ups = [model.get_submodule(n) for n in block.ffn_up]
+        downs = [model.get_submodule(n) for n in block.ffn_down]
+        keep_count = pruned_width(ups[0].out_features, sparsity)
+        keep = torch.topk(neuron_importance(ups, downs), keep_count).indices.sort().values
+        for name, up in zip(block.ffn_up, ups, strict=True):
+            model.set_submodule(name, _take(up, keep, dim=0))
+        for name, down in zip(block.ffn_down, downs, strict=True):
+            model.set_submodule(name, _take(down, keep, dim=1))
+    return model
