@@ -92,7 +92,8 @@ def quantize_int8_embedding(model: onnx.ModelProto, weight_name: str) -> onnx.Mo
         if node not in consumers:
             new_nodes.append(node)
             continue
-        ids, out, base = node.input[1], node.output[0], node.name or out
+        ids, out = node.input[1], node.output[0]
+        base = node.name or out
         new_nodes += [
             helper.make_node("Gather", [q_name, ids], [f"{base}_q"], name=f"{base}_int8_gather", axis=0),
             helper.make_node("Cast", [f"{base}_q"], [f"{base}_f"], name=f"{base}_int8_cast", to=TensorProto.FLOAT),

@@ -1,0 +1,50 @@
+"""A live progress display for long searches: a Rich bar with counts and the best figures so far."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from slimtune.search.records import TrialRecord
+
+
+class ProgressDisplay:
+    """Listener that advances a bar as trials end and prints one line per finished trial."""
+
+    def __init__(self, total: int, console: Console | None = None) -> None:
+        self.console = console or Console()
+        self.progress = Progress(
+            TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(), console=self.console, transient=False,
+        )
+        self.task = self.progress.add_task("search", total=total, status="starting Ray")
+        self.counts = {"running": 0, "completed": 0, "failed": 0, "stopped": 0}
+        self.best_accuracy = float("nan")
+
+    def __enter__(self) -> ProgressDisplay:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def _status(self) -> str:
+        c = self.counts
+        best = f"best acc {self.best_accuracy:.3f}" if c["completed"] else ""
+        return f"{c['running']} running, {c['completed']} done, {c['failed']} failed {best}"
+
+    def trial_started(self, record: TrialRecord) -> None:
+        self.counts["running"] += 1
+        self.progress.update(self.task, status=self._status())
+
+    def trial_finished(self, record: TrialRecord) -> None:
+        self.counts["running"] -= 1
+        self.counts[record.status] += 1
+        if record.status == "completed":
+            m = record.metrics
+            acc = float(m["accuracy"])
+            self.best_accuracy = acc if self.counts["completed"] == 1 else max(self.best_accuracy, acc)
+            self.console.log(f"{record.label}: accuracy {acc:.4f}, latency {m['latency_ms']:.1f} ms, "
+                             f"size {m['size_mb']:.1f} MB" + (" (cached)" if m.get("cached") else ""))
+        else:
+            self.console.log(f"[red]{record.label} {record.status}[/red]: {record.error}")
+        self.progress.update(self.task, advance=1, status=self._status())

@@ -1,0 +1,105 @@
+"""Trial records: what each trial ended with, observed from Ray's callback hooks.
+
+``TrialLog`` is the one Ray callback of a search. It numbers trials in start order, turns Ray's
+trial objects into plain ``TrialRecord`` values and tells listeners (progress display, MLflow)
+when a trial starts and when it ends. Every trial ends in exactly one of: completed, failed,
+stopped; ``close_open_trials`` guarantees that even when the driver is interrupted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from ray.tune import Callback
+from slimtune.search.trial import OBJECTIVES
+from slimtune.spaces import SearchSpace
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial. ``status``: running, completed, failed or stopped. ``reference`` names a reference point."""
+
+    number: int
+    trial_id: str
+    params: dict[str, Any]
+    status: str = "running"
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    reference: str = ""
+
+    @property
+    def objectives(self) -> tuple[float, ...]:
+        return tuple(float(self.metrics[name]) for name, _ in OBJECTIVES)
+
+    @property
+    def label(self) -> str:
+        return f"trial-{self.number:03d}" + (f" ({self.reference})" if self.reference else "")
+
+
+class TrialListener(Protocol):
+    def trial_started(self, record: TrialRecord) -> None: ...
+
+    def trial_finished(self, record: TrialRecord) -> None: ...
+
+
+def _error_text(trial: Any) -> str:
+    path = getattr(trial, "error_file", None)
+    try:
+        lines = [ln for ln in open(path).read().splitlines() if ln.strip()] if path else []
+    except OSError:
+        lines = []
+    return lines[-1].strip()[:500] if lines else "trial raised an error"
+
+
+class TrialLog(Callback):
+    def __init__(self, space: SearchSpace, listeners: tuple[TrialListener, ...] | list = ()) -> None:
+        self.listeners = tuple(listeners)
+        self._references = {
+            name: {k: v for k, v in params.items()} for name, params in space.reference_points().items()
+        }
+        self._by_id: dict[str, TrialRecord] = {}
+
+    @property
+    def records(self) -> list[TrialRecord]:
+        return sorted(self._by_id.values(), key=lambda r: r.number)
+
+    def _reference_of(self, params: dict[str, Any]) -> str:
+        return next((name for name, ref in self._references.items() if ref == params), "")
+
+    def _finish(self, trial: Any, status: str, error: str = "") -> None:
+        record = self._by_id.get(trial.trial_id)
+        if record is None or record.status != "running":
+            return
+        metrics = dict(trial.last_result or {})
+        if status == "completed" and not all(name in metrics for name, _ in OBJECTIVES):
+            status = "stopped"
+        record = replace(record, status=status, metrics=metrics if status == "completed" else {}, error=error)
+        self._by_id[trial.trial_id] = record
+        for listener in self.listeners:
+            listener.trial_finished(record)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if trial.trial_id in self._by_id:
+            return
+        params = dict(trial.config)
+        record = TrialRecord(number=len(self._by_id), trial_id=trial.trial_id, params=params,
+                             reference=self._reference_of(params))
+        self._by_id[trial.trial_id] = record
+        for listener in self.listeners:
+            listener.trial_started(record)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, "completed")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, "failed", _error_text(trial))
+
+    def close_open_trials(self) -> None:
+        """Mark every trial still running as stopped (time budget hit, driver interrupted)."""
+        for record in list(self._by_id.values()):
+            if record.status == "running":
+                stopped = replace(record, status="stopped", error="the search ended before this trial finished")
+                self._by_id[record.trial_id] = stopped
+                for listener in self.listeners:
+                    listener.trial_finished(stopped)

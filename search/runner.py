@@ -1,0 +1,102 @@
+"""Run the search: Ray Tune schedules trials, Optuna samples plans, Ray callbacks observe.
+
+Ray runs locally unless ``search.address`` names a cluster. Objectives: maximise accuracy,
+minimise latency_ms and size_mb. The reference points (uncompressed fp32, uniform int8) are
+enqueued first so every front is read against them. A failing trial ends as ERROR in Ray, FAIL
+in Optuna, and the search goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from slimtune.search.records import TrialListener, TrialLog, TrialRecord
+from slimtune.search.trial import OBJECTIVES, TrialContext, run_trial
+from slimtune.spaces import SearchSpace
+
+from slimtune.config import Config
+
+
+class ClusterError(RuntimeError):
+    """Ray could not be started or reached."""
+
+
+def make_sampler(config: Config):
+    import optuna
+
+    search = config.search
+    if search.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=search.seed, multivariate=True, n_startup_trials=max(4, search.trials // 4))
+    # A generation small enough that short searches still evolve (several generations per search).
+    population = max(4, min(50, search.trials // 3))
+    return optuna.samplers.NSGAIISampler(seed=search.seed, population_size=population)
+
+
+def start_ray(address: str | None, quiet: bool = True) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    try:
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=not quiet)
+        else:
+            ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=not quiet,
+                     _node_ip_address="127.0.0.1")
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
+        raise ClusterError(f"cannot start {where} ({str(exc).splitlines()[0][:160]})") from exc
+
+
+def _trainable(params: dict[str, Any], ctx: TrialContext) -> None:
+    from ray import tune
+
+    tune.report(run_trial(params, ctx))
+
+
+def run_search(config: Config, ctx: TrialContext, space: SearchSpace, storage: Path,
+               name: str, listeners: Sequence[TrialListener] = ()) -> list[TrialRecord]:
+    """Run all trials; returns one record per trial, in start order, none left running."""
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    def define_by_run(trial) -> None:
+        space.suggest(trial)
+
+    search = config.search
+    searcher = OptunaSearch(
+        space=define_by_run,
+        metric=[m for m, _ in OBJECTIVES],
+        mode=[mode for _, mode in OBJECTIVES],
+        sampler=make_sampler(config),
+        points_to_evaluate=list(space.reference_points().values()) or None,
+    )
+    trainable = tune.with_resources(tune.with_parameters(_trainable, ctx=ctx), {"cpu": search.cpus_per_trial})
+    trial_log = TrialLog(space, listeners)
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, num_samples=search.trials, max_concurrent_trials=search.workers,
+            time_budget_s=search.time_budget_s, reuse_actors=True, trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=name, storage_path=str(storage.resolve()), callbacks=[trial_log], verbose=0,
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+        ),
+    )
+    try:
+        tuner.fit()
+    finally:
+        trial_log.close_open_trials()
+    return trial_log.records
+
+
+def _trial_dirname(trial) -> str:
+    # Parameter-laden default names get truncated and are unreadable; the id is enough.
+    return f"trial_{trial.trial_id}"

@@ -1,0 +1,122 @@
+"""One trial: params -> plan -> artifact -> measured metrics. Runs inside a Ray worker.
+
+Each worker process loads the model and the prepared task once and reuses them for every trial it
+runs. Identical plans (NSGA-II proposes repeats) are measured once: results are cached by plan
+digest in the search's work folder. A trial that raises, or measures a non-finite figure, fails
+loudly so that Ray, Optuna and MLflow all record it as failed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from optuna.trial import FixedTrial
+from slimtune.evaluators import as_dict
+from slimtune.evaluators.accuracy import measure_accuracy
+from slimtune.evaluators.latency import latency_inputs, measure_latency
+from slimtune.evaluators.node_lock import NodeLock
+from slimtune.evaluators.size import measure_size
+from slimtune.spaces import SearchSpace
+
+from slimtune.config import Config
+from slimtune.export import build_artifact
+from slimtune.layout import discover_layout
+from slimtune.model import load_encoder
+from slimtune.plan import CompressionPlan
+from slimtune.task import PreparedTask
+
+OBJECTIVES = (("accuracy", "max"), ("latency_ms", "min"), ("size_mb", "min"))
+
+
+class NonFiniteMetricError(FloatingPointError):
+    """A measured objective is NaN or infinite; the trial is failed rather than reported."""
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of one search shares; small and picklable, sent to each Ray worker."""
+
+    config: Config
+    model_source: str
+    task_path: str
+    work_dir: str
+    lock_path: str
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return Path(self.work_dir) / "artifacts"
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.work_dir) / "measured"
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    encoder: torch.nn.Module
+    space: SearchSpace
+    task: PreparedTask
+    feeds: dict[str, np.ndarray]
+
+
+@functools.lru_cache(maxsize=2)
+def worker_state(ctx: TrialContext) -> WorkerState:
+    encoder = load_encoder(ctx.model_source).encoder
+    task = PreparedTask.load(Path(ctx.task_path))
+    return WorkerState(
+        encoder=encoder,
+        space=SearchSpace(discover_layout(encoder), ctx.config.space),
+        task=task,
+        feeds=latency_inputs(task.input_ids, task.attention_mask, ctx.config.latency),
+    )
+
+
+def measure_plan(ctx: TrialContext, state: WorkerState, plan: CompressionPlan) -> dict[str, Any]:
+    """Build the artifact for ``plan`` and measure it. Returns metrics and timings (seconds)."""
+    lock = NodeLock(Path(ctx.lock_path))
+    threads = max(1, int(ctx.config.search.cpus_per_trial))
+    path = ctx.artifacts_dir / f"{plan.digest}.onnx"
+    timings: dict[str, float] = {}
+    with lock.shared():
+        artifact = build_artifact(state.encoder, plan, path)
+        started = time.perf_counter()
+        accuracy = as_dict(measure_accuracy(path, state.task, threads))
+        timings["accuracy_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    latency = as_dict(measure_latency(path, state.feeds, ctx.config.latency, lock))
+    timings["latency_s"] = time.perf_counter() - started
+    metrics = {**accuracy, **latency, **as_dict(measure_size(path))}
+    bad = [name for name, value in metrics.items() if not math.isfinite(value)]
+    if bad:
+        raise NonFiniteMetricError(f"non-finite {', '.join(bad)} for plan {plan.digest}")
+    kernels = {k: v for k, v in artifact.kernels.items() if k in ("MatMul", "MatMulInteger", "MatMulNBits")}
+    return {
+        **metrics, "export_s": artifact.export_s, "quantize_s": artifact.quantize_s, **timings,
+        "kernels": json.dumps(kernels, sort_keys=True), "artifact": str(path),
+    }
+
+
+def run_trial(params: dict[str, Any], ctx: TrialContext) -> dict[str, Any]:
+    """Measure the plan that ``params`` (sampled by Optuna) describe; cached by plan digest."""
+    started = time.perf_counter()
+    torch.set_num_threads(max(1, int(ctx.config.search.cpus_per_trial)))
+    state = worker_state(ctx)
+    plan = state.space.suggest(FixedTrial(params))
+    cached = ctx.cache_dir / f"{plan.digest}.json"
+    if cached.is_file():
+        result = {**json.loads(cached.read_text()), "cached": 1}
+    else:
+        result = {**measure_plan(ctx, state, plan), "cached": 0}
+        ctx.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        tmp.replace(cached)
+    return {**result, "plan_digest": plan.digest, "trial_s": time.perf_counter() - started}

@@ -1,0 +1,124 @@
+"""The ``slimtune`` command line: search, baseline, ui.
+
+Bad input (a config, a model, data, a store or a cluster that cannot be used) ends with one line
+on stderr that names the problem and the fix, exit code 2, and nothing written under results/.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from slimtune.config import ConfigError, load_config, parse_duration_s
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+console = Console()
+errors = Console(stderr=True)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def fail(message: str) -> typer.Exit:
+    errors.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=2)
+
+
+def _results_dir(results: Path, name: str | None, prefix: str) -> tuple[str, Path]:
+    name = name or f"{prefix}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    if not _NAME.match(name):
+        raise fail(f"--name {name!r} may hold only letters, digits, '.', '_' and '-': choose another name")
+    out = results / name
+    if out.exists():
+        raise fail(f"{out} already exists: choose another --name or remove that folder")
+    return name, out
+
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (see examples/)")]
+ResultsOpt = Annotated[Path, typer.Option("--results-dir", help="where results and the default MLflow store live")]
+
+
+@app.command()
+def search(
+    config_path: ConfigOpt = None,
+    trials: Annotated[int | None, typer.Option("--trials", help="number of trials")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="trials evaluated at once")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="sampler seed")] = None,
+    time_budget: Annotated[str | None, typer.Option("--time-budget", help="stop after e.g. 90s, 30m, 8h")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="search name: results/<name>/ and the MLflow run")] = None,
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow store; default sqlite under results/")] = None,
+    address: Annotated[str | None, typer.Option("--address", help="Ray cluster address; default a local Ray")] = None,
+    sampler: Annotated[str | None, typer.Option("--sampler", help="nsga2 (default) or tpe")] = None,
+    results: ResultsOpt = Path("results"),
+) -> None:
+    """Search per-layer bits x FFN sparsity x rank; log the front to MLflow and results/<name>/."""
+    try:
+        budget = parse_duration_s(time_budget) if time_budget else None
+        config = load_config(config_path, {
+            "search": {"trials": trials, "workers": workers, "seed": seed, "time_budget_s": budget,
+                       "address": address, "sampler": sampler},
+            "tracking": {"uri": tracking_uri},
+        })
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    name, out = _results_dir(results, name, "search")
+    from slimtune.workflow import BAD_INPUT, run_search_job
+
+    try:
+        run_search_job(config, name, out, results, console)
+    except BAD_INPUT as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command()
+def baseline(
+    config_path: ConfigOpt = None,
+    name: Annotated[str | None, typer.Option("--name", help="results/<name>/ for baseline.csv")] = None,
+    results: ResultsOpt = Path("results"),
+) -> None:
+    """Measure fp32, uniform int8 (per-channel) and uniform 4-bit side by side, in one run."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    name, out = _results_dir(results, name, "baseline")
+    from slimtune.workflow import BAD_INPUT, run_baseline_job
+
+    try:
+        run_baseline_job(config, out, results, console)
+    except BAD_INPUT as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command()
+def ui(
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="default: the sqlite store under results/")] = None,
+    port: Annotated[int, typer.Option("--port")] = 5000,
+    results: ResultsOpt = Path("results"),
+) -> None:
+    """Serve the MLflow UI for the store on http://127.0.0.1:PORT."""
+    from slimtune.tracking import default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri(results)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise fail(f"no MLflow store at {uri}: run `slimtune search` first or pass --tracking-uri")
+    console.print(f"MLflow UI for {uri} on http://127.0.0.1:{port} (Ctrl-C stops it)")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+    command = [mlflow, "server", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    try:
+        raise typer.Exit(subprocess.call(command, env=env))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,129 @@
+"""What a search leaves in ``results/<name>/``: the front as CSV, plots, plans and a table.
+
+pareto.csv   one row per Pareto-optimal trial: accuracy (fraction), latency_ms, size_mb, ...
+trials.csv   every trial, failed and stopped ones included, with status and error
+pareto.html  interactive plot (latency vs accuracy, marker area ~ size, hover shows the plan params)
+pareto.png   the same front as a static picture
+plans/       the CompressionPlan JSON of every Pareto-optimal trial
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from optuna.trial import FixedTrial
+from rich.table import Table
+
+from slimtune.search.records import TrialRecord
+from slimtune.spaces import SearchSpace
+
+FIGURES = ("accuracy", "latency_ms", "latency_p90_ms", "latency_spread", "size_mb")
+
+
+def _row(record: TrialRecord, pareto: set[int]) -> dict[str, object]:
+    row: dict[str, object] = {"trial": record.label.split()[0], "reference": record.reference,
+                              "status": record.status, "pareto": record.number in pareto}
+    row.update({k: (round(float(record.metrics[k]), 6) if k in record.metrics else "") for k in FIGURES})
+    row["plan_digest"] = record.metrics.get("plan_digest", "")
+    row["kernels"] = record.metrics.get("kernels", "")
+    row["error"] = record.error
+    row.update(record.params)
+    return row
+
+
+def _write_csv(path: Path, rows: list[dict[str, object]]) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns or ["trial"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def front(records: list[TrialRecord], pareto: set[int]) -> list[TrialRecord]:
+    """Pareto-optimal trials, most accurate first."""
+    return sorted((r for r in records if r.number in pareto), key=lambda r: (-r.metrics["accuracy"], r.metrics["latency_ms"]))
+
+
+def write_results(out: Path, records: list[TrialRecord], pareto: set[int], space: SearchSpace,
+                  config_yaml: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plans").mkdir(exist_ok=True)
+    best = front(records, pareto)
+    _write_csv(out / "pareto.csv", [_row(r, pareto) for r in best])
+    _write_csv(out / "trials.csv", [_row(r, pareto) for r in records])
+    for record in best:
+        plan = space.suggest(FixedTrial(record.params))
+        (out / "plans" / f"trial-{record.number:03d}.json").write_text(plan.dumps() + "\n")
+    (out / "search_config.yaml").write_text(config_yaml)
+    completed = [r for r in records if r.status == "completed"]
+    if completed:
+        write_plots(out, completed, pareto)
+
+
+def write_plots(out: Path, completed: list[TrialRecord], pareto: set[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import plotly.graph_objects as go
+
+    def series(records: list[TrialRecord]) -> tuple[list, list, list, list]:
+        return ([r.metrics["latency_ms"] for r in records], [r.metrics["accuracy"] for r in records],
+                [r.metrics["size_mb"] for r in records], [r.label for r in records])
+
+    groups = {
+        "Pareto-optimal": [r for r in completed if r.number in pareto],
+        "dominated": [r for r in completed if r.number not in pareto and not r.reference],
+        "reference": [r for r in completed if r.reference],
+    }
+    largest = max(r.metrics["size_mb"] for r in completed)
+    style = {"Pareto-optimal": ("#d62728", "circle"), "dominated": ("#9e9e9e", "circle"), "reference": ("#1f77b4", "diamond")}
+    fig = go.Figure()
+    for name, members in groups.items():
+        if not members:
+            continue
+        x, y, s, labels = series(members)
+        hover = [f"{lbl}<br>accuracy {acc:.4f}<br>latency {lat:.1f} ms<br>size {mb:.1f} MB<br>"
+                 + "<br>".join(f"{k} = {v}" for k, v in r.params.items())
+                 for lbl, acc, lat, mb, r in zip(labels, y, x, s, members, strict=True)]
+        color, symbol = style[name]
+        fig.add_trace(go.Scatter(x=x, y=y, mode="markers", name=name, text=hover, hoverinfo="text",
+                                 marker={"size": [8 + 30 * v / largest for v in s], "color": color, "symbol": symbol,
+                                         "line": {"width": 1, "color": "black"}}))
+    fig.update_layout(title="slimtune search: accuracy vs latency (marker area ~ size in MB)",
+                      xaxis_title="latency (ms per batch, median)", yaxis_title="accuracy (held-out)",
+                      template="plotly_white")
+    fig.write_html(out / "pareto.html", include_plotlyjs=True)
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for axis, (key, label) in zip(axes, (("latency_ms", "latency (ms per batch, median)"), ("size_mb", "size (MB on disk)")), strict=True):
+        for name, members in groups.items():
+            if members:
+                color, symbol = style[name]
+                axis.scatter([r.metrics[key] for r in members], [r.metrics["accuracy"] for r in members], c=color,
+                             marker="D" if symbol == "diamond" else "o", label=name, edgecolors="black", linewidths=0.5)
+        for r in groups["reference"]:
+            axis.annotate(r.reference, (r.metrics[key], r.metrics["accuracy"]), fontsize=8, xytext=(4, 4),
+                          textcoords="offset points")
+        axis.set_xlabel(label)
+        axis.set_ylabel("accuracy (held-out)")
+        axis.grid(alpha=0.3)
+    axes[0].legend(loc="lower right")
+    figure.suptitle("slimtune search: Pareto front (accuracy up, latency and size down)")
+    figure.tight_layout()
+    figure.savefig(out / "pareto.png", dpi=110)
+    plt.close(figure)
+
+
+def pareto_table(records: list[TrialRecord], pareto: set[int], title: str = "Pareto front") -> Table:
+    table = Table(title=title)
+    for column in ("trial", "accuracy", "latency ms (p90)", "size MB", "kernels"):
+        table.add_column(column, justify="left" if column in ("trial", "kernels") else "right")
+    for r in front(records, pareto):
+        m = r.metrics
+        table.add_row(r.label, f"{m['accuracy']:.4f}", f"{m['latency_ms']:.1f} ({m['latency_p90_ms']:.1f})",
+                      f"{m['size_mb']:.2f}", str(m.get("kernels", "")))
+    return table

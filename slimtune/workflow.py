@@ -1,0 +1,179 @@
+"""The two jobs the CLI runs, wired from the rooms below: a search, and the baselines.
+
+search: config -> model + task -> space -> Ray Tune / Optuna trials (transforms, export,
+evaluators) -> Pareto front -> MLflow + results/<name>/. Results are assembled in a hidden
+folder and renamed into place at the end, so an interrupted search leaves no half-written
+results/<name>/.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from slimtune.config import Config, ConfigError, config_to_yaml
+from slimtune.layout import LayoutError, ModelLayout, discover_layout
+from slimtune.model import LoadedModel, ModelLoadError, load_encoder
+from slimtune.plan import PlanError
+from slimtune.search.records import TrialRecord
+from slimtune.search.runner import ClusterError
+from slimtune.task import DataError, PreparedTask, prepare_task
+from slimtune.tracking import TrackingError
+
+BAD_INPUT = (ConfigError, ModelLoadError, LayoutError, DataError, PlanError, TrackingError, ClusterError)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    loaded: LoadedModel
+    layout: ModelLayout
+    task: PreparedTask
+    task_path: Path
+
+
+def prepare(config: Config, results: Path, console: Console) -> Prepared:
+    """Load the model, find its layers, and prepare (or reuse) the scored task."""
+    from rich.progress import Progress
+
+    with console.status(f"loading {config.model.name}"):
+        loaded = load_encoder(config.model.name)
+        layout = discover_layout(loaded.encoder)
+    with Progress(console=console, transient=True) as progress:
+        bar = progress.add_task("embedding texts with the uncompressed model (once, then cached)")
+        task, task_path = prepare_task(config.model, config.task, loaded, results / ".cache",
+                                       progress=lambda done, total: progress.update(bar, completed=done, total=total))
+    console.print(f"task: {len(task.labels)} held-out texts, {len(task.label_names)} labels, head fitted on "
+                  f"{task.train_size}; uncompressed torch accuracy {task.reference_accuracy:.4f}")
+    return Prepared(loaded, layout, task, task_path)
+
+
+def _summary(records: list[TrialRecord], pareto: set[int]) -> dict[str, float]:
+    done = [r for r in records if r.status == "completed"]
+    summary = {f"trials_{s}": float(sum(r.status == s for r in records)) for s in ("completed", "failed", "stopped")}
+    summary["pareto_size"] = float(len(pareto))
+    if done:
+        summary["best_accuracy"] = max(float(r.metrics["accuracy"]) for r in done)
+        summary["best_latency_ms"] = min(float(r.metrics["latency_ms"]) for r in done)
+        summary["best_size_mb"] = min(float(r.metrics["size_mb"]) for r in done)
+    return summary
+
+
+def _keep_front_artifacts(records: list[TrialRecord], pareto: set[int], models_dir: Path) -> None:
+    models_dir.mkdir(parents=True, exist_ok=True)
+    for record in records:
+        artifact = record.metrics.get("artifact")
+        if record.number in pareto and artifact and Path(artifact).is_file():
+            shutil.copy2(artifact, models_dir / f"trial-{record.number:03d}.onnx")
+
+
+def run_search_job(config: Config, name: str, out: Path, results: Path, console: Console) -> tuple[list[TrialRecord], set[int]]:
+    """Run one search end to end; returns the records and the Pareto trial numbers."""
+    import ray
+
+    from slimtune.evaluators.node_lock import default_lock_path
+    from slimtune.report import pareto_table, write_results
+    from slimtune.search.pareto import pareto_numbers
+    from slimtune.search.progress import ProgressDisplay
+    from slimtune.search.runner import run_search, start_ray
+    from slimtune.search.trial import TrialContext
+    from slimtune.spaces import SearchSpace
+    from slimtune.tracking import MlflowSearchRun, default_tracking_uri
+
+    prepared = prepare(config, results, console)
+    space = SearchSpace(prepared.layout, config.space)
+    console.print(f"space: {len(prepared.layout.blocks)} blocks in {len(space.groups)} groups, "
+                  f"{sum(len(v) > 1 for v in space.dimensions().values())} open dimensions; "
+                  f"references: {', '.join(space.reference_points()) or 'none in this space'}")
+    uri = config.tracking.uri or default_tracking_uri(results)
+    tracker = MlflowSearchRun(
+        uri, config.tracking.experiment, name, space, artifact_root=None if config.tracking.uri else results / "mlartifacts",
+        params={"model": config.model.name, "data": config.task.data, "trials": config.search.trials,
+                "workers": config.search.workers, "seed": config.search.seed, "sampler": config.search.sampler,
+                "time_budget_s": config.search.time_budget_s, "results_dir": str(out)},
+    )
+    tracker.client.log_text(tracker.parent_id, config_to_yaml(config), "search_config.yaml")
+    work = results / ".work" / name
+    ctx = TrialContext(config=config, model_source=prepared.loaded.source, task_path=str(prepared.task_path.resolve()),
+                       work_dir=str(work.resolve()), lock_path=str(default_lock_path()))
+    status = "FAILED"
+    try:
+        start_ray(config.search.address)
+        with ProgressDisplay(config.search.trials, console) as progress:
+            records = run_search(config, ctx, space, work / "ray", name, listeners=(progress, tracker))
+        pareto = pareto_numbers(records)
+        partial = results / f".partial-{name}"
+        shutil.rmtree(partial, ignore_errors=True)
+        write_results(partial, records, pareto, space, config_to_yaml(config))
+        _keep_front_artifacts(records, pareto, partial / "models")
+        partial.rename(out)
+        shutil.rmtree(work / "artifacts", ignore_errors=True)
+        tracker.finish(records, pareto, out, _summary(records, pareto))
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if status != "FINISHED":
+            tracker.abort(status)
+        if ray.is_initialized() and not config.search.address:
+            ray.shutdown()
+    console.print(pareto_table(records, pareto, title=f"Pareto front of {name} ({len(pareto)} of {len(records)} trials)"))
+    console.print(f"results: {out}/ (pareto.csv, pareto.html, pareto.png, plans/, models/)")
+    console.print(f"MLflow:  slimtune ui{'' if not config.tracking.uri else ' --tracking-uri ' + uri}   "
+                  f"(store {uri}, experiment {config.tracking.experiment!r}, run {name!r})")
+    return records, pareto
+
+
+def run_baseline_job(config: Config, out: Path, results: Path, console: Console) -> list[dict[str, float | str]]:
+    """fp32, uniform int8 (per-channel) and uniform 4-bit, measured side by side in one run."""
+    import csv
+
+    from slimtune.config import SpaceConfig
+    from slimtune.evaluators import as_dict
+    from slimtune.evaluators.accuracy import measure_accuracy
+    from slimtune.evaluators.latency import latency_inputs, measure_latency
+    from slimtune.evaluators.size import measure_size
+    from slimtune.export import build_artifact
+    from slimtune.spaces import SearchSpace
+
+    prepared = prepare(config, results, console)
+    space = SearchSpace(prepared.layout, SpaceConfig(weight_formats=("fp32", "int8", "int4"), ffn_sparsities=(0.0,),
+                                                    rank_fractions=(1.0,), embedding_formats=("fp32", "int8"),
+                                                    int4_block_size=config.space.int4_block_size))
+    variants = {"fp32": (32, 32), "uniform int8 (per-channel)": (8, 8),
+                f"uniform int4 (block {config.space.int4_block_size}, int8 embedding)": (4, 8)}
+    feeds = latency_inputs(prepared.task.input_ids, prepared.task.attention_mask, config.latency)
+    rows: list[dict[str, float | str]] = []
+    work = results / f".partial-{out.name}"
+    work.mkdir(parents=True, exist_ok=True)
+    for label, (bits, embedding_bits) in variants.items():
+        with console.status(f"building and measuring {label}"):
+            choices = {dim: bits if dim.endswith(".bits") else options[0] for dim, options in space.dimensions().items()}
+            choices["embeddings.bits"] = embedding_bits
+            path = work / f"{'fp32' if bits == 32 else f'int{bits}'}.onnx"
+            artifact = build_artifact(prepared.loaded.encoder, space.plan_from_choices(choices), path)
+            metrics = {**as_dict(measure_accuracy(path, prepared.task, config.latency.threads)),
+                       **as_dict(measure_latency(path, feeds, config.latency)), **as_dict(measure_size(path))}
+        kernels = {k: v for k, v in artifact.kernels.items() if k in ("MatMul", "MatMulInteger", "MatMulNBits")}
+        rows.append({"variant": label, **{k: round(v, 6) for k, v in metrics.items()}, "kernels": str(kernels)})
+    with (work / "baseline.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    for onnx_file in work.glob("*.onnx"):
+        onnx_file.unlink()
+    work.rename(out)
+    table = Table(title=f"Baselines ({config.latency.batch_size}x{config.latency.sequence_length} tokens, "
+                        f"{config.latency.threads} threads)")
+    for column in ("variant", "accuracy", "latency ms (p90)", "size MB", "kernels"):
+        table.add_column(column, justify="left" if column in ("variant", "kernels") else "right")
+    for row in rows:
+        table.add_row(str(row["variant"]), f"{row['accuracy']:.4f}", f"{row['latency_ms']:.1f} ({row['latency_p90_ms']:.1f})",
+                      f"{row['size_mb']:.2f}", str(row["kernels"]))
+    console.print(table)
+    console.print(f"results: {out}/baseline.csv")
+    return rows
