@@ -60,6 +60,10 @@ class TrialLog(Callback):
         }
         self._by_id: dict[str, TrialRecord] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Ray pickles callbacks with the experiment state; live listeners (consoles, clients) stay here.
+        return {**self.__dict__, "listeners": ()}
+
     @property
     def records(self) -> list[TrialRecord]:
         return sorted(self._by_id.values(), key=lambda r: r.number)

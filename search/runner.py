@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,16 @@ from slimtune.config import Config
 
 class ClusterError(RuntimeError):
     """Ray could not be started or reached."""
+
+
+@dataclass(frozen=True)
+class DefineByRun:
+    """The space as Ray's OptunaSearch wants it: a picklable callable that only samples."""
+
+    space: SearchSpace
+
+    def __call__(self, trial: Any) -> None:
+        self.space.suggest(trial)
 
 
 def make_sampler(config: Config):
@@ -66,12 +77,9 @@ def run_search(config: Config, ctx: TrialContext, space: SearchSpace, storage: P
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    def define_by_run(trial) -> None:
-        space.suggest(trial)
-
     search = config.search
     searcher = OptunaSearch(
-        space=define_by_run,
+        space=DefineByRun(space),
         metric=[m for m, _ in OBJECTIVES],
         mode=[mode for _, mode in OBJECTIVES],
         sampler=make_sampler(config),

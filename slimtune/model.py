@@ -61,11 +61,13 @@ class LoadedModel:
 def load_encoder(name: str) -> LoadedModel:
     """Load the fp32 encoder and its tokenizer from a hub id, a folder, or the built-in default."""
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     source = resolve_model_source(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        encoder = AutoModel.from_pretrained(source, torch_dtype=torch.float32)
+        encoder = AutoModel.from_pretrained(source, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"cannot load model {name!r} ({str(exc).splitlines()[0][:160]}): pass a local folder or a hub id "
