@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from slimtune.evaluators import Metric
 
+from slimtune.evaluators import Metric
 from slimtune.task import PreparedTask
 
 

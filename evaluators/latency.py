@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from slimtune.config import LatencyConfig
 from slimtune.evaluators import Metric
 from slimtune.evaluators.accuracy import session
 from slimtune.evaluators.node_lock import NodeLock
-
-from slimtune.config import LatencyConfig
 
 
 def latency_inputs(input_ids: np.ndarray, attention_mask: np.ndarray, cfg: LatencyConfig) -> dict[str, np.ndarray]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from slimtune.evaluators import Metric
-
 from slimtune.export.size import artifact_bytes
 
 

@@ -8,6 +8,7 @@ counts once, at its first trial.
 from __future__ import annotations
 
 import optuna
+
 from slimtune.search.records import TrialRecord
 from slimtune.search.trial import OBJECTIVES
 
@@ -16,6 +17,7 @@ _DIRECTION = {"max": optuna.study.StudyDirection.MAXIMIZE, "min": optuna.study.S
 
 def pareto_numbers(records: list[TrialRecord]) -> set[int]:
     """Numbers of the completed, first-of-their-plan trials that no other trial dominates."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     seen: set[str] = set()
     study = optuna.create_study(directions=[_DIRECTION[mode] for _, mode in OBJECTIVES])
     for record in records:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from ray.tune import Callback
+
 from slimtune.search.trial import OBJECTIVES
 from slimtune.spaces import SearchSpace
 

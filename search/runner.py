@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from slimtune.config import Config
 from slimtune.search.records import TrialListener, TrialLog, TrialRecord
 from slimtune.search.trial import OBJECTIVES, TrialContext, run_trial
 from slimtune.spaces import SearchSpace
-
-from slimtune.config import Config
 
 
 class ClusterError(RuntimeError):
@@ -39,6 +38,7 @@ class DefineByRun:
 def make_sampler(config: Config):
     import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     search = config.search
     if search.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=search.seed, multivariate=True, n_startup_trials=max(4, search.trials // 4))
@@ -52,7 +52,7 @@ def start_ray(address: str | None, quiet: bool = True) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no tables over the progress display
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     try:
         if address:

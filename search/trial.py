@@ -19,18 +19,18 @@ from typing import Any
 import numpy as np
 import torch
 from optuna.trial import FixedTrial
+
+from slimtune.config import Config
 from slimtune.evaluators import as_dict
 from slimtune.evaluators.accuracy import measure_accuracy
 from slimtune.evaluators.latency import latency_inputs, measure_latency
 from slimtune.evaluators.node_lock import NodeLock
 from slimtune.evaluators.size import measure_size
-from slimtune.spaces import SearchSpace
-
-from slimtune.config import Config
 from slimtune.export import build_artifact
 from slimtune.layout import discover_layout
 from slimtune.model import load_encoder
 from slimtune.plan import CompressionPlan
+from slimtune.spaces import SearchSpace
 from slimtune.task import PreparedTask
 
 OBJECTIVES = (("accuracy", "max"), ("latency_ms", "min"), ("size_mb", "min"))

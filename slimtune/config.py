@@ -54,7 +54,7 @@ class SpaceConfig(_Frozen):
     rank_fractions: tuple[float, ...] = (1.0, 0.5)
     embedding_formats: tuple[EmbeddingFormat, ...] = ("fp32", "int8")
     int4_block_size: int = 32
-    group_size: int = Field(1, ge=1, description="consecutive blocks that share one set of choices")
+    group_size: int = Field(2, ge=1, description="consecutive blocks that share one set of choices")
 
     @field_validator("weight_formats", "ffn_sparsities", "rank_fractions", "embedding_formats")
     @classmethod

@@ -118,12 +118,23 @@ def write_plots(out: Path, completed: list[TrialRecord], pareto: set[int]) -> No
     plt.close(figure)
 
 
+_QUANTIZED_KERNELS = ("MatMulInteger", "MatMulNBits")
+
+
+def kernel_summary(kernels_json: str) -> str:
+    """'MatMulInteger 16, MatMulNBits 20' from the trial's op counts; '-' when nothing is quantized."""
+    import json
+
+    counts = json.loads(kernels_json) if kernels_json else {}
+    return ", ".join(f"{k} {counts[k]}" for k in _QUANTIZED_KERNELS if counts.get(k)) or "-"
+
+
 def pareto_table(records: list[TrialRecord], pareto: set[int], title: str = "Pareto front") -> Table:
     table = Table(title=title)
-    for column in ("trial", "accuracy", "latency ms (p90)", "size MB", "kernels"):
-        table.add_column(column, justify="left" if column in ("trial", "kernels") else "right")
+    for column in ("trial", "accuracy", "latency ms (p90)", "size MB", "quantized kernels"):
+        table.add_column(column, justify="left" if column in ("trial", "quantized kernels") else "right")
     for r in front(records, pareto):
         m = r.metrics
         table.add_row(r.label, f"{m['accuracy']:.4f}", f"{m['latency_ms']:.1f} ({m['latency_p90_ms']:.1f})",
-                      f"{m['size_mb']:.2f}", str(m.get("kernels", "")))
+                      f"{m['size_mb']:.2f}", kernel_summary(m.get("kernels", "")))
     return table

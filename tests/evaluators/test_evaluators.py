@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+
+import numpy as np
+import pytest
+
+from slimtune.config import LatencyConfig, ModelConfig, TaskConfig
+from slimtune.evaluators.accuracy import measure_accuracy
+from slimtune.evaluators.latency import latency_inputs, measure_latency, summarize_ms
+from slimtune.evaluators.node_lock import NodeLock
+from slimtune.evaluators.size import measure_size
+from slimtune.export import build_artifact
+from slimtune.model import load_encoder
+from slimtune.plan import CompressionPlan
+from slimtune.task import embed_with_torch, prepare_task
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_model_dir, tiny_csv, tmp_path_factory):
+    loaded = load_encoder(str(tiny_model_dir))
+    cfg = TaskConfig(data=str(tiny_csv), text_column="body", label_column="topic")
+    task, _ = prepare_task(ModelConfig(name=str(tiny_model_dir), max_length=32), cfg, loaded,
+                           tmp_path_factory.mktemp("cache"))
+    path = build_artifact(loaded.encoder, CompressionPlan(), tmp_path_factory.mktemp("a") / "m.onnx").path
+    return loaded, task, path
+
+
+def test_accuracy_of_the_exported_file_matches_torch(scored):
+    loaded, task, path = scored
+    (metric,) = measure_accuracy(path, task)
+    assert metric.name == "accuracy" and metric.unit == "fraction"
+    assert metric.value == pytest.approx(task.accuracy(embed_with_torch(loaded.encoder, task.input_ids,
+                                                                        task.attention_mask)))
+    assert metric.value == pytest.approx(task.reference_accuracy)
+
+
+def test_size_is_bytes_on_disk_in_mb(scored):
+    _, _, path = scored
+    (metric,) = measure_size(path)
+    assert metric.value == path.stat().st_size / 1e6 and metric.unit == "MB"
+
+
+def test_latency_reports_median_p90_and_spread(scored, tmp_path):
+    _, task, path = scored
+    cfg = LatencyConfig(batch_size=3, sequence_length=16, threads=1, warmup_runs=1, timed_runs=5)
+    feeds = latency_inputs(task.input_ids, task.attention_mask, cfg)
+    assert feeds["input_ids"].shape == (3, 16)
+    metrics = {m.name: m for m in measure_latency(path, feeds, cfg, NodeLock(tmp_path / "lock"))}
+    assert 0 < metrics["latency_ms"].value <= metrics["latency_p90_ms"].value
+    assert metrics["latency_ms"].unit == "ms" and metrics["latency_spread"].value >= 0
+
+
+def test_summary_statistics():
+    metrics = {m.name: m.value for m in summarize_ms(np.array([10.0, 10, 10, 10, 20]))}
+    assert metrics["latency_ms"] == 10 and metrics["latency_p90_ms"] == 16.0
+
+
+def _hold(path, mode, log, seconds):
+    lock = NodeLock(path)
+    with lock.exclusive() if mode == "exclusive" else lock.shared():
+        log.put((mode, "in", time.monotonic()))
+        time.sleep(seconds)
+        log.put((mode, "out", time.monotonic()))
+
+
+def test_measurement_never_overlaps_other_work(tmp_path):
+    ctx = mp.get_context("spawn")
+    log = ctx.Queue()
+    path = tmp_path / "cores.lock"
+    shared = [ctx.Process(target=_hold, args=(path, "shared", log, 0.6)) for _ in range(2)]
+    for p in shared:
+        p.start()
+    time.sleep(0.3)
+    exclusive = ctx.Process(target=_hold, args=(path, "exclusive", log, 0.3))
+    exclusive.start()
+    for p in [*shared, exclusive]:
+        p.join(20)
+    events = sorted((log.get() for _ in range(6)), key=lambda e: e[2])
+    ex_in = next(t for m, k, t in events if m == "exclusive" and k == "in")
+    ex_out = next(t for m, k, t in events if m == "exclusive" and k == "out")
+    shared_times = [(t, k) for m, k, t in events if m == "shared"]
+    assert all(t <= ex_in or t >= ex_out for t, _ in shared_times)
+    assert sum(k == "in" for _, k in shared_times) == 2

@@ -1,0 +1,69 @@
+"""TrialLog turns Ray's callback hooks into records; the front comes from Optuna's sorting."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from slimtune.config import SpaceConfig
+from slimtune.layout import discover_layout
+from slimtune.search.pareto import pareto_numbers
+from slimtune.search.records import TrialLog, TrialRecord
+from slimtune.spaces import SearchSpace
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, TrialRecord]] = []
+
+    def trial_started(self, record: TrialRecord) -> None:
+        self.events.append(("start", record))
+
+    def trial_finished(self, record: TrialRecord) -> None:
+        self.events.append(("end", record))
+
+
+def _trial(trial_id, config, result=None, error_file=None):
+    return SimpleNamespace(trial_id=trial_id, config=config, last_result=result, error_file=error_file)
+
+
+def test_every_trial_ends_exactly_once(bert, tmp_path):
+    space = SearchSpace(discover_layout(bert), SpaceConfig(group_size=2))
+    listener = Listener()
+    log = TrialLog(space, [listener])
+    fp32 = space.reference_points()["fp32"]
+    metrics = {"accuracy": 0.9, "latency_ms": 10.0, "size_mb": 1.0}
+    error_file = tmp_path / "error.txt"
+    error_file.write_text("Traceback...\nValueError: broken plan\n")
+    trials = [_trial("a", fp32, metrics), _trial("b", {}, None, str(error_file)), _trial("c", {}, {"accuracy": 1}),
+              _trial("d", {})]
+    for t in trials:
+        log.on_trial_start(0, trials, t)
+    log.on_trial_complete(0, trials, trials[0])
+    log.on_trial_error(0, trials, trials[1])
+    log.on_trial_complete(0, trials, trials[2])  # ended without all objectives: stopped
+    log.on_trial_complete(0, trials, trials[0])  # a repeated hook changes nothing
+    log.close_open_trials()
+    records = log.records
+    assert [r.status for r in records] == ["completed", "failed", "stopped", "stopped"]
+    assert records[0].reference == "fp32" and records[1].reference == ""
+    assert records[1].error == "ValueError: broken plan"
+    assert [kind for kind, _ in listener.events] == ["start"] * 4 + ["end"] * 4
+    assert "listeners" in log.__getstate__() and log.__getstate__()["listeners"] == ()
+
+
+def _record(number, accuracy, latency, size, digest=None, status="completed"):
+    metrics = {"accuracy": accuracy, "latency_ms": latency, "size_mb": size, "plan_digest": digest or str(number)}
+    return TrialRecord(number=number, trial_id=str(number), params={}, status=status, metrics=metrics)
+
+
+def test_pareto_front_by_optuna():
+    records = [
+        _record(0, 0.97, 100, 90),   # most accurate
+        _record(1, 0.96, 60, 23),    # fast and small
+        _record(2, 0.95, 70, 30),    # dominated by 1
+        _record(3, 0.90, 50, 25),    # fastest
+        _record(4, 0.96, 60, 23, digest="1"),  # same plan as 1, measured again: counted once
+        TrialRecord(number=5, trial_id="5", params={}, status="failed"),
+    ]
+    assert pareto_numbers(records) == {0, 1, 3}
+    assert pareto_numbers([]) == set()

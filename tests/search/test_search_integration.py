@@ -1,0 +1,91 @@
+"""A real small search: local Ray, real Optuna sampling, MLflow on an SQLite file, on a tiny model."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+
+def _config(tmp_path: Path, tiny_model_dir: Path, tiny_csv: Path, trials: int) -> Path:
+    config = {
+        "model": {"name": str(tiny_model_dir), "max_length": 32},
+        "task": {"data": str(tiny_csv), "text_column": "body", "label_column": "topic"},
+        "space": {"group_size": 1, "rank_fractions": [1.0, 0.5]},
+        "latency": {"batch_size": 2, "sequence_length": 32, "threads": 1, "warmup_runs": 1, "timed_runs": 5},
+        "search": {"trials": trials, "workers": 2, "seed": 3},
+    }
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_search(tmp_path_factory, tiny_model_dir, tiny_csv):
+    tmp = tmp_path_factory.mktemp("search")
+    config = _config(tmp, tiny_model_dir, tiny_csv, trials=6)
+    results = tmp / "results"
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    done = subprocess.run(
+        [sys.executable, "-m", "slimtune.cli", "search", "--config", str(config), "--name", "tiny",
+         "--results-dir", str(results)], capture_output=True, text=True, timeout=900, env=env, cwd=tmp,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return results, done.stdout
+
+
+def test_results_folder_holds_the_front(finished_search):
+    results, stdout = finished_search
+    out = results / "tiny"
+    rows = list(csv.DictReader((out / "pareto.csv").open()))
+    assert rows and {"accuracy", "latency_ms", "size_mb"} <= set(rows[0])
+    assert all(r["status"] == "completed" and r["pareto"] == "True" for r in rows)
+    assert {p.name for p in (out / "plans").iterdir()} == {f"{r['trial']}.json" for r in rows}
+    assert {p.name for p in (out / "models").iterdir()} == {f"{r['trial']}.onnx" for r in rows}
+    assert (out / "pareto.html").stat().st_size > 10_000 and (out / "pareto.png").stat().st_size > 10_000
+    trials = list(csv.DictReader((out / "trials.csv").open()))
+    assert len(trials) == 6
+    assert {t["reference"] for t in trials[:2]} == {"fp32", "uniform-int8"}  # enqueued first
+    assert "Pareto front of tiny" in stdout and "slimtune ui" in stdout
+    assert not list(results.glob(".partial-*"))
+
+
+def test_mlflow_holds_parent_nested_runs_tags_and_artifacts(finished_search):
+    results, _ = finished_search
+    client = MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("slimtune")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and parents[0].info.run_name == "tiny"
+    assert len(children) == 6 and all(c.info.status == "FINISHED" for c in children)
+    assert all({"accuracy", "latency_ms", "size_mb", "export_s"} <= set(c.data.metrics) for c in children)
+    assert all("encoder.layer.1.ffn.bits" in c.data.params for c in children)
+    pareto_rows = list(csv.DictReader((results / "tiny" / "pareto.csv").open()))
+    tagged = sorted(c.info.run_name for c in children if c.data.tags["slimtune.pareto"] == "true")
+    assert tagged == sorted(r["trial"] for r in pareto_rows)
+    references = {c.data.tags["slimtune.reference"] for c in children}
+    assert {"fp32", "uniform-int8"} <= references
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"pareto.csv", "pareto.html", "pareto.png", "search_config.yaml", "plans"} <= artifacts
+    child_artifacts = {a.path for a in client.list_artifacts(children[0].info.run_id)}
+    assert "plan.json" in child_artifacts
+    filtered = client.search_runs([experiment.experiment_id], "params.`encoder.layer.0.ffn.bits` = '32'")
+    assert filtered  # dotted params are searchable with backticks, as in the MLflow UI
+
+
+def test_a_second_search_with_the_same_name_is_refused(finished_search, tiny_model_dir, tiny_csv, tmp_path):
+    results, _ = finished_search
+    done = subprocess.run(
+        [sys.executable, "-m", "slimtune.cli", "search", "--config", str(_config(tmp_path, tiny_model_dir, tiny_csv, 2)),
+         "--name", "tiny", "--results-dir", str(results)], capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2 and "already exists" in done.stderr

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.trial import FixedTrial
+
+from slimtune.config import SpaceConfig
+from slimtune.layout import discover_layout
+from slimtune.spaces import SearchSpace
+
+
+def _space(bert, **kw) -> SearchSpace:
+    return SearchSpace(discover_layout(bert), SpaceConfig(**{"group_size": 1, **kw}))
+
+
+def test_fixed_trial_becomes_a_per_module_plan(bert):
+    space = _space(bert, rank_fractions=(1.0, 0.5, 0.25))
+    params = {dim: options[0] for dim, options in space.dimensions().items() if len(options) > 1}
+    params.update({"encoder.layer.1.ffn.bits": 4, "encoder.layer.1.ffn.sparsity": 0.5,
+                   "encoder.layer.1.ffn.rank": 0.5, "embeddings.bits": 8, "encoder.layer.0.attention.bits": 8})
+    plan = space.suggest(FixedTrial(params))
+    assert plan.quantize["encoder.layer.1.intermediate.dense"].format == "int4"
+    assert plan.quantize["encoder.layer.1.output.dense"].format == "int4"
+    assert plan.quantize["encoder.layer.0.attention.self.query"].format == "int8"
+    assert plan.quantize["embeddings.word_embeddings"].format == "int8"
+    assert "encoder.layer.0.intermediate.dense" not in plan.quantize
+    assert dict(plan.ffn_prune) == {"encoder.layer.1": 0.5}
+    assert plan.low_rank["encoder.layer.1.output.dense"] == 0.5
+
+
+def test_groups_tie_blocks(bert):
+    space = _space(bert, group_size=2)
+    assert [g.label for g in space.groups] == ["encoder.layer.0-1"]
+    params = {"encoder.layer.0-1.ffn.sparsity": 0.25}
+    plan = space.suggest(FixedTrial({**{d: o[0] for d, o in space.dimensions().items() if len(o) > 1}, **params}))
+    assert dict(plan.ffn_prune) == {"encoder.layer.0": 0.25, "encoder.layer.1": 0.25}
+
+
+def test_single_choices_are_fixed_and_useless_ranks_not_offered(bert):
+    space = _space(bert, weight_formats=("int8",), ffn_sparsities=(0.0,), rank_fractions=(1.0, 0.5),
+                   embedding_formats=("fp32",))
+    dims = space.dimensions()
+    # 0.5 of a square 64x64 attention matrix saves nothing, so attention rank is not a choice.
+    assert dims["encoder.layer.0.attention.rank"] == (1.0,)
+    assert [d for d, o in dims.items() if len(o) > 1] == ["encoder.layer.0.ffn.rank", "encoder.layer.1.ffn.rank"]
+    plan = space.suggest(FixedTrial({"encoder.layer.0.ffn.rank": 1.0, "encoder.layer.1.ffn.rank": 0.5}))
+    assert all(spec.format == "int8" for spec in plan.quantize.values())
+
+
+def test_reference_points_only_where_expressible(bert):
+    assert set(_space(bert).reference_points()) == {"fp32", "uniform-int8"}
+    assert set(_space(bert, weight_formats=("int8", "int4")).reference_points()) == {"uniform-int8"}
+    reference = _space(bert).reference_points()["fp32"]
+    assert _space(bert).suggest(FixedTrial(reference)).is_identity
+
+
+@pytest.mark.parametrize("sampler", [optuna.samplers.NSGAIISampler(seed=1), optuna.samplers.TPESampler(seed=1)])
+def test_real_samplers_produce_valid_plans(bert, sampler):
+    space = _space(bert)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    plans = []
+    for _ in range(6):
+        trial = study.ask()
+        plans.append(space.suggest(trial))
+        study.tell(trial, [0.5, 1.0])
+    assert len({p.digest for p in plans}) > 1
+    assert all(0.0 <= s < 1 for p in plans for s in p.ffn_prune.values())
