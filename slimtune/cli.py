@@ -118,7 +118,3 @@ def ui(
         raise typer.Exit(subprocess.call(command, env=env))
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
-
-
-def main() -> None:
-    app()

@@ -35,7 +35,7 @@ def finished_search(tmp_path_factory, tiny_model_dir, tiny_csv):
     results = tmp / "results"
     env = {**os.environ, "RAY_ADDRESS": ""}
     done = subprocess.run(
-        [sys.executable, "-m", "slimtune.cli", "search", "--config", str(config), "--name", "tiny",
+        [sys.executable, "-m", "slimtune", "search", "--config", str(config), "--name", "tiny",
          "--results-dir", str(results)], capture_output=True, text=True, timeout=900, env=env, cwd=tmp,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -85,7 +85,7 @@ def test_mlflow_holds_parent_nested_runs_tags_and_artifacts(finished_search):
 def test_a_second_search_with_the_same_name_is_refused(finished_search, tiny_model_dir, tiny_csv, tmp_path):
     results, _ = finished_search
     done = subprocess.run(
-        [sys.executable, "-m", "slimtune.cli", "search", "--config", str(_config(tmp_path, tiny_model_dir, tiny_csv, 2)),
+        [sys.executable, "-m", "slimtune", "search", "--config", str(_config(tmp_path, tiny_model_dir, tiny_csv, 2)),
          "--name", "tiny", "--results-dir", str(results)], capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 2 and "already exists" in done.stderr
