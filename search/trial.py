@@ -32,6 +32,7 @@ from slimtune.model import load_encoder
 from slimtune.plan import CompressionPlan
 from slimtune.spaces import SearchSpace
 from slimtune.task import PreparedTask
+from slimtune.transforms import Calibration, collect_calibration
 
 OBJECTIVES = (("accuracy", "max"), ("latency_ms", "min"), ("size_mb", "min"))
 
@@ -65,6 +66,7 @@ class WorkerState:
     space: SearchSpace
     task: PreparedTask
     feeds: dict[str, np.ndarray]
+    calibration: Calibration
 
 
 @functools.lru_cache(maxsize=2)
@@ -76,6 +78,7 @@ def worker_state(ctx: TrialContext) -> WorkerState:
         space=SearchSpace(discover_layout(encoder), ctx.config.space),
         task=task,
         feeds=latency_inputs(task.input_ids, task.attention_mask, ctx.config.latency),
+        calibration=collect_calibration(encoder, task.calibration_ids, task.calibration_mask),
     )
 
 
@@ -86,7 +89,7 @@ def measure_plan(ctx: TrialContext, state: WorkerState, plan: CompressionPlan) -
     path = ctx.artifacts_dir / f"{plan.digest}.onnx"
     timings: dict[str, float] = {}
     with lock.shared():
-        artifact = build_artifact(state.encoder, plan, path)
+        artifact = build_artifact(state.encoder, plan, path, state.calibration)
         started = time.perf_counter()
         accuracy = as_dict(measure_accuracy(path, state.task, threads))
         timings["accuracy_s"] = time.perf_counter() - started

@@ -120,6 +120,7 @@ class PreparedTask:
 
     Token arrays are int64 (texts, max_length); ``head_weight`` is (classes, hidden).
     ``reference_accuracy`` is the uncompressed torch model's accuracy on the held-out split.
+    ``calibration_ids`` / ``calibration_mask`` are a few *training* texts for activation statistics.
     """
 
     input_ids: np.ndarray
@@ -130,6 +131,8 @@ class PreparedTask:
     head_bias: np.ndarray
     reference_accuracy: float
     train_size: int
+    calibration_ids: np.ndarray
+    calibration_mask: np.ndarray
 
     def predict(self, embeddings: np.ndarray) -> np.ndarray:
         return np.argmax(embeddings @ self.head_weight.T + self.head_bias, axis=1)
@@ -143,6 +146,7 @@ class PreparedTask:
             tmp, input_ids=self.input_ids, attention_mask=self.attention_mask, labels=self.labels,
             label_names=np.array(self.label_names), head_weight=self.head_weight, head_bias=self.head_bias,
             reference_accuracy=self.reference_accuracy, train_size=self.train_size,
+            calibration_ids=self.calibration_ids, calibration_mask=self.calibration_mask,
         )
         tmp.replace(path)
 
@@ -153,7 +157,8 @@ class PreparedTask:
                 input_ids=data["input_ids"], attention_mask=data["attention_mask"], labels=data["labels"],
                 label_names=tuple(str(x) for x in data["label_names"]), head_weight=data["head_weight"],
                 head_bias=data["head_bias"], reference_accuracy=float(data["reference_accuracy"]),
-                train_size=int(data["train_size"]),
+                train_size=int(data["train_size"]), calibration_ids=data["calibration_ids"],
+                calibration_mask=data["calibration_mask"],
             )
 
 
@@ -189,8 +194,12 @@ def embed_with_torch(model: torch.nn.Module, input_ids: np.ndarray, attention_ma
     return np.concatenate(out).astype(np.float32)
 
 
+CALIBRATION_TEXTS = 64
+_CACHE_FORMAT = 2  # bump when PreparedTask gains or changes fields
+
+
 def task_cache_key(model_cfg: ModelConfig, task_cfg: TaskConfig, source: str, data: LabelledTexts) -> str:
-    payload = json.dumps([model_cfg.model_dump(), task_cfg.model_dump(), source], sort_keys=True)
+    payload = json.dumps([_CACHE_FORMAT, model_cfg.model_dump(), task_cfg.model_dump(), source], sort_keys=True)
     digest = hashlib.sha256(payload.encode())
     for text, label in zip(data.texts, data.labels, strict=True):
         digest.update(label.encode())
@@ -219,6 +228,7 @@ def prepare_task(model_cfg: ModelConfig, task_cfg: TaskConfig, loaded: LoadedMod
     all_embeddings = embed_with_torch(loaded.encoder, np.concatenate([train_ids, test_ids]),
                                       np.concatenate([train_mask, test_mask]), progress=progress)
     train_emb, test_emb = all_embeddings[: len(train)], all_embeddings[len(train):]
+    calibration_rows = np.sort(np.random.default_rng(task_cfg.seed).permutation(len(train))[:CALIBRATION_TEXTS])
     head = LogisticRegression(max_iter=2000, random_state=task_cfg.seed).fit(train_emb, label_ids[train])
     weight, bias = head.coef_, head.intercept_
     if weight.shape[0] == 1:  # binary: sklearn keeps one score; two rows make argmax work for any class count
@@ -227,6 +237,7 @@ def prepare_task(model_cfg: ModelConfig, task_cfg: TaskConfig, loaded: LoadedMod
         input_ids=test_ids, attention_mask=test_mask, labels=label_ids[test], label_names=label_names,
         head_weight=weight.astype(np.float32), head_bias=bias.astype(np.float32),
         reference_accuracy=0.0, train_size=len(train),
+        calibration_ids=train_ids[calibration_rows], calibration_mask=train_mask[calibration_rows],
     )
     task = PreparedTask(**{**task.__dict__, "reference_accuracy": task.accuracy(test_emb)})
     cache_dir.mkdir(parents=True, exist_ok=True)

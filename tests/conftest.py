@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 from slimtune.config import BUILTIN_MODEL
@@ -62,4 +63,23 @@ def tiny_csv(tmp_path_factory) -> Path:
             topic = list(topics)[i % 3]
             words = topics[topic].split()
             writer.writerow([" ".join(rng.permutation(words)[: 8 + i % 5]), topic])
+    return path
+
+
+@pytest.fixture(scope="session")
+def search_config(tiny_model_dir, tiny_csv):
+    """Writes a search config over the tiny model and data that measures latency quickly."""
+    return lambda folder, trials: _write_search_config(folder, tiny_model_dir, tiny_csv, trials)
+
+
+def _write_search_config(folder: Path, model_dir: Path, data: Path, trials: int) -> Path:
+    config = {
+        "model": {"name": str(model_dir), "max_length": 32},
+        "task": {"data": str(data), "text_column": "body", "label_column": "topic"},
+        "space": {"group_size": 1, "rank_fractions": [1.0, 0.5]},
+        "latency": {"batch_size": 2, "sequence_length": 32, "threads": 1, "warmup_runs": 1, "timed_runs": 5},
+        "search": {"trials": trials, "workers": 2, "seed": 3},
+    }
+    path = folder / "search.yaml"
+    path.write_text(yaml.safe_dump(config))
     return path

@@ -20,7 +20,7 @@ from slimtune.export.onnx_export import ExportError, export_fp32, weight_matmuls
 from slimtune.export.quantize import quantize_int4_matmuls, quantize_int8_embedding, quantize_int8_matmuls
 from slimtune.export.size import artifact_bytes, predict_size_bytes
 from slimtune.plan import CompressionPlan
-from slimtune.transforms import apply_structural
+from slimtune.transforms import Calibration, apply_structural
 
 
 @dataclass(frozen=True)
@@ -67,11 +67,12 @@ def strip_node_metadata(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def build_artifact(encoder: nn.Module, plan: CompressionPlan, path: Path) -> Artifact:
+def build_artifact(encoder: nn.Module, plan: CompressionPlan, path: Path,
+                   calibration: Calibration | None = None) -> Artifact:
     """Transform ``encoder`` by ``plan`` and write the deployable ONNX file at ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    transformed = apply_structural(encoder, plan)
+    transformed = apply_structural(encoder, plan, calibration)
     fp32_path = path.with_name(path.stem + ".fp32.onnx")
     export_fp32(transformed, fp32_path)
     exported = time.perf_counter()

