@@ -34,8 +34,13 @@ class TrialRecord:
         return tuple(float(self.metrics[name]) for name, _ in OBJECTIVES)
 
     @property
+    def name(self) -> str:
+        """trial-007: the MLflow run name and the file stem in results/<search>/plans and models."""
+        return f"trial-{self.number:03d}"
+
+    @property
     def label(self) -> str:
-        return f"trial-{self.number:03d}" + (f" ({self.reference})" if self.reference else "")
+        return self.name + (f" ({self.reference})" if self.reference else "")
 
 
 class TrialListener(Protocol):

@@ -1,8 +1,8 @@
 """Run the search: Ray Tune schedules trials, Optuna samples plans, Ray callbacks observe.
 
 Ray runs locally unless ``search.address`` names a cluster. Objectives: maximise accuracy,
-minimise latency_ms and size_mb. The reference points (uncompressed fp32, uniform int8) are
-enqueued first so every front is read against them. A failing trial ends as ERROR in Ray, FAIL
+minimise latency_ms and size_mb. The reference points (uncompressed fp32, uniform int8, uniform
+int8 with FFN pruning) are enqueued first so every front is read against them. A failing trial ends as ERROR in Ray, FAIL
 in Optuna, and the search goes on.
 """
 

@@ -21,7 +21,7 @@ from rich.console import Console
 from slimtune.config import ConfigError, load_config, parse_duration_s
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
-console = Console()
+console = Console(log_path=False)
 errors = Console(stderr=True)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")

@@ -22,7 +22,7 @@ FIGURES = ("accuracy", "latency_ms", "latency_p90_ms", "latency_spread", "size_m
 
 
 def _row(record: TrialRecord, pareto: set[int]) -> dict[str, object]:
-    row: dict[str, object] = {"trial": record.label.split()[0], "reference": record.reference,
+    row: dict[str, object] = {"trial": record.name, "reference": record.reference,
                               "status": record.status, "pareto": record.number in pareto}
     row.update({k: (round(float(record.metrics[k]), 6) if k in record.metrics else "") for k in FIGURES})
     row["plan_digest"] = record.metrics.get("plan_digest", "")
@@ -56,7 +56,7 @@ def write_results(out: Path, records: list[TrialRecord], pareto: set[int], space
     _write_csv(out / "trials.csv", [_row(r, pareto) for r in records])
     for record in best:
         plan = space.suggest(FixedTrial(record.params))
-        (out / "plans" / f"trial-{record.number:03d}.json").write_text(plan.dumps() + "\n")
+        (out / "plans" / f"{record.name}.json").write_text(plan.dumps() + "\n")
     (out / "search_config.yaml").write_text(config_yaml)
     completed = [r for r in records if r.status == "completed"]
     if completed:

@@ -30,6 +30,21 @@ def default_tracking_uri(results_root: Path) -> str:
     return f"sqlite:///{(results_root / 'mlflow.db').resolve()}"
 
 
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a tracking server that does not answer (the client would retry for minutes)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+            return
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(f"no MLflow server answers at {uri} ({reason}): start one (slimtune ui) or fix --tracking-uri") from exc
+
+
 def _client(uri: str):
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -55,6 +70,7 @@ class MlflowSearchRun:
 
     def __init__(self, uri: str, experiment: str, run_name: str, space: SearchSpace,
                  params: dict[str, Any], artifact_root: Path | None = None) -> None:
+        check_reachable(uri)
         try:
             self.client = _client(uri)
             self.experiment_id = ensure_experiment(self.client, experiment, artifact_root)
@@ -79,7 +95,7 @@ class MlflowSearchRun:
 
     def trial_started(self, record: TrialRecord) -> None:
         run = self.client.create_run(
-            self.experiment_id, run_name=f"trial-{record.number:03d}",
+            self.experiment_id, run_name=record.name,
             tags={"mlflow.parentRunId": self.parent_id, "slimtune.trial_id": record.trial_id,
                   "slimtune.reference": record.reference or "none", "slimtune.status": "running"},
         )

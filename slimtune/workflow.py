@@ -67,7 +67,7 @@ def _keep_front_artifacts(records: list[TrialRecord], pareto: set[int], models_d
     for record in records:
         artifact = record.metrics.get("artifact")
         if record.number in pareto and artifact and Path(artifact).is_file():
-            shutil.copy2(artifact, models_dir / f"trial-{record.number:03d}.onnx")
+            shutil.copy2(artifact, models_dir / f"{record.name}.onnx")
 
 
 def run_search_job(config: Config, name: str, out: Path, results: Path, console: Console) -> tuple[list[TrialRecord], set[int]]:
@@ -81,27 +81,29 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
     from slimtune.search.runner import run_search, start_ray
     from slimtune.search.trial import TrialContext
     from slimtune.spaces import SearchSpace
-    from slimtune.tracking import MlflowSearchRun, default_tracking_uri
+    from slimtune.tracking import MlflowSearchRun, check_reachable, default_tracking_uri
 
+    uri = config.tracking.uri or default_tracking_uri(results)
+    check_reachable(uri)  # before minutes of preparation
     prepared = prepare(config, results, console)
     space = SearchSpace(prepared.layout, config.space)
     console.print(f"space: {len(prepared.layout.blocks)} blocks in {len(space.groups)} groups, "
                   f"{sum(len(v) > 1 for v in space.dimensions().values())} open dimensions; "
                   f"references: {', '.join(space.reference_points()) or 'none in this space'}")
-    uri = config.tracking.uri or default_tracking_uri(results)
-    tracker = MlflowSearchRun(
-        uri, config.tracking.experiment, name, space, artifact_root=None if config.tracking.uri else results / "mlartifacts",
-        params={"model": config.model.name, "data": config.task.data, "trials": config.search.trials,
-                "workers": config.search.workers, "seed": config.search.seed, "sampler": config.search.sampler,
-                "time_budget_s": config.search.time_budget_s, "results_dir": str(out)},
-    )
-    tracker.client.log_text(tracker.parent_id, config_to_yaml(config), "search_config.yaml")
     work = results / ".work" / name
     ctx = TrialContext(config=config, model_source=prepared.loaded.source, task_path=str(prepared.task_path.resolve()),
                        work_dir=str(work.resolve()), lock_path=str(default_lock_path()))
-    status = "FAILED"
+    start_ray(config.search.address)
+    tracker = None
     try:
-        start_ray(config.search.address)
+        tracker = MlflowSearchRun(
+            uri, config.tracking.experiment, name, space,
+            artifact_root=None if config.tracking.uri else results / "mlartifacts",
+            params={"model": config.model.name, "data": config.task.data, "trials": config.search.trials,
+                    "workers": config.search.workers, "seed": config.search.seed, "sampler": config.search.sampler,
+                    "time_budget_s": config.search.time_budget_s, "results_dir": str(out)},
+        )
+        tracker.client.log_text(tracker.parent_id, config_to_yaml(config), "search_config.yaml")
         with ProgressDisplay(config.search.trials, console) as progress:
             records = run_search(config, ctx, space, work / "ray", name, listeners=(progress, tracker))
         pareto = pareto_numbers(records)
@@ -112,13 +114,11 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
         partial.rename(out)
         shutil.rmtree(work / "artifacts", ignore_errors=True)
         tracker.finish(records, pareto, out, _summary(records, pareto))
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
+    except BaseException as exc:
+        if tracker is not None:  # interrupted or broken before the end: the parent run must not stay RUNNING
+            tracker.abort("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     finally:
-        if status != "FINISHED":
-            tracker.abort(status)
         if ray.is_initialized() and not config.search.address:
             ray.shutdown()
     console.print(pareto_table(records, pareto, title=f"Pareto front of {name} ({len(pareto)} of {len(records)} trials)"))

@@ -116,14 +116,19 @@ class SearchSpace:
         return CompressionPlan(quantize=quantize, low_rank=low_rank, ffn_prune=ffn_prune)
 
     def reference_points(self) -> dict[str, dict[str, Any]]:
-        """The uncompressed model and uniform int8, as params for the open dimensions.
+        """Plans every search evaluates first, as params for the open dimensions.
 
-        A reference is left out when the configured space cannot express it (e.g. no fp32 choice).
+        The uncompressed model and uniform int8 (the figures every front is read against), then
+        uniform int8 with each FFN sparsity of the space (width pruning on top of the fast int8
+        kernels): measured starting points that the sampler evolves from. A point is left out
+        when the configured space cannot express it (e.g. no fp32 choice).
         """
         targets = {
             "fp32": {"bits": 32, "sparsity": 0.0, "rank": 1.0},
             "uniform-int8": {"bits": 8, "sparsity": 0.0, "rank": 1.0},
         }
+        for sparsity in sorted(s for s in self.config.ffn_sparsities if s > 0):
+            targets[f"uniform-int8-ffn{round(sparsity * 100)}"] = {"bits": 8, "sparsity": sparsity, "rank": 1.0}
         points = {}
         for name, target in targets.items():
             params = {}

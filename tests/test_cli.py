@@ -19,6 +19,7 @@ from slimtune.cli import app
         (["baseline", "--config", "bad.yaml"], "space.weight_format"),
         (["search", "--config", "badmodel.yaml"], "cannot load model"),
         (["ui"], "no MLflow store"),
+        (["search", "--tracking-uri", "http://127.0.0.1:9"], "no MLflow server answers"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatch, args, fragment):

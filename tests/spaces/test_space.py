@@ -48,8 +48,11 @@ def test_single_choices_are_fixed_and_useless_ranks_not_offered(bert):
 
 
 def test_reference_points_only_where_expressible(bert):
-    assert set(_space(bert).reference_points()) == {"fp32", "uniform-int8"}
-    assert set(_space(bert, weight_formats=("int8", "int4")).reference_points()) == {"uniform-int8"}
+    assert list(_space(bert).reference_points()) == ["fp32", "uniform-int8", "uniform-int8-ffn25", "uniform-int8-ffn50"]
+    assert set(_space(bert, weight_formats=("int8", "int4"), ffn_sparsities=(0.0,)).reference_points()) == {
+        "uniform-int8"}
+    pruned = _space(bert).suggest(FixedTrial(_space(bert).reference_points()["uniform-int8-ffn50"]))
+    assert set(pruned.ffn_prune.values()) == {0.5} and {q.format for q in pruned.quantize.values()} == {"int8"}
     reference = _space(bert).reference_points()["fp32"]
     assert _space(bert).suggest(FixedTrial(reference)).is_identity
 

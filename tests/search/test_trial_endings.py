@@ -1,0 +1,80 @@
+"""How trials end under real Ray: failures recorded everywhere, a time budget stops the rest cleanly."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from slimtune.config import Config
+from slimtune.layout import discover_layout
+from slimtune.model import load_encoder
+from slimtune.search.pareto import pareto_numbers
+from slimtune.search.runner import run_search, start_ray
+from slimtune.search.trial import TrialContext
+from slimtune.spaces import SearchSpace
+from slimtune.task import prepare_task
+from slimtune.tracking import MlflowSearchRun
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    start_ray(None)
+    yield
+    ray.shutdown()
+
+
+def _children(uri: str, experiment: str) -> list:
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+def test_trials_that_raise_are_failed_in_ray_optuna_and_mlflow(local_ray, tiny_model_dir, tmp_path):
+    config = Config.model_validate({
+        "model": {"name": str(tiny_model_dir)},
+        "space": {"group_size": 2},
+        "search": {"trials": 3, "workers": 1},
+    })
+    space = SearchSpace(discover_layout(load_encoder(str(tiny_model_dir)).encoder), config.space)
+    ctx = TrialContext(config=config, model_source=str(tiny_model_dir), task_path=str(tmp_path / "missing.npz"),
+                       work_dir=str(tmp_path / "work"), lock_path=str(tmp_path / "lock"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowSearchRun(uri, "failures", "broken", space, {"note": "task file missing"},
+                              artifact_root=tmp_path / "artifacts")
+    records = run_search(config, ctx, space, tmp_path / "ray", "broken", listeners=(tracker,))
+    assert [r.status for r in records] == ["failed"] * 3
+    assert all("missing.npz" in r.error for r in records)
+    assert pareto_numbers(records) == set()
+    children = _children(uri, "failures")
+    assert len(children) == 3
+    assert {r.info.status for r in children} == {"FAILED"}
+    assert all("missing.npz" in r.data.tags["slimtune.error"] for r in children)
+    assert not Path(tmp_path / "work" / "measured").exists()
+
+
+def test_a_time_budget_ends_the_search_with_no_trial_left_running(local_ray, tiny_model_dir, tiny_csv, tmp_path):
+    config = Config.model_validate({
+        "model": {"name": str(tiny_model_dir), "max_length": 32},
+        "task": {"data": str(tiny_csv), "text_column": "body", "label_column": "topic"},
+        "latency": {"batch_size": 2, "sequence_length": 32, "threads": 1, "warmup_runs": 1, "timed_runs": 5},
+        "search": {"trials": 60, "workers": 2, "time_budget_s": 30},
+    })
+    loaded = load_encoder(str(tiny_model_dir))
+    _, task_path = prepare_task(config.model, config.task, loaded, tmp_path / "cache")
+    space = SearchSpace(discover_layout(loaded.encoder), config.space)
+    ctx = TrialContext(config=config, model_source=str(tiny_model_dir), task_path=str(task_path),
+                       work_dir=str(tmp_path / "work"), lock_path=str(tmp_path / "lock"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowSearchRun(uri, "budget", "budget", space, {}, artifact_root=tmp_path / "artifacts")
+    started = time.monotonic()
+    records = run_search(config, ctx, space, tmp_path / "ray", "budget", listeners=(tracker,))
+    assert time.monotonic() - started < 90
+    assert 0 < len(records) < 60
+    assert {r.status for r in records} <= {"completed", "stopped"} and records[0].status == "completed"
+    assert "RUNNING" not in {r.info.status for r in _children(uri, "budget")}
