@@ -82,9 +82,8 @@ def worker_state(ctx: TrialContext) -> WorkerState:
     )
 
 
-def measure_plan(ctx: TrialContext, state: WorkerState, plan: CompressionPlan) -> dict[str, Any]:
+def measure_plan(ctx: TrialContext, state: WorkerState, plan: CompressionPlan, lock: NodeLock) -> dict[str, Any]:
     """Build the artifact for ``plan`` and measure it. Returns metrics and timings (seconds)."""
-    lock = NodeLock(Path(ctx.lock_path))
     threads = max(1, int(ctx.config.search.cpus_per_trial))
     path = ctx.artifacts_dir / f"{plan.digest}.onnx"
     timings: dict[str, float] = {}
@@ -100,10 +99,9 @@ def measure_plan(ctx: TrialContext, state: WorkerState, plan: CompressionPlan) -
     bad = [name for name, value in metrics.items() if not math.isfinite(value)]
     if bad:
         raise NonFiniteMetricError(f"non-finite {', '.join(bad)} for plan {plan.digest}")
-    kernels = {k: v for k, v in artifact.kernels.items() if k in ("MatMul", "MatMulInteger", "MatMulNBits")}
     return {
         **metrics, "export_s": artifact.export_s, "quantize_s": artifact.quantize_s, **timings,
-        "kernels": json.dumps(kernels, sort_keys=True), "artifact": str(path),
+        "kernels": json.dumps(artifact.matmul_kernels, sort_keys=True), "artifact": str(path),
     }
 
 
@@ -111,13 +109,15 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> dict[str, Any]:
     """Measure the plan that ``params`` (sampled by Optuna) describe; cached by plan digest."""
     started = time.perf_counter()
     torch.set_num_threads(max(1, int(ctx.config.search.cpus_per_trial)))
-    state = worker_state(ctx)
+    lock = NodeLock(Path(ctx.lock_path))
+    with lock.shared():  # loading and calibrating is heavy work too
+        state = worker_state(ctx)
     plan = state.space.suggest(FixedTrial(params))
     cached = ctx.cache_dir / f"{plan.digest}.json"
     if cached.is_file():
         result = {**json.loads(cached.read_text()), "cached": 1}
     else:
-        result = {**measure_plan(ctx, state, plan), "cached": 0}
+        result = {**measure_plan(ctx, state, plan, lock), "cached": 0}
         ctx.cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(".tmp")
         tmp.write_text(json.dumps(result))

@@ -75,12 +75,14 @@ def write_plots(out: Path, completed: list[TrialRecord], pareto: set[int]) -> No
                 [r.metrics["size_mb"] for r in records], [r.label for r in records])
 
     groups = {
-        "Pareto-optimal": [r for r in completed if r.number in pareto],
+        "Pareto-optimal": [r for r in completed if r.number in pareto and not r.reference],
+        "Pareto-optimal reference": [r for r in completed if r.number in pareto and r.reference],
         "dominated": [r for r in completed if r.number not in pareto and not r.reference],
-        "reference": [r for r in completed if r.reference],
+        "dominated reference": [r for r in completed if r.number not in pareto and r.reference],
     }
     largest = max(r.metrics["size_mb"] for r in completed)
-    style = {"Pareto-optimal": ("#d62728", "circle"), "dominated": ("#9e9e9e", "circle"), "reference": ("#1f77b4", "diamond")}
+    style = {"Pareto-optimal": ("#d62728", "circle"), "Pareto-optimal reference": ("#d62728", "diamond"),
+             "dominated": ("#9e9e9e", "circle"), "dominated reference": ("#9e9e9e", "diamond")}
     fig = go.Figure()
     for name, members in groups.items():
         if not members:
@@ -93,7 +95,7 @@ def write_plots(out: Path, completed: list[TrialRecord], pareto: set[int]) -> No
         fig.add_trace(go.Scatter(x=x, y=y, mode="markers", name=name, text=hover, hoverinfo="text",
                                  marker={"size": [8 + 30 * v / largest for v in s], "color": color, "symbol": symbol,
                                          "line": {"width": 1, "color": "black"}}))
-    fig.update_layout(title="slimtune search: accuracy vs latency (marker area ~ size in MB)",
+    fig.update_layout(title="slimtune search: accuracy vs latency (marker area ~ size in MB; diamonds: references)",
                       xaxis_title="latency (ms per batch, median)", yaxis_title="accuracy (held-out)",
                       template="plotly_white")
     fig.write_html(out / "pareto.html", include_plotlyjs=True)
@@ -105,13 +107,14 @@ def write_plots(out: Path, completed: list[TrialRecord], pareto: set[int]) -> No
                 color, symbol = style[name]
                 axis.scatter([r.metrics[key] for r in members], [r.metrics["accuracy"] for r in members], c=color,
                              marker="D" if symbol == "diamond" else "o", label=name, edgecolors="black", linewidths=0.5)
-        for r in groups["reference"]:
-            axis.annotate(r.reference, (r.metrics[key], r.metrics["accuracy"]), fontsize=8, xytext=(4, 4),
-                          textcoords="offset points")
+        for r in completed:
+            if r.reference:
+                axis.annotate(r.reference, (r.metrics[key], r.metrics["accuracy"]), fontsize=8, xytext=(4, 4),
+                              textcoords="offset points")
         axis.set_xlabel(label)
         axis.set_ylabel("accuracy (held-out)")
         axis.grid(alpha=0.3)
-    axes[0].legend(loc="lower right")
+    axes[0].legend(loc="lower right", fontsize=8)
     figure.suptitle("slimtune search: Pareto front (accuracy up, latency and size down)")
     figure.tight_layout()
     figure.savefig(out / "pareto.png", dpi=110)

@@ -160,9 +160,8 @@ def run_baseline_job(config: Config, out: Path, results: Path, console: Console)
             artifact = build_artifact(prepared.loaded.encoder, space.plan_from_choices(choices), path)
             metrics = {**as_dict(measure_accuracy(path, prepared.task, config.latency.threads)),
                        **as_dict(measure_latency(path, feeds, config.latency)), **as_dict(measure_size(path))}
-        kernels = {k: v for k, v in artifact.kernels.items() if k in ("MatMul", "MatMulInteger", "MatMulNBits")}
         rows.append({"variant": label, **{k: round(v, 6) for k, v in metrics.items()},
-                     "kernels": json.dumps(kernels, sort_keys=True)})
+                     "kernels": json.dumps(artifact.matmul_kernels, sort_keys=True)})
     with (work / "baseline.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -34,6 +34,11 @@ class Artifact:
     quantize_s: float
 
     @property
+    def matmul_kernels(self) -> dict[str, int]:
+        """Counts of the matrix-multiply kernels: MatMul (fp32), MatMulInteger (int8), MatMulNBits (4-bit)."""
+        return {k: v for k, v in self.kernels.items() if k in ("MatMul", "MatMulInteger", "MatMulNBits")}
+
+    @property
     def size_bytes(self) -> int:
         return artifact_bytes(self.path)
 
