@@ -135,7 +135,8 @@ def kernel_summary(kernels_json: str) -> str:
 def pareto_table(records: list[TrialRecord], pareto: set[int], title: str = "Pareto front") -> Table:
     table = Table(title=title)
     for column in ("trial", "accuracy", "latency ms (p90)", "size MB", "quantized kernels"):
-        table.add_column(column, justify="left" if column in ("trial", "quantized kernels") else "right")
+        table.add_column(column, justify="left" if column in ("trial", "quantized kernels") else "right",
+                         overflow="fold")
     for r in front(records, pareto):
         m = r.metrics
         table.add_row(r.label, f"{m['accuracy']:.4f}", f"{m['latency_ms']:.1f} ({m['latency_p90_ms']:.1f})",
