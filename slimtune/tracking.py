@@ -46,7 +46,11 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
 
 
 def _client(uri: str):
+    import logging
+
     import mlflow
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no schema-migration chatter over the progress display
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(uri)
