@@ -47,7 +47,8 @@ def make_sampler(config: Config):
     return optuna.samplers.NSGAIISampler(seed=search.seed, population_size=population)
 
 
-def start_ray(address: str | None, quiet: bool = True) -> None:
+def start_ray(address: str | None) -> None:
+    """Connect to the cluster at ``address``, or start a local Ray on 127.0.0.1; worker output stays in Ray's logs."""
     import ray
 
     if ray.is_initialized():
@@ -56,9 +57,9 @@ def start_ray(address: str | None, quiet: bool = True) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     try:
         if address:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=not quiet)
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         else:
-            ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=not quiet,
+            ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
                      _node_ip_address="127.0.0.1")
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray runtime"

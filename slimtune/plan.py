@@ -17,7 +17,6 @@ from typing import Any
 
 PLAN_VERSION = 1
 WEIGHT_FORMATS = ("fp32", "int8", "int4")
-EMBEDDING_FORMATS = ("fp32", "int8")
 
 
 class PlanError(ValueError):
@@ -83,10 +82,6 @@ class CompressionPlan:
     @property
     def is_identity(self) -> bool:
         return not (self.quantize or self.low_rank or self.ffn_prune)
-
-    def weight_format(self, module_name: str) -> str:
-        spec = self.quantize.get(module_name)
-        return spec.format if spec else "fp32"
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -82,7 +82,6 @@ class MlflowSearchRun:
                                                  tags={"slimtune.kind": "search"})
         except Exception as exc:  # MLflow raises many types for an unreachable or broken store
             raise TrackingError(f"cannot use the MLflow store {uri} ({str(exc).splitlines()[0][:160]})") from exc
-        self.uri = uri
         self.space = space
         self.parent_id = self.parent.info.run_id
         self.run_ids: dict[int, str] = {}
