@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from optuna.trial import FixedTrial
 
-from slimtune.config import Config
+from slimtune.config import Config, LatencyConfig
 from slimtune.evaluators import as_dict
 from slimtune.evaluators.accuracy import measure_accuracy
 from slimtune.evaluators.latency import latency_inputs, measure_latency
@@ -82,10 +82,12 @@ def worker_state(ctx: TrialContext) -> WorkerState:
     )
 
 
-def measure_plan(ctx: TrialContext, state: WorkerState, plan: CompressionPlan, lock: NodeLock) -> dict[str, Any]:
-    """Build the artifact for ``plan`` and measure it. Returns metrics and timings (seconds)."""
-    threads = max(1, int(ctx.config.search.cpus_per_trial))
-    path = ctx.artifacts_dir / f"{plan.digest}.onnx"
+def measure_plan(state: WorkerState, plan: CompressionPlan, path: Path, latency_cfg: LatencyConfig,
+                 threads: int, lock: NodeLock) -> dict[str, Any]:
+    """Build the artifact for ``plan`` at ``path`` and measure it: metrics, timings (s), kernels.
+
+    Export and accuracy (``threads`` ORT threads) hold ``lock`` shared; latency holds it exclusively.
+    """
     timings: dict[str, float] = {}
     with lock.shared():
         artifact = build_artifact(state.encoder, plan, path, state.calibration)
@@ -93,7 +95,7 @@ def measure_plan(ctx: TrialContext, state: WorkerState, plan: CompressionPlan, l
         accuracy = as_dict(measure_accuracy(path, state.task, threads))
         timings["accuracy_s"] = time.perf_counter() - started
     started = time.perf_counter()
-    latency = as_dict(measure_latency(path, state.feeds, ctx.config.latency, lock))
+    latency = as_dict(measure_latency(path, state.feeds, latency_cfg, lock))
     timings["latency_s"] = time.perf_counter() - started
     metrics = {**accuracy, **latency, **as_dict(measure_size(path))}
     bad = [name for name, value in metrics.items() if not math.isfinite(value)]
@@ -117,7 +119,9 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> dict[str, Any]:
     if cached.is_file():
         result = {**json.loads(cached.read_text()), "cached": 1}
     else:
-        result = {**measure_plan(ctx, state, plan, lock), "cached": 0}
+        threads = max(1, int(ctx.config.search.cpus_per_trial))
+        path = ctx.artifacts_dir / f"{plan.digest}.onnx"
+        result = {**measure_plan(state, plan, path, ctx.config.latency, threads, lock), "cached": 0}
         ctx.cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(".tmp")
         tmp.write_text(json.dumps(result))

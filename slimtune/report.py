@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 from optuna.trial import FixedTrial
 from rich.table import Table
@@ -132,13 +133,17 @@ def kernel_summary(kernels_json: str) -> str:
     return ", ".join(f"{k} {counts[k]}" for k in _QUANTIZED_KERNELS if counts.get(k)) or "-"
 
 
-def pareto_table(records: list[TrialRecord], pareto: set[int], title: str = "Pareto front") -> Table:
+def figures_table(title: str, first_column: str, rows: list[tuple[str, dict[str, Any]]]) -> Table:
+    """One row per measured artifact: accuracy, latency median (p90), size and quantized kernels."""
     table = Table(title=title)
-    for column in ("trial", "accuracy", "latency ms (p90)", "size MB", "quantized kernels"):
-        table.add_column(column, justify="left" if column in ("trial", "quantized kernels") else "right",
+    for column in (first_column, "accuracy", "latency ms (p90)", "size MB", "quantized kernels"):
+        table.add_column(column, justify="left" if column in (first_column, "quantized kernels") else "right",
                          overflow="fold")
-    for r in front(records, pareto):
-        m = r.metrics
-        table.add_row(r.label, f"{m['accuracy']:.4f}", f"{m['latency_ms']:.1f} ({m['latency_p90_ms']:.1f})",
+    for label, m in rows:
+        table.add_row(label, f"{m['accuracy']:.4f}", f"{m['latency_ms']:.1f} ({m['latency_p90_ms']:.1f})",
                       f"{m['size_mb']:.2f}", kernel_summary(m.get("kernels", "")))
     return table
+
+
+def pareto_table(records: list[TrialRecord], pareto: set[int], title: str = "Pareto front") -> Table:
+    return figures_table(title, "trial", [(r.label, r.metrics) for r in front(records, pareto)])

@@ -10,6 +10,7 @@ that determines them.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -233,13 +234,13 @@ def prepare_task(model_cfg: ModelConfig, task_cfg: TaskConfig, loaded: LoadedMod
     weight, bias = head.coef_, head.intercept_
     if weight.shape[0] == 1:  # binary: sklearn keeps one score; two rows make argmax work for any class count
         weight, bias = np.vstack([-weight, weight]), np.concatenate([-bias, bias])
-    task = PreparedTask(
+    unscored = PreparedTask(
         input_ids=test_ids, attention_mask=test_mask, labels=label_ids[test], label_names=label_names,
         head_weight=weight.astype(np.float32), head_bias=bias.astype(np.float32),
-        reference_accuracy=0.0, train_size=len(train),
+        reference_accuracy=float("nan"), train_size=len(train),
         calibration_ids=train_ids[calibration_rows], calibration_mask=train_mask[calibration_rows],
     )
-    task = PreparedTask(**{**task.__dict__, "reference_accuracy": task.accuracy(test_emb)})
+    task = dataclasses.replace(unscored, reference_accuracy=unscored.accuracy(test_emb))
     cache_dir.mkdir(parents=True, exist_ok=True)
     task.save(path)
     return task, path

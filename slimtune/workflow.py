@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from slimtune.config import Config, ConfigError, config_to_yaml
 from slimtune.layout import LayoutError, ModelLayout, discover_layout
@@ -131,24 +130,23 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
 def run_baseline_job(config: Config, out: Path, results: Path, console: Console) -> list[dict[str, float | str]]:
     """fp32, uniform int8 (per-channel) and uniform 4-bit, measured side by side in one run."""
     import csv
-    import json
 
     from slimtune.config import SpaceConfig
-    from slimtune.evaluators import as_dict
-    from slimtune.evaluators.accuracy import measure_accuracy
-    from slimtune.evaluators.latency import latency_inputs, measure_latency
-    from slimtune.evaluators.size import measure_size
-    from slimtune.export import build_artifact
-    from slimtune.report import kernel_summary
+    from slimtune.evaluators.latency import latency_inputs
+    from slimtune.evaluators.node_lock import NodeLock
+    from slimtune.report import figures_table
+    from slimtune.search.trial import WorkerState, measure_plan
     from slimtune.spaces import SearchSpace
+    from slimtune.transforms import Calibration
 
     prepared = prepare(config, results, console)
     space = SearchSpace(prepared.layout, SpaceConfig(weight_formats=("fp32", "int8", "int4"), ffn_sparsities=(0.0,),
                                                     rank_fractions=(1.0,), embedding_formats=("fp32", "int8"),
                                                     int4_block_size=config.space.int4_block_size))
+    state = WorkerState(encoder=prepared.loaded.encoder, space=space, task=prepared.task, calibration=Calibration(),
+                        feeds=latency_inputs(prepared.task.input_ids, prepared.task.attention_mask, config.latency))
     variants = {"fp32": (32, 32), "uniform int8 (per-channel)": (8, 8),
                 f"uniform int4 (block {config.space.int4_block_size}, int8 embedding)": (4, 8)}
-    feeds = latency_inputs(prepared.task.input_ids, prepared.task.attention_mask, config.latency)
     rows: list[dict[str, float | str]] = []
     work = results / f".partial-{out.name}"
     work.mkdir(parents=True, exist_ok=True)
@@ -156,12 +154,10 @@ def run_baseline_job(config: Config, out: Path, results: Path, console: Console)
         with console.status(f"building and measuring {label}"):
             choices = {dim: bits if dim.endswith(".bits") else options[0] for dim, options in space.dimensions().items()}
             choices["embeddings.bits"] = embedding_bits
-            path = work / f"{'fp32' if bits == 32 else f'int{bits}'}.onnx"
-            artifact = build_artifact(prepared.loaded.encoder, space.plan_from_choices(choices), path)
-            metrics = {**as_dict(measure_accuracy(path, prepared.task, config.latency.threads)),
-                       **as_dict(measure_latency(path, feeds, config.latency)), **as_dict(measure_size(path))}
-        rows.append({"variant": label, **{k: round(v, 6) for k, v in metrics.items()},
-                     "kernels": json.dumps(artifact.matmul_kernels, sort_keys=True)})
+            measured = measure_plan(state, space.plan_from_choices(choices), work / f"{bits}.onnx", config.latency,
+                                    config.latency.threads, NodeLock())
+        rows.append({"variant": label, **{k: round(v, 6) if isinstance(v, float) else v for k, v in measured.items()
+                                          if k != "artifact"}})
     with (work / "baseline.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -169,13 +165,8 @@ def run_baseline_job(config: Config, out: Path, results: Path, console: Console)
     for onnx_file in work.glob("*.onnx"):
         onnx_file.unlink()
     work.rename(out)
-    table = Table(title=f"Baselines ({config.latency.batch_size}x{config.latency.sequence_length} tokens, "
-                        f"{config.latency.threads} threads)")
-    for column in ("variant", "accuracy", "latency ms (p90)", "size MB", "quantized kernels"):
-        table.add_column(column, justify="left" if column in ("variant", "quantized kernels") else "right")
-    for row in rows:
-        table.add_row(str(row["variant"]), f"{row['accuracy']:.4f}", f"{row['latency_ms']:.1f} ({row['latency_p90_ms']:.1f})",
-                      f"{row['size_mb']:.2f}", kernel_summary(str(row["kernels"])))
-    console.print(table)
+    console.print(figures_table(f"Baselines ({config.latency.batch_size}x{config.latency.sequence_length} tokens, "
+                                f"{config.latency.threads} threads)", "variant",
+                                [(str(row["variant"]), row) for row in rows]))
     console.print(f"results: {out}/baseline.csv")
     return rows

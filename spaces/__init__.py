@@ -129,10 +129,11 @@ class SearchSpace:
         }
         for sparsity in sorted(s for s in self.config.ffn_sparsities if s > 0):
             targets[f"uniform-int8-ffn{round(sparsity * 100)}"] = {"bits": 8, "sparsity": sparsity, "rank": 1.0}
+        dims = self.dimensions()
         points = {}
         for name, target in targets.items():
             params = {}
-            for dim, options in self.dimensions().items():
+            for dim, options in dims.items():
                 value = target[dim.rpartition(".")[2]]
                 if value not in options:
                     break

@@ -7,6 +7,7 @@ quantization passes find the MatMul of each planned Linear.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import logging
@@ -54,7 +55,7 @@ def node_module(node: onnx.NodeProto) -> list[str]:
     """Torch module paths (outermost first) that produced this node, without the pooling wrapper."""
     for prop in node.metadata_props:
         if prop.key == _SCOPES_KEY:
-            scopes = prop.value.strip("[]").replace("'", "").split(", ")
+            scopes = ast.literal_eval(prop.value)  # written as a Python list of strings
             return [s.removeprefix(_WRAPPER_PREFIX) for s in scopes if s.startswith(_WRAPPER_PREFIX)]
     return []
 

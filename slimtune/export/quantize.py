@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from slimtune.export.onnx_export import ExportError
+
 # MatMulNBits with fp32 activations. Measured on MiniLM, 8x128 tokens, 2 threads
 # (benchmarks/int4_kernels.py): level 0 ran at 1.12x fp32 time, level 4 (int8 activations) at 1.34x.
 INT4_ACCURACY_LEVEL = 0
@@ -77,10 +79,12 @@ def quantize_int8_embedding(model: onnx.ModelProto, weight_name: str) -> onnx.Mo
     """Store the embedding table ``weight_name`` as int8 rows with one fp32 scale per row."""
     inits = {init.name: init for init in model.graph.initializer}
     if weight_name not in inits:
-        raise ValueError(f"embedding weight {weight_name!r} is not an initializer of the exported graph")
-    consumers = [n for n in model.graph.node if weight_name in n.input]
-    if any(n.op_type != "Gather" or n.input[0] != weight_name for n in consumers):
-        raise ValueError(f"embedding weight {weight_name!r} is used by more than lookups; it is left in fp32")
+        raise ExportError(f"embedding weight {weight_name!r} is not an initializer of the exported graph")
+    nodes = list(model.graph.node)
+    consumers = {i for i, n in enumerate(nodes) if weight_name in n.input}  # positions: protobuf wrappers are not stable
+    if any(nodes[i].op_type != "Gather" or nodes[i].input[0] != weight_name for i in consumers):
+        raise ExportError(f"embedding weight {weight_name!r} is used by more than lookups (tied weights?); "
+                          "plan it as fp32")
     table = numpy_helper.to_array(inits[weight_name]).astype(np.float32)
     scale = np.abs(table).max(axis=1, keepdims=True) / 127.0
     scale[scale == 0] = 1.0
@@ -91,8 +95,8 @@ def quantize_int8_embedding(model: onnx.ModelProto, weight_name: str) -> onnx.Mo
         numpy_helper.from_array(quantized, q_name), numpy_helper.from_array(scale.astype(np.float32), s_name),
     ])
     new_nodes = []
-    for node in model.graph.node:
-        if node not in consumers:
+    for i, node in enumerate(nodes):
+        if i not in consumers:
             new_nodes.append(node)
             continue
         ids, out = node.input[1], node.output[0]

@@ -47,9 +47,9 @@ def _take(linear: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
 
 def prune_ffn_neurons(model: nn.Module, plan: CompressionPlan, calibration: Calibration | None = None) -> nn.Module:
     """Remove ``plan.ffn_prune[block]`` of each block's FFN neurons, in place on ``model``."""
-    activations = calibration.ffn_activation if calibration else {}
     if not plan.ffn_prune:
         return model
+    activations = calibration.ffn_activation if calibration else {}
     blocks = {b.name: b for b in discover_layout(model).blocks}
     for block_name, sparsity in plan.ffn_prune.items():
         block = blocks.get(block_name)
