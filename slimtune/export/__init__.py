@@ -65,10 +65,15 @@ def _quantize(proto: onnx.ModelProto, encoder: nn.Module, plan: CompressionPlan)
     return proto
 
 
-def strip_node_metadata(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop the exporter's per-node debug metadata (module scopes, stack traces): not shipped."""
+def strip_debug_info(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop the exporter's per-node debug metadata and intermediate shape annotations: not shipped.
+
+    ONNX Runtime infers intermediate shapes itself; the annotations only add bytes.
+    """
     for node in model.graph.node:
         del node.metadata_props[:]
+        node.doc_string = ""
+    del model.graph.value_info[:]
     return model
 
 
@@ -83,7 +88,7 @@ def build_artifact(encoder: nn.Module, plan: CompressionPlan, path: Path,
     exported = time.perf_counter()
     try:
         proto = _quantize(onnx.load(str(fp32_path)), encoder, plan)
-        onnx.save_model(strip_node_metadata(proto), str(path))
+        onnx.save_model(strip_debug_info(proto), str(path))
     finally:
         fp32_path.unlink(missing_ok=True)
     return Artifact(path=path, plan=plan, kernels=kernel_counts(proto),

@@ -1,10 +1,18 @@
-"""Activation statistics that make FFN pruning activation-aware (as in Minitron).
+"""Activation statistics of the uncompressed model that make structural methods activation-aware.
 
-One forward pass of the uncompressed model over a few training texts records, for every FFN
-neuron, the mean absolute value it feeds into the down projection (padding tokens excluded).
-A neuron's importance is then that mean times the norm of its down-projection column: the
-typical size of what it adds to the residual stream. Computed once per worker, reused by every
-trial; the same texts give the same statistics, so plans still rebuild to the same bytes.
+One forward pass over a few training texts (padding tokens excluded) records:
+
+* ``ffn_activation``: per FFN neuron, the mean absolute value it feeds into the down projection.
+  A neuron's importance is that mean times the norm of its down-projection column: the typical
+  size of what it adds to the residual stream (Minitron-style width pruning).
+* ``block_importance``: per transformer block, 1 - the mean cosine similarity between the hidden
+  state entering and leaving it (the "block influence" of ShortGPT): blocks that barely change
+  their input are the first ones depth pruning removes.
+
+The texts themselves are kept (``input_ids``, ``attention_mask``) for methods that need
+activations of an already-transformed model (activation-aware low-rank). Computed once per
+worker, reused by every trial; the same texts give the same statistics, so plans still rebuild
+to the same bytes.
 """
 
 from __future__ import annotations
@@ -21,9 +29,31 @@ from slimtune.layout import discover_layout
 
 @dataclass(frozen=True)
 class Calibration:
-    """block name -> mean |input of the FFN down projection| per intermediate neuron (float64)."""
+    """Statistics keyed by module names of the uncompressed model (float64 arrays, fractions)."""
 
     ffn_activation: Mapping[str, np.ndarray] = field(default_factory=dict)
+    block_importance: Mapping[str, float] = field(default_factory=dict)
+    input_ids: np.ndarray | None = None
+    attention_mask: np.ndarray | None = None
+
+    def least_important_blocks(self, count: int) -> tuple[str, ...]:
+        """The ``count`` blocks whose removal changes the hidden state least (ties: later block first)."""
+        ranked = sorted(self.block_importance.items(), key=lambda item: (item[1], -_index(item[0])))
+        return tuple(sorted((name for name, _ in ranked[:count]), key=_index))
+
+
+def _index(block_name: str) -> int:
+    tail = block_name.rpartition(".")[2]
+    return int(tail) if tail.isdigit() else 0
+
+
+def _hidden_of(value) -> torch.Tensor:
+    """The hidden-state tensor of a block's input or output (blocks return tensors or tuples)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, tuple | list) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    raise TypeError(f"cannot find the hidden state in a block output of type {type(value).__name__}")
 
 
 @torch.no_grad()
@@ -31,18 +61,35 @@ def collect_calibration(model: nn.Module, input_ids: np.ndarray, attention_mask:
                         batch_size: int = 16) -> Calibration:
     layout = discover_layout(model)
     sums: dict[str, torch.Tensor] = {}
+    cosines: dict[str, float] = {}
+    entering: dict[str, torch.Tensor] = {}
     hooks = []
     current_mask: list[torch.Tensor] = []
 
-    def recorder(block_name: str):
+    def ffn_recorder(block_name: str):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             values = inputs[0].detach().abs().double() * current_mask[0]
             sums[block_name] = sums.get(block_name, 0) + values.reshape(-1, values.shape[-1]).sum(0)
         return hook
 
+    def block_entry(block_name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            entering[block_name] = _hidden_of(args[0] if args else kwargs["hidden_states"])
+        return hook
+
+    def block_exit(block_name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+            before, after = entering.pop(block_name).double(), _hidden_of(output).double()
+            cosine = nn.functional.cosine_similarity(before, after, dim=-1) * current_mask[0][..., 0]
+            cosines[block_name] = cosines.get(block_name, 0.0) + float(cosine.sum())
+        return hook
+
     for block in layout.blocks:
+        module = model.get_submodule(block.name)
+        hooks.append(module.register_forward_pre_hook(block_entry(block.name), with_kwargs=True))
+        hooks.append(module.register_forward_hook(block_exit(block.name), with_kwargs=True))
         if block.ffn_down:
-            hooks.append(model.get_submodule(block.ffn_down[0]).register_forward_hook(recorder(block.name)))
+            hooks.append(model.get_submodule(block.ffn_down[0]).register_forward_hook(ffn_recorder(block.name)))
     tokens = 0
     try:
         for start in range(0, len(input_ids), batch_size):
@@ -54,4 +101,8 @@ def collect_calibration(model: nn.Module, input_ids: np.ndarray, attention_mask:
     finally:
         for hook in hooks:
             hook.remove()
-    return Calibration({name: (total / max(tokens, 1)).numpy() for name, total in sums.items()})
+    return Calibration(
+        ffn_activation={name: (total / max(tokens, 1)).numpy() for name, total in sums.items()},
+        block_importance={name: 1.0 - total / max(tokens, 1) for name, total in cosines.items()},
+        input_ids=input_ids, attention_mask=attention_mask,
+    )
