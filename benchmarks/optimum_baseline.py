@@ -42,7 +42,7 @@ def ensure_optimum_venv(path: Path = DEFAULT_VENV) -> Path:
     """Create (once) a venv at ``path`` holding optimum-onnx; return ``path``.
 
     Reused when its stamp file records the same requirement and ``optimum-cli`` is there; a fresh
-    build takes minutes (it installs torch, transformers, onnxruntime).
+    build takes ~1 minute with local wheels, minutes from PyPI (torch, transformers, onnxruntime).
     """
     path = Path(path)
     stamp, cli = path / STAMP, path / "bin" / "optimum-cli"
@@ -91,7 +91,7 @@ def optimum_pooled(session, input_ids: np.ndarray, attention_mask: np.ndarray) -
 
 
 def _input_names(path_or_session) -> set[str]:
-    """Graph input names of an InferenceSession, or of an .onnx file (read without its weights)."""
+    """Graph input names of an InferenceSession, or of an .onnx file (parsed, no session built)."""
     if hasattr(path_or_session, "get_inputs"):
         return {i.name for i in path_or_session.get_inputs()}
     import onnx
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     venv = ensure_optimum_venv(args.venv)
     for name, path in optimum_artifacts(Path(resolve_model_source(BUILTIN_MODEL)), args.out, venv).items():
-        print(f"{name}: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+        print(f"{name}: {path} ({path.stat().st_size / 1e6:.1f} MB, 1 MB = 1e6 bytes)")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,11 @@ class ModelLayout:
         return tuple(name for block in self.blocks for name in block.linears)
 
 
+def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The name and the module of the model's list of transformer blocks."""
+    return _block_list(model)
+
+
 def _block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
@@ -98,7 +103,9 @@ def _embedding_name(model: nn.Module) -> str | None:
 def discover_layout(model: nn.Module) -> ModelLayout:
     """Blocks, their attention and FFN Linears, and the token embedding, by module name."""
     list_name, blocks = _block_list(model)
-    layouts, hiddens = zip(*(_block_layout(f"{list_name}.{i}", b) for i, b in enumerate(blocks)), strict=True)
+    # Keys, not positions: after depth pruning the surviving blocks keep their original names.
+    layouts, hiddens = zip(*(_block_layout(f"{list_name}.{key}", b) for key, b in blocks.named_children()),
+                           strict=True)
     modules = dict(model.named_modules())
     shapes = tuple(
         (name, modules[name].in_features, modules[name].out_features) for b in layouts for name in b.linears

@@ -17,12 +17,16 @@ from torch import nn
 
 from slimtune.plan import CompressionPlan
 from slimtune.transforms.calibration import Calibration, collect_calibration
+from slimtune.transforms.depth import drop_blocks
+from slimtune.transforms.heads import prune_attention_heads
 from slimtune.transforms.lowrank import LowRankLinear, factorise_linears
 from slimtune.transforms.prune import prune_ffn_neurons
 
 Transform = Callable[[nn.Module, CompressionPlan, Calibration | None], nn.Module]
 
 STRUCTURAL_TRANSFORMS: dict[str, Transform] = {
+    "depth_prune": drop_blocks,
+    "head_prune": prune_attention_heads,
     "ffn_prune": prune_ffn_neurons,
     "low_rank": factorise_linears,
 }

@@ -8,6 +8,9 @@ One forward pass over a few training texts (padding tokens excluded) records:
 * ``block_importance``: per transformer block, 1 - the mean cosine similarity between the hidden
   state entering and leaving it (the "block influence" of ShortGPT): blocks that barely change
   their input are the first ones depth pruning removes.
+* ``head_importance``: per transformer block, one score per attention head group (a head, or a
+  key/value group under grouped-query attention): the mean over tokens of the L2 norm of the
+  group's contribution to the output projection (``heads.py`` ranks heads by it).
 
 The texts themselves are kept (``input_ids``, ``attention_mask``) for methods that need
 activations of an already-transformed model (activation-aware low-rank). Computed once per
@@ -25,6 +28,8 @@ import torch
 from torch import nn
 
 from slimtune.layout import discover_layout
+from slimtune.plan import PlanError
+from slimtune.transforms.heads import AttentionRoles, attention_roles, group_contributions
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,10 @@ class Calibration:
     block_importance: Mapping[str, float] = field(default_factory=dict)
     input_ids: np.ndarray | None = None
     attention_mask: np.ndarray | None = None
+    # The task's training texts (int64 tokens), for distillation recovery; set by who prepared the task.
+    training_ids: np.ndarray | None = None
+    training_mask: np.ndarray | None = None
+    head_importance: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def least_important_blocks(self, count: int) -> tuple[str, ...]:
         """The ``count`` blocks whose removal changes the hidden state least (ties: later block first)."""
@@ -65,6 +74,13 @@ def collect_calibration(model: nn.Module, input_ids: np.ndarray, attention_mask:
     entering: dict[str, torch.Tensor] = {}
     hooks = []
     current_mask: list[torch.Tensor] = []
+    head_sums: dict[str, torch.Tensor] = {}
+
+    def head_recorder(block_name: str, roles: AttentionRoles):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            contributions = group_contributions(inputs[0], module.weight, roles, current_mask[0][..., 0])
+            head_sums[block_name] = head_sums.get(block_name, 0) + contributions
+        return hook
 
     def ffn_recorder(block_name: str):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -90,6 +106,12 @@ def collect_calibration(model: nn.Module, input_ids: np.ndarray, attention_mask:
         hooks.append(module.register_forward_hook(block_exit(block.name), with_kwargs=True))
         if block.ffn_down:
             hooks.append(model.get_submodule(block.ffn_down[0]).register_forward_hook(ffn_recorder(block.name)))
+        try:
+            roles = attention_roles(model, block, layout.hidden_size)
+        except PlanError:  # attention that cannot be pruned by head (fused qkv): no scores
+            pass
+        else:
+            hooks.append(model.get_submodule(roles.output).register_forward_hook(head_recorder(block.name, roles)))
     tokens = 0
     try:
         for start in range(0, len(input_ids), batch_size):
@@ -105,4 +127,5 @@ def collect_calibration(model: nn.Module, input_ids: np.ndarray, attention_mask:
         ffn_activation={name: (total / max(tokens, 1)).numpy() for name, total in sums.items()},
         block_importance={name: 1.0 - total / max(tokens, 1) for name, total in cosines.items()},
         input_ids=input_ids, attention_mask=attention_mask,
+        head_importance={name: (total / max(tokens, 1)).numpy() for name, total in head_sums.items()},
     )

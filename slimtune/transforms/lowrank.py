@@ -1,11 +1,22 @@
-"""Low-rank factorisation of Linear layers by truncated SVD.
+"""Low-rank factorisation of Linear layers by truncated SVD, plain or activation-aware (ASVD).
 
 W (out x in) ~= (U_r sqrt(S_r)) (sqrt(S_r) V_r^T): one Linear becomes two smaller ones, in -> r
 without bias and r -> out with the original bias. Applied only where the factors hold fewer
 parameters than W (``plan.factor_rank``), so a factorised layer is always physically smaller.
+
+Plain SVD minimises the error on the weights, as if every input channel were equally large. In a
+transformer they are not: a few channels carry activations many times larger than the rest, and
+an error in their columns of W costs that much more in the output. ASVD (Yuan et al. 2023,
+``plan.low_rank_method == "asvd"``) factorises W S instead, S = diag(s), s_j = (mean |x_j|)^alpha
+over the calibration tokens entering the Linear, alpha = 0.5 (the paper's choice), and folds S^-1
+back into the first factor: W ~= (U_r sqrt(S_r)) (sqrt(S_r) V_r^T S^-1). The activations are those
+of the model being factorised, after pruning, measured in one forward pass over the calibration
+texts (padding excluded) with hooks on the planned Linears only.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -34,25 +45,89 @@ class LowRankLinear(nn.Module):
         return self.second(self.first(x))
 
 
-def factorise(linear: nn.Linear, rank: int) -> LowRankLinear:
+ASVD_ALPHA = 0.5  # exponent on the channel magnitudes: 0 is plain SVD, 1 weighs channels fully
+_SCALE_FLOOR = 1e-3  # channel scales below this fraction of the largest are raised to it (see asvd_scales)
+
+
+def factorise(linear: nn.Linear, rank: int, scales: torch.Tensor | None = None) -> LowRankLinear:
+    """Truncated SVD of W, or of W diag(scales) with diag(scales)^-1 folded into the first factor (ASVD)."""
     weight = linear.weight.detach().double()
+    if scales is not None:
+        weight = weight * scales[None, :]
     u, s, vh = torch.linalg.svd(weight, full_matrices=False)
     root = s[:rank].sqrt()
+    first_weight = root[:, None] * vh[:rank]
+    if scales is not None:
+        first_weight = first_weight / scales[None, :]
     first = nn.Linear(linear.in_features, rank, bias=False)
     second = nn.Linear(rank, linear.out_features, bias=linear.bias is not None)
     with torch.no_grad():
-        first.weight.copy_((root[:, None] * vh[:rank]).to(linear.weight.dtype))
+        first.weight.copy_(first_weight.to(linear.weight.dtype))
         second.weight.copy_((u[:, :rank] * root[None, :]).to(linear.weight.dtype))
         if linear.bias is not None:
             second.bias.copy_(linear.bias.detach())
     return LowRankLinear(first, second)
 
 
-def factorise_linears(model: nn.Module, plan: CompressionPlan, calibration: Calibration | None = None) -> nn.Module:
-    """Replace each planned Linear by its truncated-SVD factors, in place on ``model``.
+def asvd_scales(mean_abs: torch.Tensor, alpha: float = ASVD_ALPHA) -> torch.Tensor:
+    """s_j = (mean |x_j|)^alpha, float64, floored at ``_SCALE_FLOOR`` x the largest.
 
-    Plain SVD: ``calibration`` is accepted for a uniform transform signature and not used yet.
+    The floor keeps S invertible: a channel silent on the calibration texts would otherwise get a
+    zero column in W S and an unbounded one in the first factor, ruining texts where it does fire.
     """
+    scales = mean_abs.double().clamp(min=0).pow(alpha)
+    return scales.clamp(min=float(scales.max()) * _SCALE_FLOOR if scales.max() > 0 else 1.0)
+
+
+@torch.no_grad()
+def input_magnitudes(model: nn.Module, names: list[str], calibration: Calibration | None,
+                     batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Linear name -> mean |x_j| (float64, per input channel) over the non-padding calibration tokens.
+
+    One forward pass of ``model`` as it is now (possibly already pruned) with hooks on ``names`` only.
+    An input whose leading dimensions are not (batch, sequence), such as a pooler's, is averaged
+    over all its rows.
+    """
+    if calibration is None or calibration.input_ids is None or calibration.attention_mask is None:
+        raise PlanError("low_rank_method 'asvd' needs calibration texts: pass the Calibration from "
+                        "collect_calibration(model, input_ids, attention_mask), or use low_rank_method 'svd'")
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    current_mask: list[torch.Tensor] = []
+
+    def recorder(name: str):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            x, mask = inputs[0].detach().abs().double(), current_mask[0]
+            if x.shape[:-1] == mask.shape:
+                x, tokens = x * mask[..., None], int(mask.sum())
+            else:
+                tokens = x.numel() // x.shape[-1]
+            sums[name] = sums.get(name, 0) + x.reshape(-1, x.shape[-1]).sum(0)
+            counts[name] = counts.get(name, 0) + tokens
+        return hook
+
+    hooks = [model.get_submodule(name).register_forward_hook(recorder(name)) for name in names]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(calibration.input_ids), batch_size):
+            ids = torch.from_numpy(calibration.input_ids[start:start + batch_size])
+            mask = torch.from_numpy(calibration.attention_mask[start:start + batch_size])
+            current_mask[:] = [mask.double()]
+            model(input_ids=ids, attention_mask=mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    missing = [name for name in names if name not in sums]
+    if missing:
+        raise PlanError(f"low_rank_method 'asvd': no calibration activations reached {missing[:3]}")
+    return {name: sums[name] / max(counts[name], 1) for name in names}
+
+
+def _planned_linears(model: nn.Module, plan: CompressionPlan) -> dict[str, tuple[nn.Linear, int]]:
+    """Planned Linear name -> (module, rank) for those where factorising saves parameters."""
+    planned = {}
     for name, fraction in plan.low_rank.items():
         try:
             linear = model.get_submodule(name)
@@ -62,5 +137,22 @@ def factorise_linears(model: nn.Module, plan: CompressionPlan, calibration: Cali
             raise PlanError(f"low_rank names {name!r}, a {type(linear).__name__}; only Linear layers factorise")
         rank = factor_rank(linear.in_features, linear.out_features, fraction)
         if rank is not None:
-            model.set_submodule(name, factorise(linear, rank))
+            planned[name] = (linear, rank)
+    return planned
+
+
+def factorise_linears(model: nn.Module, plan: CompressionPlan, calibration: Calibration | None = None) -> nn.Module:
+    """Replace each planned Linear by its truncated-SVD factors, in place on ``model``.
+
+    ``svd``: ``calibration`` is not used. ``asvd``: the planned Linears' input magnitudes are
+    measured on ``calibration.input_ids`` first (PlanError without them), then every Linear is
+    factorised with its scales.
+    """
+    planned = _planned_linears(model, plan)
+    magnitudes: Mapping[str, torch.Tensor] = {}
+    if plan.low_rank_method == "asvd" and planned:
+        magnitudes = input_magnitudes(model, list(planned), calibration)
+    for name, (linear, rank) in planned.items():
+        scales = asvd_scales(magnitudes[name]) if name in magnitudes else None
+        model.set_submodule(name, factorise(linear, rank, scales))
     return model

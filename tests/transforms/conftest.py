@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from transformers import DistilBertConfig, DistilBertModel, LlamaConfig, LlamaModel
+from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel, LlamaConfig, LlamaModel
 
 from slimtune.export import Artifact, build_artifact, predict_size_bytes
 from slimtune.model import MeanPooledEncoder
@@ -24,11 +24,11 @@ ARCHITECTURES = ("bert", "distilbert", "llama")
 
 
 def build_tiny(arch: str, seed: int = 0, layers: int = 2) -> torch.nn.Module:
-    from conftest import tiny_bert  # the root conftest, importable under pytest's importlib mode
-
     torch.manual_seed(seed)
     if arch == "bert":
-        return tiny_bert(seed=seed, layers=layers)
+        config = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                            intermediate_size=256, max_position_embeddings=64)
+        return BertModel(config).eval()
     if arch == "distilbert":
         config = DistilBertConfig(vocab_size=1000, dim=64, n_layers=layers, n_heads=4, hidden_dim=256,
                                   max_position_embeddings=64)
@@ -40,16 +40,24 @@ def build_tiny(arch: str, seed: int = 0, layers: int = 2) -> torch.nn.Module:
 
 @pytest.fixture
 def tiny_model():
+    """``tiny_model(arch, seed=0, layers=2)`` builds a random tiny model of that architecture."""
     return build_tiny
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def arch(request) -> str:
+    """Parametrizes a test over every architecture of the contract suite."""
+    return request.param
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.min((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)))
 
 
-def calibrate(model: torch.nn.Module, token_batch) -> Calibration:
-    ids, mask = token_batch
-    return collect_calibration(model, ids, mask)
+@pytest.fixture
+def calibrate(token_batch):
+    """``calibrate(model)``: activation statistics of ``model`` on the shared token batch."""
+    return lambda model: collect_calibration(model, *token_batch)
 
 
 @pytest.fixture

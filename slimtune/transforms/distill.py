@@ -1,0 +1,72 @@
+"""Distillation recovery: the compressed model learns back from the uncompressed one.
+
+The recipe of DistilBERT and NVIDIA's Minitron: prune, then distill from the original. The
+teacher is the uncompressed model, the student the pruned / factorised model in torch, before
+export and quantization. The loss matches what the task reads: the mean-pooled sentence
+embedding (MSE + 1 - cosine), plus ``hidden_weight`` x MSE of the last hidden states where the
+user asks for it. It trains on the task's training texts, no labels: ``steps`` AdamW steps of
+``batch_size`` texts, in an order fixed by ``seed``; each batch is cut to its longest text.
+
+Measured on the default model (design notes): blocks 1-2 of 6 removed, 0.9528 accuracy before,
+0.9753 (= fp32) after 224 steps of 16 texts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from slimtune.model import MeanPooledEncoder
+from slimtune.plan import CompressionPlan, PlanError, RecoverySpec
+from slimtune.transforms.calibration import Calibration
+
+
+def _batches(count: int, spec: RecoverySpec) -> list[np.ndarray]:
+    """Indices of each step's texts: seeded permutations, one epoch after another."""
+    rng = np.random.default_rng(spec.seed)
+    order = np.concatenate([rng.permutation(count) for _ in range(spec.steps * spec.batch_size // count + 1)])
+    return [order[i * spec.batch_size:(i + 1) * spec.batch_size] for i in range(spec.steps)]
+
+
+def distill(student: nn.Module, teacher: nn.Module, input_ids: np.ndarray, attention_mask: np.ndarray,
+            spec: RecoverySpec) -> nn.Module:
+    """Train ``student`` (in place) to reproduce ``teacher``'s pooled embeddings; returns it in eval mode."""
+    torch.manual_seed(spec.seed)
+    pooled_student, pooled_teacher = MeanPooledEncoder(student), MeanPooledEncoder(teacher).eval()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=spec.learning_rate)
+    student.eval()  # no dropout: a short, deterministic run
+    for rows in _batches(len(input_ids), spec):
+        mask = torch.from_numpy(attention_mask[rows])
+        width = int(mask.sum(1).max())
+        ids, mask = torch.from_numpy(input_ids[rows][:, :width]), mask[:, :width]
+        with torch.no_grad():
+            target = teacher(input_ids=ids, attention_mask=mask).last_hidden_state if spec.hidden_weight else None
+            target_pooled = pooled_teacher(ids, mask)
+        if spec.hidden_weight:
+            hidden = student(input_ids=ids, attention_mask=mask).last_hidden_state
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+            hidden_loss = (((hidden - target) ** 2) * weights).sum() / (weights.sum() * hidden.shape[-1])
+        else:
+            pooled, hidden_loss = pooled_student(ids, mask), 0.0
+        loss = (nn.functional.mse_loss(pooled, target_pooled)
+                + (1 - nn.functional.cosine_similarity(pooled, target_pooled, dim=-1)).mean()
+                + spec.hidden_weight * hidden_loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return student.eval()
+
+
+def recover(original: nn.Module, transformed: nn.Module, plan: CompressionPlan,
+            calibration: Calibration | None) -> nn.Module:
+    """Apply ``plan.recovery`` to ``transformed`` with ``original`` as the teacher (no-op without it)."""
+    if plan.recovery is None:
+        return transformed
+    texts = calibration.training_ids if calibration is not None else None
+    if texts is None or calibration.training_mask is None:
+        raise PlanError("the plan asks for distillation recovery, which needs the task's training texts "
+                        "(Calibration.training_ids); build it with a prepared task")
+    with torch.enable_grad():
+        return distill(transformed, original, texts, calibration.training_mask, plan.recovery)

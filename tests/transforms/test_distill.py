@@ -1,0 +1,72 @@
+"""Distillation recovery: it brings a pruned student back towards its teacher, seeded and step-budgeted."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from slimtune.export import build_artifact
+from slimtune.model import MeanPooledEncoder
+from slimtune.plan import CompressionPlan, PlanError, RecoverySpec
+from slimtune.transforms import apply_structural
+from slimtune.transforms.distill import recover
+
+
+@pytest.fixture
+def texts():
+    rng = np.random.default_rng(1)
+    ids = rng.integers(1, 1000, size=(48, 20)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[::3, 14:] = 0
+    return ids, mask
+
+
+def _gap(model, teacher, ids, mask) -> float:
+    """The distillation loss on the texts: MSE + mean (1 - cosine) of the pooled embeddings."""
+    with torch.no_grad():
+        a = MeanPooledEncoder(model)(torch.from_numpy(ids), torch.from_numpy(mask))
+        b = MeanPooledEncoder(teacher)(torch.from_numpy(ids), torch.from_numpy(mask))
+    return float(((a - b) ** 2).mean() + (1 - torch.nn.functional.cosine_similarity(a, b)).mean())
+
+
+def test_recovery_narrows_the_gap_to_the_teacher(arch, tiny_model, calibrate, texts):
+    teacher = tiny_model(arch, layers=3)
+    calibration = dataclasses.replace(calibrate(teacher), training_ids=texts[0], training_mask=texts[1])
+    plan = CompressionPlan(depth_prune=(f"{_blocks(teacher)}.1",), ffn_prune={f"{_blocks(teacher)}.0": 0.5},
+                           recovery=RecoverySpec(steps=40, batch_size=8, learning_rate=1e-4))
+    pruned = apply_structural(teacher, plan, calibration)
+    before = _gap(pruned, teacher, *texts)
+    recovered = recover(teacher, apply_structural(teacher, plan, calibration), plan, calibration)
+    assert _gap(recovered, teacher, *texts) < 0.3 * before, before
+
+
+def _blocks(model) -> str:
+    from slimtune.layout import discover_layout
+
+    return discover_layout(model).blocks[0].name.rpartition(".")[0]
+
+
+def test_recovery_is_seeded_same_plan_same_bytes(bert, calibrate, texts, tmp_path):
+    calibration = dataclasses.replace(calibrate(bert), training_ids=texts[0], training_mask=texts[1])
+    plan = CompressionPlan(ffn_prune={"encoder.layer.0": 0.5}, recovery=RecoverySpec(steps=3, batch_size=4))
+    first = build_artifact(bert, plan, tmp_path / "a.onnx", calibration)
+    second = build_artifact(bert, plan, tmp_path / "b.onnx", calibration)
+    assert first.path.read_bytes() == second.path.read_bytes()
+    assert first.recover_s > 0
+    other = build_artifact(bert, CompressionPlan(ffn_prune={"encoder.layer.0": 0.5}), tmp_path / "c.onnx", calibration)
+    assert other.recover_s == 0 and other.path.read_bytes() != first.path.read_bytes()
+
+
+def test_recovery_needs_training_texts(bert):
+    plan = CompressionPlan(ffn_prune={"encoder.layer.0": 0.5}, recovery=RecoverySpec(steps=1))
+    with pytest.raises(PlanError, match="training texts"):
+        recover(bert, apply_structural(bert, plan), plan, None)
+
+
+def test_recovery_is_dropped_from_plans_that_change_no_shapes():
+    assert CompressionPlan(recovery=RecoverySpec(steps=5)).recovery is None
+    plan = CompressionPlan(head_prune={"b.0": 0.5}, recovery=RecoverySpec(steps=5))
+    assert CompressionPlan.loads(plan.dumps()) == plan
