@@ -27,3 +27,18 @@ def pareto_numbers(records: list[TrialRecord]) -> set[int]:
         seen.add(digest)
         study.add_trial(optuna.trial.create_trial(values=list(record.objectives), user_attrs={"number": record.number}))
     return {trial.user_attrs["number"] for trial in study.best_trials} if study.trials else set()
+
+
+def not_faster_numbers(records: list[TrialRecord]) -> set[int]:
+    """Completed compressed trials whose latency is not below the fp32 reference's, measured in the same search.
+
+    "Compressed but not faster" is the most common surprise with compression on CPU (4-bit weights
+    at encoder batch sizes, mixed formats): these trials are flagged wherever trials are shown.
+    Empty when the search has no completed fp32 reference.
+    """
+    fp32 = [r for r in records if r.reference == "fp32" and r.status == "completed"]
+    if not fp32:
+        return set()
+    baseline = float(fp32[0].metrics["latency_ms"])
+    return {r.number for r in records if r.status == "completed" and r.reference != "fp32"
+            and float(r.metrics["latency_ms"]) >= baseline}

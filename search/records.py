@@ -19,7 +19,8 @@ from slimtune.spaces import SearchSpace
 
 @dataclass(frozen=True)
 class TrialRecord:
-    """One trial. ``status``: running, completed, failed or stopped. ``reference`` names a reference point."""
+    """One trial. ``status``: running, completed, failed or stopped. ``reference`` names a reference point;
+    ``recovered_from`` the trial whose plan this one distilled after the search (front recovery)."""
 
     number: int
     trial_id: str
@@ -28,6 +29,7 @@ class TrialRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str = ""
     reference: str = ""
+    recovered_from: int | None = None
 
     @property
     def objectives(self) -> tuple[float, ...]:
@@ -40,6 +42,8 @@ class TrialRecord:
 
     @property
     def label(self) -> str:
+        if self.recovered_from is not None:
+            return f"{self.name} (trial-{self.recovered_from:03d} recovered)"
         return self.name + (f" ({self.reference})" if self.reference else "")
 
 

@@ -8,6 +8,7 @@ loudly so that Ray, Optuna and MLflow all record it as failed.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -18,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from optuna.trial import FixedTrial
 
 from slimtune.config import Config, LatencyConfig
 from slimtune.evaluators import as_dict
@@ -29,10 +29,11 @@ from slimtune.evaluators.size import measure_size
 from slimtune.export import build_artifact
 from slimtune.layout import discover_layout
 from slimtune.model import load_encoder
-from slimtune.plan import CompressionPlan
+from slimtune.plan import CompressionPlan, RecoverySpec
 from slimtune.spaces import SearchSpace
 from slimtune.task import PreparedTask
 from slimtune.transforms import Calibration, collect_calibration
+from slimtune.transforms.heads import head_groups
 
 OBJECTIVES = (("accuracy", "max"), ("latency_ms", "min"), ("size_mb", "min"))
 
@@ -69,16 +70,37 @@ class WorkerState:
     calibration: Calibration
 
 
+def recovery_spec(config: Config) -> RecoverySpec:
+    """The distillation recipe of a search, seeded by the search's seed."""
+    cfg = config.recovery
+    return RecoverySpec(steps=cfg.steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+                        hidden_weight=cfg.hidden_weight, seed=config.search.seed)
+
+
+def task_calibration(encoder: torch.nn.Module, task: PreparedTask) -> Calibration:
+    """Activation statistics on the task's calibration texts, plus its training texts for recovery."""
+    calibration = collect_calibration(encoder, task.calibration_ids, task.calibration_mask)
+    return dataclasses.replace(calibration, training_ids=task.train_ids, training_mask=task.train_mask)
+
+
+def make_space(config: Config, encoder: torch.nn.Module, calibration: Calibration) -> SearchSpace:
+    """The search space of ``encoder``: what its layout, block importance and attention allow."""
+    return SearchSpace(discover_layout(encoder), config.space, block_order=calibration.blocks_by_importance(),
+                       head_groups=head_groups(encoder), recovery=recovery_spec(config),
+                       recover_in_trials=config.recovery.mode == "trials")
+
+
 @functools.lru_cache(maxsize=2)
 def worker_state(ctx: TrialContext) -> WorkerState:
     encoder = load_encoder(ctx.model_source).encoder
     task = PreparedTask.load(Path(ctx.task_path))
+    calibration = task_calibration(encoder, task)
     return WorkerState(
         encoder=encoder,
-        space=SearchSpace(discover_layout(encoder), ctx.config.space),
+        space=make_space(ctx.config, encoder, calibration),
         task=task,
         feeds=latency_inputs(task.input_ids, task.attention_mask, ctx.config.latency),
-        calibration=collect_calibration(encoder, task.calibration_ids, task.calibration_mask),
+        calibration=calibration,
     )
 
 
@@ -102,7 +124,8 @@ def measure_plan(state: WorkerState, plan: CompressionPlan, path: Path, latency_
     if bad:
         raise NonFiniteMetricError(f"non-finite {', '.join(bad)} for plan {plan.digest}")
     return {
-        **metrics, "export_s": artifact.export_s, "quantize_s": artifact.quantize_s, **timings,
+        **metrics, "export_s": artifact.export_s, "quantize_s": artifact.quantize_s,
+        "recover_s": artifact.recover_s, **timings,
         "kernels": json.dumps(artifact.matmul_kernels, sort_keys=True), "artifact": str(path),
     }
 
@@ -114,7 +137,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> dict[str, Any]:
     lock = NodeLock(Path(ctx.lock_path))
     with lock.shared():  # loading and calibrating is heavy work too
         state = worker_state(ctx)
-    plan = state.space.suggest(FixedTrial(params))
+    plan = state.space.plan_from_choices(params)
     cached = ctx.cache_dir / f"{plan.digest}.json"
     if cached.is_file():
         result = {**json.loads(cached.read_text()), "cached": 1}

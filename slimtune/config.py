@@ -17,7 +17,10 @@ BUILTIN_MODEL = "builtin:all-MiniLM-L6-v2"
 BUILTIN_DATA = "builtin:bbc-news"
 
 WeightFormat = Literal["fp32", "int8", "int4"]
-EmbeddingFormat = Literal["fp32", "int8"]
+EmbeddingFormat = Literal["fp32", "int8", "int4"]
+QuantMethod = Literal["rtn", "gptq", "hqq"]
+LowRankMethod = Literal["svd", "asvd"]
+BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
 class ConfigError(ValueError):
@@ -47,16 +50,29 @@ class TaskConfig(_Frozen):
 
 
 class SpaceConfig(_Frozen):
-    """Choices offered per transformer block; a list of one value fixes that dimension."""
+    """Choices offered per group of transformer blocks (or per model); a list of one value fixes that dimension.
+
+    Fractions are of what the model has: ``ffn_sparsities`` of each FFN's neurons, ``head_fractions``
+    of each block's attention heads (key/value groups under grouped-query attention),
+    ``depth_fractions`` of the blocks (rounded to whole blocks, at least one kept),
+    ``rank_fractions`` of each matrix's full rank kept.
+    """
 
     weight_formats: tuple[WeightFormat, ...] = ("fp32", "int8", "int4")
+    block_sizes: tuple[int, ...] = Field((32, 64, 128), description="4-bit block sizes, chosen per layer group")
+    int4_methods: tuple[QuantMethod, ...] = ("rtn", "hqq", "gptq")
     ffn_sparsities: tuple[float, ...] = (0.0, 0.25, 0.5)
+    head_fractions: tuple[float, ...] = (0.0, 0.25, 0.5)
+    depth_fractions: tuple[float, ...] = (0.0, 0.25, 0.5)
     rank_fractions: tuple[float, ...] = (1.0, 0.5)
-    embedding_formats: tuple[EmbeddingFormat, ...] = ("fp32", "int8")
-    int4_block_size: int = 32
+    low_rank_methods: tuple[LowRankMethod, ...] = ("svd", "asvd")
+    embedding_formats: tuple[EmbeddingFormat, ...] = ("fp32", "int8", "int4")
+    embedding_block_sizes: tuple[int, ...] = (32, 128)
     group_size: int = Field(2, ge=1, description="consecutive blocks that share one set of choices")
 
-    @field_validator("weight_formats", "ffn_sparsities", "rank_fractions", "embedding_formats")
+    @field_validator("weight_formats", "block_sizes", "int4_methods", "ffn_sparsities", "head_fractions",
+                     "depth_fractions", "rank_fractions", "low_rank_methods", "embedding_formats",
+                     "embedding_block_sizes")
     @classmethod
     def _non_empty_unique(cls, values: tuple) -> tuple:
         if not values:
@@ -65,11 +81,11 @@ class SpaceConfig(_Frozen):
             raise ValueError(f"has repeated choices {list(values)}")
         return values
 
-    @field_validator("ffn_sparsities")
+    @field_validator("ffn_sparsities", "head_fractions", "depth_fractions")
     @classmethod
-    def _sparsity_range(cls, values: tuple[float, ...]) -> tuple[float, ...]:
+    def _removed_fraction(cls, values: tuple[float, ...]) -> tuple[float, ...]:
         if any(not 0.0 <= v < 1.0 for v in values):
-            raise ValueError("every FFN sparsity must be a fraction in [0, 1)")
+            raise ValueError("every removed fraction must be in [0, 1)")
         return values
 
     @field_validator("rank_fractions")
@@ -79,12 +95,28 @@ class SpaceConfig(_Frozen):
             raise ValueError("every rank fraction must be in (0, 1]; 1.0 means no factorisation")
         return values
 
-    @field_validator("int4_block_size")
+    @field_validator("block_sizes", "embedding_block_sizes")
     @classmethod
-    def _block(cls, value: int) -> int:
-        if value not in (16, 32, 64, 128, 256):
-            raise ValueError("MatMulNBits takes blocks of 16, 32, 64, 128 or 256")
-        return value
+    def _block(cls, values: tuple[int, ...]) -> tuple[int, ...]:
+        if any(v not in BLOCK_SIZES for v in values):
+            raise ValueError(f"4-bit blocks must be among {list(BLOCK_SIZES)} values")
+        return values
+
+
+class RecoveryConfig(_Frozen):
+    """Distillation recovery of plans that remove or factorise weights.
+
+    ``mode``: ``off``; ``trials``: every trial whose plan changes shapes is distilled before it is
+    measured; ``front``: only the final front's shape-changing points are distilled, re-measured,
+    and the front recomputed from all figures (at most ``front_points`` of them, fastest first).
+    """
+
+    mode: Literal["off", "trials", "front"] = "front"
+    steps: int = Field(120, ge=1, description="optimiser steps per recovery")
+    batch_size: int = Field(16, ge=1, description="training texts per step")
+    learning_rate: float = Field(5e-5, gt=0, lt=1)
+    hidden_weight: float = Field(0.0, ge=0, description="weight of the last-hidden-state MSE beside the pooled loss")
+    front_points: int = Field(8, ge=1, description="front mode: most points recovered")
 
 
 class LatencyConfig(_Frozen):
@@ -116,6 +148,7 @@ class Config(_Frozen):
     model: ModelConfig = ModelConfig()
     task: TaskConfig = TaskConfig()
     space: SpaceConfig = SpaceConfig()
+    recovery: RecoveryConfig = RecoveryConfig()
     latency: LatencyConfig = LatencyConfig()
     search: SearchConfig = SearchConfig()
     tracking: TrackingConfig = TrackingConfig()

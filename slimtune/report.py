@@ -13,7 +13,6 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from optuna.trial import FixedTrial
 from rich.table import Table
 
 from slimtune.search.records import TrialRecord
@@ -22,9 +21,11 @@ from slimtune.spaces import SearchSpace
 FIGURES = ("accuracy", "latency_ms", "latency_p90_ms", "latency_spread", "size_mb")
 
 
-def _row(record: TrialRecord, pareto: set[int]) -> dict[str, object]:
+def _row(record: TrialRecord, pareto: set[int], not_faster: set[int]) -> dict[str, object]:
     row: dict[str, object] = {"trial": record.name, "reference": record.reference,
-                              "status": record.status, "pareto": record.number in pareto}
+                              "recovered_from": "" if record.recovered_from is None else f"trial-{record.recovered_from:03d}",
+                              "status": record.status, "pareto": record.number in pareto,
+                              "not_faster": record.number in not_faster}
     row.update({k: (round(float(record.metrics[k]), 6) if k in record.metrics else "") for k in FIGURES})
     row["plan_digest"] = record.metrics.get("plan_digest", "")
     row["kernels"] = record.metrics.get("kernels", "")
@@ -49,22 +50,23 @@ def front(records: list[TrialRecord], pareto: set[int]) -> list[TrialRecord]:
 
 
 def write_results(out: Path, records: list[TrialRecord], pareto: set[int], space: SearchSpace,
-                  config_yaml: str) -> None:
+                  config_yaml: str, not_faster: set[int] = frozenset()) -> None:
+    """``not_faster``: trials compressed but not faster than fp32 (column ``not_faster``, crossed in plots)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "plans").mkdir(exist_ok=True)
     best = front(records, pareto)
-    _write_csv(out / "pareto.csv", [_row(r, pareto) for r in best])
-    _write_csv(out / "trials.csv", [_row(r, pareto) for r in records])
+    _write_csv(out / "pareto.csv", [_row(r, pareto, not_faster) for r in best])
+    _write_csv(out / "trials.csv", [_row(r, pareto, not_faster) for r in records])
     for record in best:
-        plan = space.suggest(FixedTrial(record.params))
+        plan = space.plan_from_choices(record.params)
         (out / "plans" / f"{record.name}.json").write_text(plan.dumps() + "\n")
     (out / "search_config.yaml").write_text(config_yaml)
     completed = [r for r in records if r.status == "completed"]
     if completed:
-        write_plots(out, completed, pareto)
+        write_plots(out, completed, pareto, not_faster)
 
 
-def write_plots(out: Path, completed: list[TrialRecord], pareto: set[int]) -> None:
+def write_plots(out: Path, completed: list[TrialRecord], pareto: set[int], not_faster: set[int] = frozenset()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,13 +91,19 @@ def write_plots(out: Path, completed: list[TrialRecord], pareto: set[int]) -> No
         if not members:
             continue
         x, y, s, labels = series(members)
-        hover = [f"{lbl}<br>accuracy {acc:.4f}<br>latency {lat:.1f} ms<br>size {mb:.1f} MB<br>"
+        hover = [f"{lbl}{' (compressed but not faster than fp32)' if r.number in not_faster else ''}"
+                 f"<br>accuracy {acc:.4f}<br>latency {lat:.1f} ms<br>size {mb:.1f} MB<br>"
                  + "<br>".join(f"{k} = {v}" for k, v in r.params.items())
                  for lbl, acc, lat, mb, r in zip(labels, y, x, s, members, strict=True)]
         color, symbol = style[name]
         fig.add_trace(go.Scatter(x=x, y=y, mode="markers", name=name, text=hover, hoverinfo="text",
                                  marker={"size": [8 + 30 * v / largest for v in s], "color": color, "symbol": symbol,
                                          "line": {"width": 1, "color": "black"}}))
+    slow = [r for r in completed if r.number in not_faster]
+    if slow:
+        fig.add_trace(go.Scatter(x=[r.metrics["latency_ms"] for r in slow], y=[r.metrics["accuracy"] for r in slow],
+                                 mode="markers", name="compressed but not faster than fp32", hoverinfo="skip",
+                                 marker={"symbol": "x-thin-open", "size": 14, "color": "black"}))
     fig.update_layout(title="slimtune search: accuracy vs latency (marker area ~ size in MB; diamonds: references)",
                       xaxis_title="latency (ms per batch, median)", yaxis_title="accuracy (held-out)",
                       template="plotly_white")
@@ -108,6 +116,9 @@ def write_plots(out: Path, completed: list[TrialRecord], pareto: set[int]) -> No
                 color, symbol = style[name]
                 axis.scatter([r.metrics[key] for r in members], [r.metrics["accuracy"] for r in members], c=color,
                              marker="D" if symbol == "diamond" else "o", label=name, edgecolors="black", linewidths=0.5)
+        if slow:
+            axis.scatter([r.metrics[key] for r in slow], [r.metrics["accuracy"] for r in slow], marker="x", c="black",
+                         s=60, label="compressed but not faster than fp32")
         for r in completed:
             if r.reference:
                 axis.annotate(r.reference, (r.metrics[key], r.metrics["accuracy"]), fontsize=8, xytext=(4, 4),

@@ -121,7 +121,8 @@ class PreparedTask:
 
     Token arrays are int64 (texts, max_length); ``head_weight`` is (classes, hidden).
     ``reference_accuracy`` is the uncompressed torch model's accuracy on the held-out split.
-    ``calibration_ids`` / ``calibration_mask`` are a few *training* texts for activation statistics.
+    ``calibration_ids`` / ``calibration_mask`` are a few *training* texts for activation statistics;
+    ``train_ids`` / ``train_mask`` all training texts (distillation recovery reads them, no labels).
     """
 
     input_ids: np.ndarray
@@ -134,6 +135,8 @@ class PreparedTask:
     train_size: int
     calibration_ids: np.ndarray
     calibration_mask: np.ndarray
+    train_ids: np.ndarray
+    train_mask: np.ndarray
 
     def predict(self, embeddings: np.ndarray) -> np.ndarray:
         return np.argmax(embeddings @ self.head_weight.T + self.head_bias, axis=1)
@@ -148,6 +151,7 @@ class PreparedTask:
             label_names=np.array(self.label_names), head_weight=self.head_weight, head_bias=self.head_bias,
             reference_accuracy=self.reference_accuracy, train_size=self.train_size,
             calibration_ids=self.calibration_ids, calibration_mask=self.calibration_mask,
+            train_ids=self.train_ids, train_mask=self.train_mask,
         )
         tmp.replace(path)
 
@@ -159,7 +163,8 @@ class PreparedTask:
                 label_names=tuple(str(x) for x in data["label_names"]), head_weight=data["head_weight"],
                 head_bias=data["head_bias"], reference_accuracy=float(data["reference_accuracy"]),
                 train_size=int(data["train_size"]), calibration_ids=data["calibration_ids"],
-                calibration_mask=data["calibration_mask"],
+                calibration_mask=data["calibration_mask"], train_ids=data["train_ids"],
+                train_mask=data["train_mask"],
             )
 
 
@@ -196,7 +201,7 @@ def embed_with_torch(model: torch.nn.Module, input_ids: np.ndarray, attention_ma
 
 
 CALIBRATION_TEXTS = 64
-_CACHE_FORMAT = 2  # bump when PreparedTask gains or changes fields
+_CACHE_FORMAT = 3  # bump when PreparedTask gains or changes fields
 
 
 def task_cache_key(model_cfg: ModelConfig, task_cfg: TaskConfig, source: str, data: LabelledTexts) -> str:
@@ -239,6 +244,7 @@ def prepare_task(model_cfg: ModelConfig, task_cfg: TaskConfig, loaded: LoadedMod
         head_weight=weight.astype(np.float32), head_bias=bias.astype(np.float32),
         reference_accuracy=float("nan"), train_size=len(train),
         calibration_ids=train_ids[calibration_rows], calibration_mask=train_mask[calibration_rows],
+        train_ids=train_ids, train_mask=train_mask,
     )
     task = dataclasses.replace(unscored, reference_accuracy=unscored.accuracy(test_emb))
     cache_dir.mkdir(parents=True, exist_ok=True)

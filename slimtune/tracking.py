@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param
-from optuna.trial import FixedTrial
 
 from slimtune.search.records import TrialRecord
 from slimtune.spaces import SearchSpace
@@ -93,18 +92,23 @@ class MlflowSearchRun:
             self.client.log_batch(run_id, params=items[start:start + 100])
 
     def readable_params(self, sampled: dict[str, Any]) -> dict[str, Any]:
-        """Every dimension of the space, sampled or fixed, as it applies to this trial."""
-        return {dim: sampled.get(dim, options[0]) for dim, options in self.space.dimensions().items()}
+        """Every dimension of the space, sampled or fixed, as it applies to this trial, and any extra
+        choice the trial carries (``recovery.steps`` of a point recovered after the search)."""
+        dims = self.space.dimensions()
+        return {**{dim: sampled.get(dim, options[0]) for dim, options in dims.items()},
+                **{k: v for k, v in sampled.items() if k not in dims}}
 
     def trial_started(self, record: TrialRecord) -> None:
         run = self.client.create_run(
             self.experiment_id, run_name=record.name,
             tags={"mlflow.parentRunId": self.parent_id, "slimtune.trial_id": record.trial_id,
-                  "slimtune.reference": record.reference or "none", "slimtune.status": "running"},
+                  "slimtune.reference": record.reference or "none", "slimtune.status": "running",
+                  **({"slimtune.recovered_from": f"trial-{record.recovered_from:03d}"}
+                     if record.recovered_from is not None else {})},
         )
         self.run_ids[record.number] = run.info.run_id
         self._log_params(run.info.run_id, self.readable_params(record.params))
-        plan = self.space.suggest(FixedTrial(record.params))
+        plan = self.space.plan_from_choices(record.params)
         self.client.log_text(run.info.run_id, plan.dumps(), "plan.json")
 
     def trial_finished(self, record: TrialRecord) -> None:
@@ -123,11 +127,15 @@ class MlflowSearchRun:
         self.client.set_terminated(run_id, _RUN_STATUS[record.status])
 
     def finish(self, records: list[TrialRecord], pareto: set[int], results_dir: Path | None,
-               summary: dict[str, float]) -> None:
+               summary: dict[str, float], not_faster: set[int] = frozenset()) -> None:
+        """Tag every trial run (``slimtune.pareto``, ``slimtune.not_faster``: compressed but not faster
+        than fp32), log the summary and the results folder to the parent run, and close it."""
         for record in records:
             run_id = self.run_ids.get(record.number)
             if run_id is not None:
                 self.client.set_tag(run_id, "slimtune.pareto", str(record.number in pareto).lower())
+                if record.status == "completed":
+                    self.client.set_tag(run_id, "slimtune.not_faster", str(record.number in not_faster).lower())
         now = int(time.time() * 1000)
         self.client.log_batch(self.parent_id, metrics=[Metric(k, v, now, 0) for k, v in summary.items()])
         if results_dir is not None:  # everything but the ONNX files, which stay in results/ only

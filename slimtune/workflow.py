@@ -8,6 +8,8 @@ results/<name>/.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,23 +71,41 @@ def _keep_front_artifacts(records: list[TrialRecord], pareto: set[int], models_d
             shutil.copy2(artifact, models_dir / f"{record.name}.onnx")
 
 
+def _recover_front(records, ctx, tracker, console: Console, recover_front, pareto_numbers) -> list[TrialRecord]:
+    """Distill the front's shape-changing points (recovery mode 'front'), with a progress bar."""
+    from rich.progress import Progress
+
+    recovery_ctx = dataclasses.replace(ctx, config=ctx.config.model_copy(update={"search": ctx.config.search.model_copy(
+        update={"cpus_per_trial": float(os.cpu_count() or 1)})}))  # nothing else runs now: every core
+    with Progress(console=console, transient=True) as progress:
+        bar = progress.add_task(f"distillation recovery of front points ({ctx.config.recovery.steps} steps each)")
+        added = recover_front(records, pareto_numbers(records), recovery_ctx, listeners=(tracker,),
+                              progress=lambda done, total: progress.update(bar, completed=done, total=total))
+    done = [r for r in added if r.status == "completed"]
+    seconds = ", ".join(f"{r.metrics['recover_s']:.0f}" for r in done)
+    console.print(f"recovery: {len(done)} of {len(added)} front points distilled and re-measured"
+                  + (f" ({seconds} s each)" if done else ""))
+    return added
+
+
 def run_search_job(config: Config, name: str, out: Path, results: Path, console: Console) -> tuple[list[TrialRecord], set[int]]:
     """Run one search end to end; returns the records and the Pareto trial numbers."""
     import ray
 
     from slimtune.evaluators.node_lock import default_lock_path
     from slimtune.report import pareto_table, write_results
-    from slimtune.search.pareto import pareto_numbers
+    from slimtune.search.pareto import not_faster_numbers, pareto_numbers
     from slimtune.search.progress import ProgressDisplay
+    from slimtune.search.recovery import recover_front
     from slimtune.search.runner import run_search, start_ray
-    from slimtune.search.trial import TrialContext
-    from slimtune.spaces import SearchSpace
+    from slimtune.search.trial import TrialContext, make_space, task_calibration
     from slimtune.tracking import MlflowSearchRun, check_reachable, default_tracking_uri
 
     uri = config.tracking.uri or default_tracking_uri(results)
     check_reachable(uri)  # before minutes of preparation
     prepared = prepare(config, results, console)
-    space = SearchSpace(prepared.layout, config.space)
+    with console.status("measuring block and head importance on calibration texts"):
+        space = make_space(config, prepared.loaded.encoder, task_calibration(prepared.loaded.encoder, prepared.task))
     console.print(f"space: {len(prepared.layout.blocks)} blocks in {len(space.groups)} groups, "
                   f"{sum(len(v) > 1 for v in space.dimensions().values())} open dimensions; "
                   f"references: {', '.join(space.reference_points()) or 'none in this space'}")
@@ -105,14 +125,16 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
         tracker.client.log_text(tracker.parent_id, config_to_yaml(config), "search_config.yaml")
         with ProgressDisplay(config.search.trials, console) as progress:
             records = run_search(config, ctx, space, work / "ray", name, listeners=(progress, tracker))
+        if config.recovery.mode == "front":
+            records += _recover_front(records, ctx, tracker, console, recover_front, pareto_numbers)
         pareto = pareto_numbers(records)
         partial = results / f".partial-{name}"
         shutil.rmtree(partial, ignore_errors=True)
-        write_results(partial, records, pareto, space, config_to_yaml(config))
+        write_results(partial, records, pareto, space, config_to_yaml(config), not_faster_numbers(records))
         _keep_front_artifacts(records, pareto, partial / "models")
         partial.rename(out)
         shutil.rmtree(work / "artifacts", ignore_errors=True)
-        tracker.finish(records, pareto, out, _summary(records, pareto))
+        tracker.finish(records, pareto, out, _summary(records, pareto), not_faster_numbers(records))
     except BaseException as exc:
         if tracker is not None:  # interrupted or broken before the end: the parent run must not stay RUNNING
             tracker.abort("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
@@ -140,13 +162,15 @@ def run_baseline_job(config: Config, out: Path, results: Path, console: Console)
     from slimtune.transforms import Calibration
 
     prepared = prepare(config, results, console)
+    block = config.space.block_sizes[0]
     space = SearchSpace(prepared.layout, SpaceConfig(weight_formats=("fp32", "int8", "int4"), ffn_sparsities=(0.0,),
-                                                    rank_fractions=(1.0,), embedding_formats=("fp32", "int8"),
-                                                    int4_block_size=config.space.int4_block_size))
+                                                    head_fractions=(0.0,), depth_fractions=(0.0,), rank_fractions=(1.0,),
+                                                    embedding_formats=("fp32", "int8"), block_sizes=(block,),
+                                                    int4_methods=("rtn",)))
     state = WorkerState(encoder=prepared.loaded.encoder, space=space, task=prepared.task, calibration=Calibration(),
                         feeds=latency_inputs(prepared.task.input_ids, prepared.task.attention_mask, config.latency))
     variants = {"fp32": (32, 32), "uniform int8 (per-channel)": (8, 8),
-                f"uniform int4 (block {config.space.int4_block_size}, int8 embedding)": (4, 8)}
+                f"uniform int4 (block {block}, int8 embedding)": (4, 8)}
     rows: list[dict[str, float | str]] = []
     work = results / f".partial-{out.name}"
     work.mkdir(parents=True, exist_ok=True)

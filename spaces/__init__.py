@@ -11,13 +11,14 @@ offered. Test it with ``optuna.trial.FixedTrial``; no study is needed.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from slimtune.config import SpaceConfig
 from slimtune.layout import BlockLayout, ModelLayout
-from slimtune.plan import CompressionPlan, QuantSpec, factor_rank, pruned_width
+from slimtune.plan import CompressionPlan, QuantSpec, RecoverySpec, factor_rank, pruned_width
 
 BITS_OF_FORMAT = {"fp32": 32, "int8": 8, "int4": 4}
 FORMAT_OF_BITS = {bits: fmt for fmt, bits in BITS_OF_FORMAT.items()}
@@ -42,10 +43,30 @@ def group_blocks(layout: ModelLayout, group_size: int) -> tuple[BlockGroup, ...]
     return tuple(groups)
 
 
+def depth_counts(blocks: int, fractions: tuple[float, ...]) -> tuple[int, ...]:
+    """Whole blocks removed for each fraction of ``blocks`` (rounded, at least one block kept)."""
+    return tuple(sorted({min(blocks - 1, round(f * blocks)) for f in fractions}))
+
+
 @dataclass(frozen=True)
 class SearchSpace:
+    """The choices of one model: what each open dimension offers, and how choices become a plan.
+
+    ``block_order`` lists the blocks from least to most important (``Calibration.blocks_by_importance``):
+    depth pruning is offered only with it, and removes blocks in that order. ``head_groups`` says how
+    many prunable attention-head groups each block has (``transforms.heads.head_groups``): head
+    pruning is offered only for groups of blocks that all have two or more. ``recovery`` is the
+    distillation recipe: with ``recover_in_trials`` every plan that changes shapes carries it (the
+    fixed param ``recovery.steps``); otherwise only choices that name ``recovery.steps`` (points of
+    the final front, recovered after the search) do.
+    """
+
     layout: ModelLayout
     config: SpaceConfig
+    block_order: tuple[str, ...] = ()
+    head_groups: Mapping[str, int] = field(default_factory=dict)
+    recovery: RecoverySpec | None = None
+    recover_in_trials: bool = False
 
     @property
     def groups(self) -> tuple[BlockGroup, ...]:
@@ -68,22 +89,41 @@ class SearchSpace:
                     break
         return tuple(useful) or (1.0,)
 
+    def _heads_prunable(self, group: BlockGroup) -> bool:
+        return all(self.head_groups.get(block.name, 0) >= 2 for block in group.blocks)
+
     def dimensions(self) -> dict[str, tuple[Any, ...]]:
         """Every param name with its choices, in suggestion order (fixed dimensions included)."""
         cfg = self.config
         bits = tuple(BITS_OF_FORMAT[f] for f in cfg.weight_formats)
+        blockwise = "int4" in cfg.weight_formats
         dims: dict[str, tuple[Any, ...]] = {}
         if self.layout.embedding is not None:
             dims["embeddings.bits"] = tuple(BITS_OF_FORMAT[f] for f in cfg.embedding_formats)
+            if "int4" in cfg.embedding_formats:
+                dims["embeddings.block"] = cfg.embedding_block_sizes
+        if self.block_order and len(self.layout.blocks) > 1:
+            dims["blocks.dropped"] = depth_counts(len(self.layout.blocks), cfg.depth_fractions)
+        if blockwise:
+            dims["int4.method"] = cfg.int4_methods
         for group in self.groups:
             block = group.blocks[0]
             if block.attention:
                 dims[f"{group.label}.attention.bits"] = bits
+                if blockwise:
+                    dims[f"{group.label}.attention.block"] = cfg.block_sizes
+                dims[f"{group.label}.attention.heads"] = cfg.head_fractions if self._heads_prunable(group) else (0.0,)
                 dims[f"{group.label}.attention.rank"] = self._useful_ranks(block, "attention")
             if block.ffn:
                 dims[f"{group.label}.ffn.bits"] = bits
+                if blockwise:
+                    dims[f"{group.label}.ffn.block"] = cfg.block_sizes
                 dims[f"{group.label}.ffn.sparsity"] = cfg.ffn_sparsities
                 dims[f"{group.label}.ffn.rank"] = self._useful_ranks(block, "ffn")
+        if any(len(options) > 1 for name, options in dims.items() if name.endswith(".rank")):
+            dims["low_rank.method"] = cfg.low_rank_methods
+        if self.recover_in_trials and self.recovery is not None:
+            dims["recovery.steps"] = (self.recovery.steps,)
         return dims
 
     def suggest(self, trial) -> CompressionPlan:
@@ -95,25 +135,42 @@ class SearchSpace:
         return self.plan_from_choices(choices)
 
     def plan_from_choices(self, choices: Mapping[str, Any]) -> CompressionPlan:
+        dims = self.dimensions()
+
+        def pick(name: str) -> Any:
+            return choices.get(name, dims[name][0]) if name in dims else None
+
         quantize: dict[str, QuantSpec] = {}
         low_rank: dict[str, float] = {}
         ffn_prune: dict[str, float] = {}
-        block_size = self.config.int4_block_size
+        head_prune: dict[str, float] = {}
+        method = pick("int4.method") or "rtn"
         if self.layout.embedding is not None:
-            quantize[self.layout.embedding] = QuantSpec(FORMAT_OF_BITS[int(choices["embeddings.bits"])])
+            quantize[self.layout.embedding] = QuantSpec(FORMAT_OF_BITS[int(pick("embeddings.bits"))],
+                                                        int(pick("embeddings.block") or 32))
         for group in self.groups:
             for block in group.blocks:
                 for role, names in (("attention", block.attention), ("ffn", block.ffn)):
                     if not names:
                         continue
-                    spec = QuantSpec(FORMAT_OF_BITS[int(choices[f"{group.label}.{role}.bits"])], block_size)
-                    rank = float(choices[f"{group.label}.{role}.rank"])
+                    prefix = f"{group.label}.{role}"
+                    spec = QuantSpec(FORMAT_OF_BITS[int(pick(f"{prefix}.bits"))], int(pick(f"{prefix}.block") or 32),
+                                     method)
+                    rank = float(pick(f"{prefix}.rank"))
                     for name in names:
                         quantize[name] = spec
                         low_rank[name] = rank
                 if block.ffn:
-                    ffn_prune[block.name] = float(choices[f"{group.label}.ffn.sparsity"])
-        return CompressionPlan(quantize=quantize, low_rank=low_rank, ffn_prune=ffn_prune)
+                    ffn_prune[block.name] = float(pick(f"{group.label}.ffn.sparsity"))
+                if block.attention:
+                    head_prune[block.name] = float(pick(f"{group.label}.attention.heads"))
+        dropped = int(pick("blocks.dropped") or 0)
+        depth_prune = tuple(sorted(self.block_order[:dropped]))
+        steps = int(choices.get("recovery.steps", 0))
+        recovery = dataclasses.replace(self.recovery, steps=steps) if steps and self.recovery else None
+        return CompressionPlan(quantize=quantize, low_rank=low_rank, ffn_prune=ffn_prune, head_prune=head_prune,
+                               depth_prune=depth_prune, low_rank_method=pick("low_rank.method") or "svd",
+                               recovery=recovery)
 
     def reference_points(self) -> dict[str, dict[str, Any]]:
         """Plans every search evaluates first, as params for the open dimensions.
@@ -121,20 +178,21 @@ class SearchSpace:
         The uncompressed model and uniform int8 (the figures every front is read against), then
         uniform int8 with each FFN sparsity of the space (width pruning on top of the fast int8
         kernels): measured starting points that the sampler evolves from. A point is left out
-        when the configured space cannot express it (e.g. no fp32 choice).
+        when the configured space cannot express it (e.g. no fp32 choice). Dimensions a target
+        does not name take their first choice.
         """
         targets = {
-            "fp32": {"bits": 32, "sparsity": 0.0, "rank": 1.0},
-            "uniform-int8": {"bits": 8, "sparsity": 0.0, "rank": 1.0},
+            "fp32": {"bits": 32, "sparsity": 0.0, "rank": 1.0, "heads": 0.0, "dropped": 0},
+            "uniform-int8": {"bits": 8, "sparsity": 0.0, "rank": 1.0, "heads": 0.0, "dropped": 0},
         }
         for sparsity in sorted(s for s in self.config.ffn_sparsities if s > 0):
-            targets[f"uniform-int8-ffn{round(sparsity * 100)}"] = {"bits": 8, "sparsity": sparsity, "rank": 1.0}
+            targets[f"uniform-int8-ffn{round(sparsity * 100)}"] = {**targets["uniform-int8"], "sparsity": sparsity}
         dims = self.dimensions()
         points = {}
         for name, target in targets.items():
             params = {}
             for dim, options in dims.items():
-                value = target[dim.rpartition(".")[2]]
+                value = target.get(dim.rpartition(".")[2], options[0])
                 if value not in options:
                     break
                 if len(options) > 1:

@@ -28,8 +28,8 @@ def test_yaml_narrows_the_space_and_cli_overrides_win(tmp_path):
     ("text", "fragment"),
     [
         ("space:\n  weight_format: [int8]\n", "space.weight_format"),
-        ("space:\n  ffn_sparsities: [1.5]\n", "fraction in [0, 1)"),
-        ("space:\n  int4_block_size: 48\n", "MatMulNBits"),
+        ("space:\n  ffn_sparsities: [1.5]\n", "fraction must be in [0, 1)"),
+        ("space:\n  block_sizes: [48]\n", "4-bit blocks must be among"),
         ("space:\n  weight_formats: [int3]\n", "space.weight_formats"),
         ("search:\n  trials: 1\n", "at least 2"),
         ("- a list\n", "mapping"),

@@ -17,8 +17,15 @@ import onnx
 from torch import nn
 
 from slimtune.export.onnx_export import ExportError, export_fp32, weight_matmuls
-from slimtune.export.quantize import quantize_int4_matmuls, quantize_int8_embedding, quantize_int8_matmuls
+from slimtune.export.quantize import (
+    BLOCKWISE_BITS,
+    calibration_feeds,
+    quantize_blockwise_matmuls,
+    quantize_embedding,
+    quantize_int8_matmuls,
+)
 from slimtune.export.size import artifact_bytes, predict_size_bytes
+from slimtune.export.verify import verify_quantized, weight_nodes
 from slimtune.plan import CompressionPlan
 from slimtune.transforms import Calibration, apply_structural
 from slimtune.transforms.distill import recover
@@ -49,21 +56,40 @@ def kernel_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(Counter(node.op_type for node in model.graph.node))
 
 
-def _quantize(proto: onnx.ModelProto, encoder: nn.Module, plan: CompressionPlan) -> onnx.ModelProto:
+def _quantize(proto: onnx.ModelProto, encoder: nn.Module, plan: CompressionPlan,
+              calibration: Calibration | None = None) -> onnx.ModelProto:
+    """Apply the plan's quantization passes to the fp32 graph, then verify every layer's kernel.
+
+    Order: embedding tables (a 4-bit table converts the graph to opset 21 first), int8 Linears,
+    then one blockwise pass per (format, block size, method) with every other MatMul excluded.
+    GPTQ measures its Hessians on ``calibration``'s texts.
+    """
     embeddings = {n for n in plan.quantize if isinstance(encoder.get_submodule(n), nn.Embedding)}
     linears = set(plan.quantize) - embeddings
-    for name in sorted(embeddings):
-        proto = quantize_int8_embedding(proto, f"encoder.{name}.weight")
+    before = weight_nodes(proto)
     node_of = weight_matmuls(proto, linears)
     missing = linears - set(node_of.values())
     if missing:
         raise ExportError(f"no MatMul found in the exported graph for {sorted(missing)[:3]}; cannot quantize them")
+    tables = {f"encoder.{name}.weight": (name, plan.quantize[name]) for name in embeddings}
+    for table, (_, spec) in sorted(tables.items()):
+        proto = quantize_embedding(proto, table, spec.format, spec.block_size, spec.method)
     int8 = {node for node, name in node_of.items() if plan.quantize[name].format == "int8"}
     proto = quantize_int8_matmuls(proto, int8)
-    for block in sorted({plan.quantize[n].block_size for n in linears if plan.quantize[n].format == "int4"}):
-        nodes = {node for node, name in node_of.items()
-                 if plan.quantize[name].format == "int4" and plan.quantize[name].block_size == block}
-        proto = quantize_int4_matmuls(proto, nodes, block)
+    groups: dict[tuple[str, int, str], set[str]] = {}
+    for node, name in node_of.items():
+        spec = plan.quantize[name]
+        if spec.is_blockwise:
+            groups.setdefault((spec.format, spec.block_size, spec.method), set()).add(node)
+    feeds = None
+    if any(method == "gptq" for _, _, method in groups):
+        if calibration is None or calibration.input_ids is None or calibration.attention_mask is None:
+            raise ExportError("the plan quantizes with GPTQ, which needs calibration texts: pass "
+                              "calibration=collect_calibration(model, ids, mask) to build_artifact")
+        feeds = calibration_feeds(calibration.input_ids, calibration.attention_mask)
+    for (weight_format, block, method), nodes in sorted(groups.items()):
+        proto = quantize_blockwise_matmuls(proto, nodes, BLOCKWISE_BITS[weight_format], block, method, feeds)
+    verify_quantized(proto, before, {node: (name, plan.quantize[name]) for node, name in node_of.items()}, tables)
     return proto
 
 
@@ -98,7 +124,7 @@ def build_artifact(encoder: nn.Module, plan: CompressionPlan, path: Path,
     export_fp32(transformed, fp32_path)
     exported = time.perf_counter()
     try:
-        proto = _quantize(onnx.load(str(fp32_path)), encoder, plan)
+        proto = _quantize(onnx.load(str(fp32_path)), encoder, plan, calibration)
         onnx.save_model(strip_debug_info(proto), str(path))
     finally:
         fp32_path.unlink(missing_ok=True)

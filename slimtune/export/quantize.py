@@ -2,44 +2,80 @@
 
 * int8 Linear: ONNX Runtime dynamic quantization with per-channel weight scales; MatMul becomes
   DynamicQuantizeLinear + MatMulInteger (the fast integer path on CPU).
-* int4 Linear: blockwise 4-bit weights with a zero point per block; MatMul becomes MatMulNBits.
+* int4 / int2 Linear: blockwise weights with one fp32 scale and one zero point per block of
+  ``block_size`` input elements; MatMul becomes MatMulNBits. How the low-bit values are chosen:
+  ``rtn`` ONNX Runtime's round-to-nearest quantizer; ``hqq`` its half-quadratic quantizer (fp32
+  zero points); ``gptq`` GPTQ with Hessians from calibration texts (implemented here, see
+  ``_gptq``: the GPTQ of ONNX Runtime 1.32's weight-only quantizer propagates no error, so it
+  returns round-to-nearest weights, and it crashes when a row holds an odd number of blocks).
+  ONNX Runtime 1.32's CPU kernel runs 2-bit weights (checked against a numpy dequantization).
 * int8 embedding: the token table is stored as int8 with one fp32 scale per row; the lookup
   becomes Gather(int8) -> Cast -> Mul(Gather(scale)).
+* int4 embedding: ONNX Runtime's weight-only quantizer makes the table blockwise 4-bit along the
+  hidden dimension (uint4 values, fp32 scales, uint4 zero points) read by GatherBlockQuantized.
+  uint4 tensors need opset 21: the graph is converted first (the quantizer would only relabel
+  it, which breaks nodes whose signature changed after opset 17, e.g. ReduceMean).
 
 Each pass touches exactly the nodes the plan names, by listing every other node as excluded
-(the 4-bit quantizer's include list does not restrict anything).
+(the quantizer's include list does not restrict anything); ``verify.py`` checks the result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import tempfile
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from slimtune.export.onnx_export import ExportError
 
 # MatMulNBits with fp32 activations. Measured on MiniLM, 8x128 tokens, 2 threads
 # (benchmarks/int4_kernels.py): level 0 ran at 1.12x fp32 time, level 4 (int8 activations) at 1.34x.
 INT4_ACCURACY_LEVEL = 0
+BLOCKWISE_BITS = {"int4": 4, "int2": 2}
+GPTQ_DAMPING = 0.01  # fraction of the mean Hessian diagonal added to it (the GPTQ paper's default)
+INT4_TABLE_OPSET = 21
+
+Feeds = Sequence[Mapping[str, np.ndarray]]
 
 
-def _matmulnbits_quantizer():
-    # Importing the quantizer raises the root logger to INFO; put it back.
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the quantizers' INFO logs, numpy division warnings and torch's non-writable-array warning."""
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR
+    try:
+        with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _nbits_module():
+    # Importing the quantizer module raises the root logger to INFO; put it back.
     root = logging.getLogger()
     level = root.level
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.quantization import matmul_nbits_quantizer
 
     root.setLevel(level)
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    return MatMulNBitsQuantizer
+    return matmul_nbits_quantizer
 
 
-def _matmul_names(model: onnx.ModelProto) -> set[str]:
-    return {n.name for n in model.graph.node if n.op_type == "MatMul"}
+def _matmulnbits_quantizer():
+    return _nbits_module().MatMulNBitsQuantizer
+
+
+def _names(model: onnx.ModelProto, op_type: str) -> set[str]:
+    return {n.name for n in model.graph.node if n.op_type == op_type}
 
 
 def quantize_int8_matmuls(model: onnx.ModelProto, nodes: set[str]) -> onnx.ModelProto:
@@ -48,43 +84,196 @@ def quantize_int8_matmuls(model: onnx.ModelProto, nodes: set[str]) -> onnx.Model
         return model
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    root = logging.getLogger()
-    level, root.level = root.level, logging.ERROR  # quiet its advice to pre-process the model
-    with tempfile.TemporaryDirectory(prefix="slimtune-q8-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="slimtune-q8-") as tmp, _quiet():  # quiet its pre-processing advice
         out = Path(tmp) / "int8.onnx"
-        try:
-            quantize_dynamic(
-                model, out, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
-                nodes_to_quantize=sorted(nodes), nodes_to_exclude=sorted(_matmul_names(model) - nodes),
-            )
-        finally:
-            root.setLevel(level)
+        quantize_dynamic(
+            model, out, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
+            nodes_to_quantize=sorted(nodes), nodes_to_exclude=sorted(_names(model, "MatMul") - nodes),
+        )
         return onnx.load(str(out))
 
 
-def quantize_int4_matmuls(model: onnx.ModelProto, nodes: set[str], block_size: int,
-                          accuracy_level: int = INT4_ACCURACY_LEVEL) -> onnx.ModelProto:
-    """Blockwise asymmetric 4-bit weights for the named MatMul nodes (MatMulNBits kernels)."""
+def quantize_blockwise_matmuls(model: onnx.ModelProto, nodes: set[str], bits: int, block_size: int,
+                               method: str = "rtn", feeds: Feeds | None = None,
+                               accuracy_level: int = INT4_ACCURACY_LEVEL) -> onnx.ModelProto:
+    """``bits``-bit weights in blocks of ``block_size`` for the named MatMul nodes (MatMulNBits kernels).
+
+    ``feeds`` (graph input dicts of calibration texts) are what GPTQ measures its Hessians on.
+    """
     if not nodes:
         return model
+    if bits not in BLOCKWISE_BITS.values():
+        raise ExportError(f"MatMulNBits runs {sorted(BLOCKWISE_BITS.values())}-bit weights here, not {bits}-bit")
+    if method == "gptq":
+        if not feeds:
+            raise ExportError("GPTQ needs calibration texts: pass calibration=collect_calibration(model, ids, mask) "
+                              "to build_artifact, or plan method 'rtn' / 'hqq'")
+        return _gptq_matmuls(model, nodes, bits, block_size, feeds, accuracy_level)
+    if method not in ("rtn", "hqq"):
+        raise ExportError(f"unknown blockwise quantization method {method!r}")
+    config = _nbits_module().HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits) if method == "hqq" else None
     quantizer = _matmulnbits_quantizer()(
-        model, bits=4, block_size=block_size, is_symmetric=False, accuracy_level=accuracy_level,
-        nodes_to_exclude=sorted(_matmul_names(model) - nodes), op_types_to_quantize=("MatMul",),
+        model, bits=bits, block_size=block_size, is_symmetric=False, accuracy_level=accuracy_level,
+        nodes_to_exclude=sorted(_names(model, "MatMul") - nodes), op_types_to_quantize=("MatMul",),
+        algo_config=config,
     )
-    quantizer.process()
+    with _quiet():
+        quantizer.process()
+    return quantizer.model.model
+
+
+def calibration_feeds(input_ids: np.ndarray, attention_mask: np.ndarray, batch_size: int = 8) -> list[dict]:
+    """Graph inputs for the calibration texts, ``batch_size`` texts per run."""
+    return [{"input_ids": input_ids[i:i + batch_size].astype(np.int64),
+             "attention_mask": attention_mask[i:i + batch_size].astype(np.int64)}
+            for i in range(0, len(input_ids), batch_size)]
+
+
+def _hessians(model: onnx.ModelProto, tensors: set[str], feeds: Feeds) -> dict[str, np.ndarray]:
+    """2/n X^T X of every named activation over the n non-padding tokens of the calibration texts."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in sorted(tensors))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    sums: dict[str, np.ndarray] = {}
+    rows = 0
+    for feed in feeds:
+        outputs = session.run(sorted(tensors), dict(feed))
+        keep = np.asarray(feed["attention_mask"]).astype(bool)
+        for name, value in zip(sorted(tensors), outputs, strict=True):
+            x = value[keep] if value.shape[:2] == keep.shape else value.reshape(-1, value.shape[-1])
+            x = x.astype(np.float64)
+            sums[name] = sums.get(name, 0.0) + x.T @ x
+        rows += int(keep.sum())
+    return {name: 2.0 * total / max(rows, 1) for name, total in sums.items()}
+
+
+def _gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, ...]:
+    """GPTQ (Frantar et al. 2023) of a (K, N) MatMul weight: codes (K, N), scales and zero points (K/block, N).
+
+    Columns of the input dimension are quantized in order; each one's rounding error, weighted by
+    the inverse Hessian, is pushed onto the inputs not yet quantized. Scales and zero points are
+    fixed per block when the quantization reaches it (asymmetric, the range always includes 0,
+    as in ONNX Runtime's round-to-nearest).
+    """
+    w = weight.astype(np.float64).copy()
+    k, n = w.shape
+    maxq = 2 ** bits - 1
+    h = hessian.copy()
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    for damping in (GPTQ_DAMPING, 0.1, 1.0):  # more damping when the Hessian is too ill-conditioned
+        try:
+            damped = h + damping * np.mean(np.diag(h)) * np.eye(k)
+            upper = np.linalg.cholesky(np.linalg.inv(damped)).T  # H^-1 = U^T U
+            break
+        except np.linalg.LinAlgError:
+            continue
+    else:
+        raise ExportError("GPTQ: the calibration Hessian is singular even with strong damping")
+    blocks = math.ceil(k / block)
+    codes = np.zeros((k, n), np.uint8)
+    scales, zeros = np.zeros((blocks, n)), np.zeros((blocks, n))
+    for b in range(blocks):
+        i1, i2 = b * block, min((b + 1) * block, k)
+        part = w[i1:i2]
+        low, high = np.minimum(part.min(0), 0.0), np.maximum(part.max(0), 0.0)
+        scale = np.where(high > low, (high - low) / maxq, 1.0)
+        zero = np.clip(np.round(-low / scale), 0, maxq)
+        errors = np.zeros_like(part)
+        for i in range(i2 - i1):
+            q = np.clip(np.round(part[i] / scale) + zero, 0, maxq)
+            codes[i1 + i] = q
+            errors[i] = (part[i] - scale * (q - zero)) / upper[i1 + i, i1 + i]
+            part[i:] -= np.outer(upper[i1 + i, i1 + i:i2], errors[i])
+        w[i2:] -= upper[i1:i2, i2:].T @ errors
+        scales[b], zeros[b] = scale, zero
+    return codes, scales, zeros.astype(np.uint8)
+
+
+def _pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned ``bits``-bit values along the last axis, first value in the lowest bits (MatMulNBits)."""
+    per = 8 // bits
+    padded = np.pad(values, [(0, 0)] * (values.ndim - 1) + [(0, -values.shape[-1] % per)])
+    grouped = padded.reshape(*padded.shape[:-1], -1, per).astype(np.uint8)
+    return np.bitwise_or.reduce(grouped << (bits * np.arange(per, dtype=np.uint8)), axis=-1).astype(np.uint8)
+
+
+def _gptq_matmuls(model: onnx.ModelProto, nodes: set[str], bits: int, block: int, feeds: Feeds,
+                  accuracy_level: int) -> onnx.ModelProto:
+    """Replace each named MatMul by a MatMulNBits node holding its GPTQ weights (one-shot Hessians)."""
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    targets = [n for n in graph.node if n.name in nodes]
+    if any(n.op_type != "MatMul" or n.input[1] not in inits or len(inits[n.input[1]].dims) != 2 for n in targets):
+        raise ExportError("GPTQ quantizes only MatMul nodes with a constant 2-D weight")
+    hessians = _hessians(model, {n.input[0] for n in targets}, feeds)
+    replacement = {}
+    for node in targets:
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        k, n = weight.shape
+        codes, scales, zeros = _gptq(weight, hessians[node.input[0]], bits, block)
+        blocks = scales.shape[0]
+        codes = np.concatenate([codes, np.repeat(zeros[-1:], blocks * block - k, axis=0)])  # pad: dequantizes to 0
+        packed = _pack(codes.T.reshape(n, blocks, block), bits)
+        base = node.input[1]
+        graph.initializer.extend([
+            numpy_helper.from_array(packed, f"{base}_Q{bits}"),
+            numpy_helper.from_array(scales.T.astype(weight.dtype), f"{base}_scales"),
+            numpy_helper.from_array(_pack(zeros.T, bits), f"{base}_zero_points"),
+        ])
+        extra = {"accuracy_level": accuracy_level} if accuracy_level else {}
+        replacement[node.name] = helper.make_node(
+            "MatMulNBits", [node.input[0], f"{base}_Q{bits}", f"{base}_scales", f"{base}_zero_points"],
+            list(node.output), name=f"{node.name}_Q{bits}", domain="com.microsoft", K=k, N=n, bits=bits,
+            block_size=block, **extra)
+    kept = [replacement.get(n.name, n) for n in graph.node]
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {i for n in graph.node for i in n.input}
+    for name in {n.input[1] for n in targets} - used:
+        graph.initializer.remove(inits[name])
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
+def _table_lookups(model: onnx.ModelProto, weight_name: str) -> list[int]:
+    """Positions of the Gathers reading ``weight_name``; an error when anything else reads it."""
+    if weight_name not in {init.name for init in model.graph.initializer}:
+        raise ExportError(f"embedding weight {weight_name!r} is not an initializer of the exported graph")
+    nodes = list(model.graph.node)
+    consumers = [i for i, n in enumerate(nodes) if weight_name in n.input]
+    if any(nodes[i].op_type != "Gather" or nodes[i].input[0] != weight_name for i in consumers):
+        raise ExportError(f"embedding weight {weight_name!r} is used by more than lookups (tied weights?); "
+                          "plan it as fp32")
+    return consumers
+
+
+def quantize_int4_embedding(model: onnx.ModelProto, weight_name: str, block_size: int) -> onnx.ModelProto:
+    """Blockwise 4-bit table ``weight_name`` (blocks along the hidden size) read by GatherBlockQuantized."""
+    lookups = [model.graph.node[i].name for i in _table_lookups(model, weight_name)]
+    if len(lookups) != 1 or not lookups[0]:
+        raise ExportError(f"a 4-bit embedding table needs exactly one named lookup; {weight_name!r} has {lookups}")
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if opset < INT4_TABLE_OPSET:
+        model = version_converter.convert_version(model, INT4_TABLE_OPSET)
+    model.ir_version = max(model.ir_version, 10)  # uint4 tensors need IR version 10 as well
+    quantizer = _matmulnbits_quantizer()(
+        model, bits=4, block_size=block_size, is_symmetric=False, op_types_to_quantize=("Gather",),
+        nodes_to_exclude=sorted(_names(model, "Gather") - set(lookups)),
+    )
+    with _quiet():
+        quantizer.process()
     return quantizer.model.model
 
 
 def quantize_int8_embedding(model: onnx.ModelProto, weight_name: str) -> onnx.ModelProto:
     """Store the embedding table ``weight_name`` as int8 rows with one fp32 scale per row."""
+    consumers = set(_table_lookups(model, weight_name))  # positions: protobuf wrappers are not stable
     inits = {init.name: init for init in model.graph.initializer}
-    if weight_name not in inits:
-        raise ExportError(f"embedding weight {weight_name!r} is not an initializer of the exported graph")
-    nodes = list(model.graph.node)
-    consumers = {i for i, n in enumerate(nodes) if weight_name in n.input}  # positions: protobuf wrappers are not stable
-    if any(nodes[i].op_type != "Gather" or nodes[i].input[0] != weight_name for i in consumers):
-        raise ExportError(f"embedding weight {weight_name!r} is used by more than lookups (tied weights?); "
-                          "plan it as fp32")
     table = numpy_helper.to_array(inits[weight_name]).astype(np.float32)
     scale = np.abs(table).max(axis=1, keepdims=True) / 127.0
     scale[scale == 0] = 1.0
@@ -95,7 +284,7 @@ def quantize_int8_embedding(model: onnx.ModelProto, weight_name: str) -> onnx.Mo
         numpy_helper.from_array(quantized, q_name), numpy_helper.from_array(scale.astype(np.float32), s_name),
     ])
     new_nodes = []
-    for i, node in enumerate(nodes):
+    for i, node in enumerate(model.graph.node):
         if i not in consumers:
             new_nodes.append(node)
             continue
@@ -110,3 +299,14 @@ def quantize_int8_embedding(model: onnx.ModelProto, weight_name: str) -> onnx.Mo
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
     return model
+
+
+def quantize_embedding(model: onnx.ModelProto, weight_name: str, weight_format: str, block_size: int = 32,
+                       method: str = "rtn") -> onnx.ModelProto:
+    """The lookup format a plan asks for one table: int8 rows or a 4-bit round-to-nearest block table."""
+    if weight_format == "int8":
+        return quantize_int8_embedding(model, weight_name)
+    if weight_format == "int4" and method == "rtn":
+        return quantize_int4_embedding(model, weight_name, block_size)
+    raise ExportError(f"embedding {weight_name!r}: ONNX Runtime reads tables as int8 rows or 4-bit round-to-nearest "
+                      f"blocks (GatherBlockQuantized), not {weight_format} / {method}")

@@ -45,10 +45,14 @@ class Calibration:
     training_mask: np.ndarray | None = None
     head_importance: Mapping[str, np.ndarray] = field(default_factory=dict)
 
+    def blocks_by_importance(self) -> tuple[str, ...]:
+        """Block names, the one whose removal changes the hidden state least first (ties: later block first)."""
+        return tuple(name for name, _ in sorted(self.block_importance.items(),
+                                                key=lambda item: (item[1], -_index(item[0]))))
+
     def least_important_blocks(self, count: int) -> tuple[str, ...]:
-        """The ``count`` blocks whose removal changes the hidden state least (ties: later block first)."""
-        ranked = sorted(self.block_importance.items(), key=lambda item: (item[1], -_index(item[0])))
-        return tuple(sorted((name for name, _ in ranked[:count]), key=_index))
+        """The ``count`` blocks depth pruning removes first, in model order."""
+        return tuple(sorted(self.blocks_by_importance()[:count], key=_index))
 
 
 def _index(block_name: str) -> int:

@@ -1,0 +1,54 @@
+"""Front recovery: distill the final front's shape-changing points, measure them, add them as trials.
+
+With ``recovery.mode: front`` trials are measured without distillation (cheap), and only the
+points that reached the front and remove or factorise weights are distilled from the uncompressed
+model afterwards, fastest first, at most ``recovery.front_points`` of them. Each is measured
+exactly like a trial (the same artifact path, lock and figures) and becomes a trial of its own
+(``recovered_from`` names the original, the param ``recovery.steps`` says how it was built), so
+the front is then recomputed from all figures. Runs in the driver process, with every core the
+search gave trials, while nothing else runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from slimtune.search.records import TrialListener, TrialRecord
+from slimtune.search.trial import TrialContext, run_trial, worker_state
+
+
+def front_to_recover(records: list[TrialRecord], pareto: set[int], ctx: TrialContext) -> list[TrialRecord]:
+    """The front's completed points whose plan changes shapes and was not distilled, fastest first."""
+    space = worker_state(ctx).space
+    chosen = []
+    for record in sorted((r for r in records if r.number in pareto), key=lambda r: float(r.metrics["latency_ms"])):
+        plan = space.plan_from_choices(record.params)
+        if plan.changes_shapes and plan.recovery is None:
+            chosen.append(record)
+    return chosen[: ctx.config.recovery.front_points]
+
+
+def recover_front(records: list[TrialRecord], pareto: set[int], ctx: TrialContext,
+                  listeners: Sequence[TrialListener] = (),
+                  progress: Callable[[int, int], None] | None = None) -> list[TrialRecord]:
+    """Distill and measure the chosen front points; returns their new records (failed ones included)."""
+    chosen = front_to_recover(records, pareto, ctx)
+    added = []
+    for index, original in enumerate(chosen):
+        if progress:
+            progress(index, len(chosen))
+        record = TrialRecord(number=len(records) + index, trial_id=f"recovered-{original.trial_id}",
+                             params={**original.params, "recovery.steps": ctx.config.recovery.steps},
+                             recovered_from=original.number)
+        for listener in listeners:
+            listener.trial_started(record)
+        try:
+            record = TrialRecord(**{**record.__dict__, "status": "completed", "metrics": run_trial(record.params, ctx)})
+        except Exception as exc:  # recorded as a failed trial, like any trial that raises
+            record = TrialRecord(**{**record.__dict__, "status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500]})
+        for listener in listeners:
+            listener.trial_finished(record)
+        added.append(record)
+    if progress:
+        progress(len(chosen), len(chosen))
+    return added
