@@ -130,24 +130,28 @@ def calibration_feeds(input_ids: np.ndarray, attention_mask: np.ndarray, batch_s
 
 
 def _hessians(model: onnx.ModelProto, tensors: set[str], feeds: Feeds) -> dict[str, np.ndarray]:
-    """2/n X^T X of every named activation over the n non-padding tokens of the calibration texts."""
+    """2/n X^T X of every named activation over its n rows (tokens; padding tokens dropped).
+
+    Each feed holds the graph's inputs and an ``attention_mask`` marking the real tokens.
+    """
     import onnxruntime as ort
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in sorted(tensors))
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    inputs = {i.name for i in session.get_inputs()}
     sums: dict[str, np.ndarray] = {}
-    rows = 0
+    rows: dict[str, int] = {}
     for feed in feeds:
-        outputs = session.run(sorted(tensors), dict(feed))
-        keep = np.asarray(feed["attention_mask"]).astype(bool)
+        outputs = session.run(sorted(tensors), {k: v for k, v in feed.items() if k in inputs})
+        keep = np.asarray(feed["attention_mask"]).astype(bool)  # drop padding tokens
         for name, value in zip(sorted(tensors), outputs, strict=True):
             x = value[keep] if value.shape[:2] == keep.shape else value.reshape(-1, value.shape[-1])
             x = x.astype(np.float64)
             sums[name] = sums.get(name, 0.0) + x.T @ x
-        rows += int(keep.sum())
-    return {name: 2.0 * total / max(rows, 1) for name, total in sums.items()}
+            rows[name] = rows.get(name, 0) + len(x)
+    return {name: 2.0 * total / max(rows[name], 1) for name, total in sums.items()}
 
 
 def _gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, ...]:

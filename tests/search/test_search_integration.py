@@ -37,8 +37,15 @@ def test_results_folder_holds_the_front(finished_search):
     assert {p.name for p in (out / "models").iterdir()} == {f"{r['trial']}.onnx" for r in rows}
     assert (out / "pareto.html").stat().st_size > 10_000 and (out / "pareto.png").stat().st_size > 10_000
     trials = list(csv.DictReader((out / "trials.csv").open()))
-    assert len(trials) == 6
-    assert {t["reference"] for t in trials[:2]} == {"fp32", "uniform-int8"}  # enqueued first
+    sampled, recovered = trials[:6], trials[6:]
+    assert {t["reference"] for t in sampled[:2]} == {"fp32", "uniform-int8"}  # enqueued first
+    # Recovery mode 'front': each shape-changing point of the sampled front was distilled and measured again.
+    assert recovered, "the tiny front always holds the enqueued uniform-int8-ffn points, which change shapes"
+    originals = {t["trial"]: t for t in sampled}
+    for row in recovered:
+        assert row["status"] == "completed" and row["recovery.steps"] == "120"
+        assert originals[row["recovered_from"]]["recovery.steps"] == ""
+    assert {t["not_faster"] for t in trials} <= {"True", "False"}
     assert "Pareto front of tiny" in stdout and "slimtune ui" in stdout
     assert not list(results.glob(".partial-*"))
 
@@ -51,7 +58,11 @@ def test_mlflow_holds_parent_nested_runs_tags_and_artifacts(finished_search):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED" and parents[0].info.run_name == "tiny"
-    assert len(children) == 6 and all(c.info.status == "FINISHED" for c in children)
+    recovered = [c for c in children if "slimtune.recovered_from" in c.data.tags]
+    assert len(children) - len(recovered) == 6 and recovered
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert all(c.data.metrics["recover_s"] > 0 and c.data.params["recovery.steps"] == "120" for c in recovered)
+    assert {c.data.tags["slimtune.not_faster"] for c in children} <= {"true", "false"}
     assert all({"accuracy", "latency_ms", "size_mb", "export_s"} <= set(c.data.metrics) for c in children)
     assert all("encoder.layer.1.ffn.bits" in c.data.params for c in children)
     pareto_rows = list(csv.DictReader((results / "tiny" / "pareto.csv").open()))

@@ -63,7 +63,7 @@ def test_a_time_budget_ends_the_search_with_no_trial_left_running(local_ray, tin
         "model": {"name": str(tiny_model_dir), "max_length": 32},
         "task": {"data": str(tiny_csv), "text_column": "body", "label_column": "topic"},
         "latency": {"batch_size": 2, "sequence_length": 32, "threads": 1, "warmup_runs": 1, "timed_runs": 5},
-        "search": {"trials": 60, "workers": 2, "time_budget_s": 30},
+        "search": {"trials": 2000, "workers": 2, "time_budget_s": 30},
     })
     loaded = load_encoder(str(tiny_model_dir))
     _, task_path = prepare_task(config.model, config.task, loaded, tmp_path / "cache")
@@ -75,6 +75,6 @@ def test_a_time_budget_ends_the_search_with_no_trial_left_running(local_ray, tin
     started = time.monotonic()
     records = run_search(config, ctx, space, tmp_path / "ray", "budget", listeners=(tracker,))
     assert time.monotonic() - started < 90
-    assert 0 < len(records) < 60
+    assert 0 < len(records) < 2000
     assert {r.status for r in records} <= {"completed", "stopped"} and records[0].status == "completed"
     assert "RUNNING" not in {r.info.status for r in _children(uri, "budget")}
