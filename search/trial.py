@@ -80,7 +80,8 @@ def recovery_spec(config: Config) -> RecoverySpec:
 def task_calibration(encoder: torch.nn.Module, task: PreparedTask) -> Calibration:
     """Activation statistics on the task's calibration texts, plus its training texts for recovery."""
     calibration = collect_calibration(encoder, task.calibration_ids, task.calibration_mask)
-    return dataclasses.replace(calibration, training_ids=task.train_ids, training_mask=task.train_mask)
+    return dataclasses.replace(calibration, training_ids=task.train_ids, training_mask=task.train_mask,
+                               training_targets=task.train_embeddings)
 
 
 def make_space(config: Config, encoder: torch.nn.Module, calibration: Calibration) -> SearchSpace:

@@ -122,7 +122,8 @@ class PreparedTask:
     Token arrays are int64 (texts, max_length); ``head_weight`` is (classes, hidden).
     ``reference_accuracy`` is the uncompressed torch model's accuracy on the held-out split.
     ``calibration_ids`` / ``calibration_mask`` are a few *training* texts for activation statistics;
-    ``train_ids`` / ``train_mask`` all training texts (distillation recovery reads them, no labels).
+    ``train_ids`` / ``train_mask`` all training texts and ``train_embeddings`` the uncompressed
+    model's pooled embeddings of them (distillation recovery's targets; no labels).
     """
 
     input_ids: np.ndarray
@@ -137,6 +138,7 @@ class PreparedTask:
     calibration_mask: np.ndarray
     train_ids: np.ndarray
     train_mask: np.ndarray
+    train_embeddings: np.ndarray
 
     def predict(self, embeddings: np.ndarray) -> np.ndarray:
         return np.argmax(embeddings @ self.head_weight.T + self.head_bias, axis=1)
@@ -151,7 +153,7 @@ class PreparedTask:
             label_names=np.array(self.label_names), head_weight=self.head_weight, head_bias=self.head_bias,
             reference_accuracy=self.reference_accuracy, train_size=self.train_size,
             calibration_ids=self.calibration_ids, calibration_mask=self.calibration_mask,
-            train_ids=self.train_ids, train_mask=self.train_mask,
+            train_ids=self.train_ids, train_mask=self.train_mask, train_embeddings=self.train_embeddings,
         )
         tmp.replace(path)
 
@@ -164,7 +166,7 @@ class PreparedTask:
                 head_bias=data["head_bias"], reference_accuracy=float(data["reference_accuracy"]),
                 train_size=int(data["train_size"]), calibration_ids=data["calibration_ids"],
                 calibration_mask=data["calibration_mask"], train_ids=data["train_ids"],
-                train_mask=data["train_mask"],
+                train_mask=data["train_mask"], train_embeddings=data["train_embeddings"],
             )
 
 
@@ -201,7 +203,7 @@ def embed_with_torch(model: torch.nn.Module, input_ids: np.ndarray, attention_ma
 
 
 CALIBRATION_TEXTS = 64
-_CACHE_FORMAT = 3  # bump when PreparedTask gains or changes fields
+_CACHE_FORMAT = 4  # bump when PreparedTask gains or changes fields
 
 
 def task_cache_key(model_cfg: ModelConfig, task_cfg: TaskConfig, source: str, data: LabelledTexts) -> str:
@@ -244,7 +246,7 @@ def prepare_task(model_cfg: ModelConfig, task_cfg: TaskConfig, loaded: LoadedMod
         head_weight=weight.astype(np.float32), head_bias=bias.astype(np.float32),
         reference_accuracy=float("nan"), train_size=len(train),
         calibration_ids=train_ids[calibration_rows], calibration_mask=train_mask[calibration_rows],
-        train_ids=train_ids, train_mask=train_mask,
+        train_ids=train_ids, train_mask=train_mask, train_embeddings=train_emb.astype(np.float32),
     )
     task = dataclasses.replace(unscored, reference_accuracy=unscored.accuracy(test_emb))
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -40,9 +40,11 @@ class Calibration:
     block_importance: Mapping[str, float] = field(default_factory=dict)
     input_ids: np.ndarray | None = None
     attention_mask: np.ndarray | None = None
-    # The task's training texts (int64 tokens), for distillation recovery; set by who prepared the task.
+    # The task's training texts (int64 tokens) and the uncompressed model's pooled embeddings of them
+    # (float32), for distillation recovery; set by whoever prepared the task.
     training_ids: np.ndarray | None = None
     training_mask: np.ndarray | None = None
+    training_targets: np.ndarray | None = None
     head_importance: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def blocks_by_importance(self) -> tuple[str, ...]:

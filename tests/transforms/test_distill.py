@@ -70,3 +70,20 @@ def test_recovery_is_dropped_from_plans_that_change_no_shapes():
     assert CompressionPlan(recovery=RecoverySpec(steps=5)).recovery is None
     plan = CompressionPlan(head_prune={"b.0": 0.5}, recovery=RecoverySpec(steps=5))
     assert CompressionPlan.loads(plan.dumps()) == plan
+
+
+def test_known_targets_replace_the_teacher_pass_and_tables_stay_frozen(bert, calibrate, texts):
+    """With the teacher's pooled embeddings given, training matches training against the live teacher."""
+    from slimtune.transforms.distill import distill
+
+    ids, mask = texts
+    with torch.no_grad():
+        targets = MeanPooledEncoder(bert)(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    plan = CompressionPlan(ffn_prune={"encoder.layer.0": 0.5})
+    spec = RecoverySpec(steps=5, batch_size=8, learning_rate=1e-4)
+    live = distill(apply_structural(bert, plan), bert, ids, mask, spec)
+    cached = distill(apply_structural(bert, plan), bert, ids, mask, spec, targets=targets)
+    for (name, a), b in zip(live.state_dict().items(), cached.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5), name
+    assert torch.equal(live.embeddings.word_embeddings.weight, bert.embeddings.word_embeddings.weight)
+    assert not torch.equal(live.encoder.layer[1].output.dense.weight, bert.encoder.layer[1].output.dense.weight)
