@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 BUILTIN_MODEL = "builtin:all-MiniLM-L6-v2"
 BUILTIN_DATA = "builtin:bbc-news"
 
-WeightFormat = Literal["fp32", "int8", "int4"]
+WeightFormat = Literal["fp32", "int8", "int4", "int2"]
 EmbeddingFormat = Literal["fp32", "int8", "int4"]
 QuantMethod = Literal["rtn", "gptq", "hqq"]
 LowRankMethod = Literal["svd", "asvd"]
@@ -58,9 +58,10 @@ class SpaceConfig(_Frozen):
     ``rank_fractions`` of each matrix's full rank kept.
     """
 
-    weight_formats: tuple[WeightFormat, ...] = ("fp32", "int8", "int4")
-    block_sizes: tuple[int, ...] = Field((32, 64, 128), description="4-bit block sizes, chosen per layer group")
-    int4_methods: tuple[QuantMethod, ...] = ("rtn", "hqq", "gptq")
+    weight_formats: tuple[WeightFormat, ...] = Field(("fp32", "int8", "int4"),
+                                                     description="int2 runs too (MatMulNBits), opt-in: lossy")
+    block_sizes: tuple[int, ...] = Field((32, 64, 128), description="4-/2-bit block sizes, chosen per layer group")
+    int4_methods: tuple[QuantMethod, ...] = Field(("rtn", "hqq", "gptq"), description="4-/2-bit quantizer, per model")
     ffn_sparsities: tuple[float, ...] = (0.0, 0.25, 0.5)
     head_fractions: tuple[float, ...] = (0.0, 0.25, 0.5)
     depth_fractions: tuple[float, ...] = (0.0, 0.25, 0.5)

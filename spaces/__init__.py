@@ -20,7 +20,7 @@ from slimtune.config import SpaceConfig
 from slimtune.layout import BlockLayout, ModelLayout
 from slimtune.plan import CompressionPlan, QuantSpec, RecoverySpec, factor_rank, pruned_width
 
-BITS_OF_FORMAT = {"fp32": 32, "int8": 8, "int4": 4}
+BITS_OF_FORMAT = {"fp32": 32, "int8": 8, "int4": 4, "int2": 2}
 FORMAT_OF_BITS = {bits: fmt for fmt, bits in BITS_OF_FORMAT.items()}
 
 
@@ -96,7 +96,7 @@ class SearchSpace:
         """Every param name with its choices, in suggestion order (fixed dimensions included)."""
         cfg = self.config
         bits = tuple(BITS_OF_FORMAT[f] for f in cfg.weight_formats)
-        blockwise = "int4" in cfg.weight_formats
+        blockwise = bool({"int4", "int2"} & set(cfg.weight_formats))
         dims: dict[str, tuple[Any, ...]] = {}
         if self.layout.embedding is not None:
             dims["embeddings.bits"] = tuple(BITS_OF_FORMAT[f] for f in cfg.embedding_formats)

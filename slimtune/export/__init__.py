@@ -44,7 +44,7 @@ class Artifact:
 
     @property
     def matmul_kernels(self) -> dict[str, int]:
-        """Counts of the matrix-multiply kernels: MatMul (fp32), MatMulInteger (int8), MatMulNBits (4-bit)."""
+        """Counts of the matrix-multiply kernels: MatMul (fp32), MatMulInteger (int8), MatMulNBits (4/2-bit)."""
         return {k: v for k, v in self.kernels.items() if k in ("MatMul", "MatMulInteger", "MatMulNBits")}
 
     @property

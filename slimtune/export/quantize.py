@@ -59,6 +59,26 @@ def _quiet() -> Iterator[None]:
         root.setLevel(level)
 
 
+@contextlib.contextmanager
+def _single_threaded() -> Iterator[None]:
+    """Run torch (HQQ) and numpy's BLAS (GPTQ) on one thread while a pass runs.
+
+    Their thread pools spin when the cores are shared (parallel trials, other processes): under
+    a load of 4 on this 2-core machine, HQQ on MiniLM took 80-100 s with 2 threads and 0.6-1.4 s
+    with one, GPTQ 27 s against 5 s. Alone on the machine one thread costs little (HQQ 0.6 s either way).
+    """
+    import torch
+    from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _nbits_module():
     # Importing the quantizer module raises the root logger to INFO; put it back.
     root = logging.getLogger()
@@ -108,7 +128,8 @@ def quantize_blockwise_matmuls(model: onnx.ModelProto, nodes: set[str], bits: in
         if not feeds:
             raise ExportError("GPTQ needs calibration texts: pass calibration=collect_calibration(model, ids, mask) "
                               "to build_artifact, or plan method 'rtn' / 'hqq'")
-        return _gptq_matmuls(model, nodes, bits, block_size, feeds, accuracy_level)
+        with _single_threaded():
+            return _gptq_matmuls(model, nodes, bits, block_size, feeds, accuracy_level)
     if method not in ("rtn", "hqq"):
         raise ExportError(f"unknown blockwise quantization method {method!r}")
     config = _nbits_module().HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits) if method == "hqq" else None
@@ -117,7 +138,7 @@ def quantize_blockwise_matmuls(model: onnx.ModelProto, nodes: set[str], bits: in
         nodes_to_exclude=sorted(_names(model, "MatMul") - nodes), op_types_to_quantize=("MatMul",),
         algo_config=config,
     )
-    with _quiet():
+    with _quiet(), _single_threaded():
         quantizer.process()
     return quantizer.model.model
 
@@ -139,7 +160,9 @@ def _hessians(model: onnx.ModelProto, tensors: set[str], feeds: Feeds) -> dict[s
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in sorted(tensors))
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # see _single_threaded
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     inputs = {i.name for i in session.get_inputs()}
     sums: dict[str, np.ndarray] = {}
     rows: dict[str, int] = {}
@@ -154,29 +177,31 @@ def _hessians(model: onnx.ModelProto, tensors: set[str], feeds: Feeds) -> dict[s
     return {name: 2.0 * total / max(rows[name], 1) for name, total in sums.items()}
 
 
-def _gptq(weight: np.ndarray, hessian: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, ...]:
+def _inverse_factor(hessian: np.ndarray) -> np.ndarray:
+    """Upper Cholesky factor U of the damped inverse Hessian (H^-1 = U^T U), as GPTQ uses it."""
+    h = hessian.copy()
+    dead = np.diag(h) == 0  # inputs that were always 0: their weights are rounded, nothing to compensate
+    h[dead, dead] = 1.0
+    for damping in (GPTQ_DAMPING, 0.1, 1.0):  # more damping when the Hessian is too ill-conditioned
+        try:
+            damped = h + damping * np.mean(np.diag(h)) * np.eye(len(h))
+            return np.linalg.cholesky(np.linalg.inv(damped)).T
+        except np.linalg.LinAlgError:
+            continue
+    raise ExportError("GPTQ: the calibration Hessian is singular even with strong damping")
+
+
+def _gptq(weight: np.ndarray, upper: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, ...]:
     """GPTQ (Frantar et al. 2023) of a (K, N) MatMul weight: codes (K, N), scales and zero points (K/block, N).
 
-    Columns of the input dimension are quantized in order; each one's rounding error, weighted by
-    the inverse Hessian, is pushed onto the inputs not yet quantized. Scales and zero points are
-    fixed per block when the quantization reaches it (asymmetric, the range always includes 0,
-    as in ONNX Runtime's round-to-nearest).
+    Rows (input features) are quantized in order; each one's rounding error, weighted by the
+    inverse Hessian factor ``upper``, is pushed onto the rows not yet quantized. Scales and zero
+    points are fixed per block when the quantization reaches it (asymmetric, the range always
+    includes 0, as in ONNX Runtime's round-to-nearest).
     """
     w = weight.astype(np.float64).copy()
     k, n = w.shape
     maxq = 2 ** bits - 1
-    h = hessian.copy()
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    for damping in (GPTQ_DAMPING, 0.1, 1.0):  # more damping when the Hessian is too ill-conditioned
-        try:
-            damped = h + damping * np.mean(np.diag(h)) * np.eye(k)
-            upper = np.linalg.cholesky(np.linalg.inv(damped)).T  # H^-1 = U^T U
-            break
-        except np.linalg.LinAlgError:
-            continue
-    else:
-        raise ExportError("GPTQ: the calibration Hessian is singular even with strong damping")
     blocks = math.ceil(k / block)
     codes = np.zeros((k, n), np.uint8)
     scales, zeros = np.zeros((blocks, n)), np.zeros((blocks, n))
@@ -213,12 +238,12 @@ def _gptq_matmuls(model: onnx.ModelProto, nodes: set[str], bits: int, block: int
     targets = [n for n in graph.node if n.name in nodes]
     if any(n.op_type != "MatMul" or n.input[1] not in inits or len(inits[n.input[1]].dims) != 2 for n in targets):
         raise ExportError("GPTQ quantizes only MatMul nodes with a constant 2-D weight")
-    hessians = _hessians(model, {n.input[0] for n in targets}, feeds)
+    factors = {name: _inverse_factor(h) for name, h in _hessians(model, {n.input[0] for n in targets}, feeds).items()}
     replacement = {}
     for node in targets:
         weight = numpy_helper.to_array(inits[node.input[1]])
         k, n = weight.shape
-        codes, scales, zeros = _gptq(weight, hessians[node.input[0]], bits, block)
+        codes, scales, zeros = _gptq(weight, factors[node.input[0]], bits, block)
         blocks = scales.shape[0]
         codes = np.concatenate([codes, np.repeat(zeros[-1:], blocks * block - k, axis=0)])  # pad: dequantizes to 0
         packed = _pack(codes.T.reshape(n, blocks, block), bits)

@@ -27,6 +27,8 @@ from torch import nn
 
 from slimtune.plan import CompressionPlan
 
+BITS = {"int4": 4, "int2": 2}  # bits per stored value of the blockwise formats
+
 
 def artifact_bytes(path: Path) -> int:
     """Bytes on disk of an ONNX file plus every external-data file it references."""
@@ -37,9 +39,6 @@ def artifact_bytes(path: Path) -> int:
         for entry in init.external_data if entry.key == "location"
     }
     return total + sum((path.parent / loc).stat().st_size for loc in locations)
-
-
-BITS = {"int4": 4, "int2": 2}
 
 
 def linear_bytes(n_in: int, n_out: int, weight_format: str, block_size: int = 32, method: str = "rtn") -> int:

@@ -145,3 +145,10 @@ def test_embedding_formats_onnx_runtime_cannot_read_are_refused(bert, calibrate,
     plan = CompressionPlan(quantize={"embeddings.word_embeddings": spec})
     with pytest.raises(ExportError, match="GatherBlockQuantized"):
         build_artifact(bert, plan, tmp_path / "e.onnx", calibrate(bert))
+
+
+def test_gptq_and_hqq_rebuild_the_same_bytes(bert, calibrate, tmp_path):
+    quantize = {name: QuantSpec("int4", 32, ("gptq", "hqq")[i % 2]) for i, name in enumerate(discover_layout(bert).linears)}
+    plan, calibration = CompressionPlan(quantize=quantize), calibrate(bert)
+    first = build_artifact(bert, plan, tmp_path / "a.onnx", calibration).path.read_bytes()
+    assert first == build_artifact(bert, plan, tmp_path / "b.onnx", calibration).path.read_bytes()
