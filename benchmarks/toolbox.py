@@ -1,9 +1,9 @@
 """Every compression method alone, against fp32 and Optimum's one-command tool, side by side in one run.
 
 On the built-in model and task (or ``--config``), builds each artifact once, scores its accuracy
-in ONNX Runtime through the task's frozen head, then times all of them interleaved (round robin,
-``--runs`` rounds, the same feeds and thread count) so that drift on the machine hits every
-variant alike. Prints one Markdown table: accuracy, size and median latency, each also as a ratio
+in ONNX Runtime through the task's frozen head, then times all of them side by side (rotating blocks of
+runs, ``--runs`` per artifact, the same feeds and thread count) so that drift on the machine hits
+every variant alike. Prints one Markdown table: accuracy, size and median latency, each also as a ratio
 to slimtune's fp32, and what each method costs to build (recovery, export, quantization, s).
 Optimum's artifacts come from the real ``optimum-cli`` in its own virtual environment
 (``benchmarks/optimum_baseline.py``; created on first use, minutes).
@@ -76,16 +76,27 @@ def _plans(prepared, calibration, steps: int, recovery) -> dict[str, Compression
     return plans
 
 
-def _time_interleaved(sessions: dict[str, tuple], runs: int) -> dict[str, float]:
-    for sess, feeds in sessions.values():
-        for _ in range(3):
-            sess.run(None, feeds)
+def _time_interleaved(sessions: dict[str, tuple], runs: int, passes: int = 3) -> dict[str, float]:
+    """Median ms per artifact, timed in ``passes`` rotations of short blocks (warm-up, then runs/passes).
+
+    Blocks, not single runs, alternate: every ONNX Runtime session keeps a thread pool that spins
+    for a while after its run, and with many sessions alive a round robin of single runs measures
+    those spinning pools as much as the artifact (same-shape artifacts differed by 40% that way).
+    Rotating blocks still spreads the machine's drift over every artifact alike.
+    """
     times = {label: [] for label in sessions}
-    for _ in range(runs):
-        for label, (sess, feeds) in sessions.items():
-            start = time.perf_counter()
-            sess.run(None, feeds)
-            times[label].append((time.perf_counter() - start) * 1e3)
+    per_block = max(1, runs // passes)
+    for index in range(passes):
+        labels = list(sessions)
+        labels = labels[index % len(labels):] + labels[: index % len(labels)]
+        for label in labels:
+            sess, feeds = sessions[label]
+            for _ in range(2):
+                sess.run(None, feeds)
+            for _ in range(per_block):
+                start = time.perf_counter()
+                sess.run(None, feeds)
+                times[label].append((time.perf_counter() - start) * 1e3)
     return {label: float(np.median(t)) for label, t in times.items()}
 
 
@@ -137,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     base = rows["slimtune fp32"]
     base_ms = medians["slimtune fp32"]
     lines = [f"{config.latency.batch_size}x{config.latency.sequence_length} tokens, {threads} ONNX Runtime threads, "
-             f"medians of {args.runs} interleaved runs; {platform.processor() or platform.machine()}, "
+             f"medians of {args.runs} runs in 3 rotating blocks; {platform.processor() or platform.machine()}, "
              f"onnxruntime {ort.__version__}, {time.strftime('%Y-%m-%d')}; recovery {recovery.steps} steps x "
              f"{recovery.batch_size} texts", "",
              "| variant | accuracy | Δ points | ms | × fp32 | MB | × fp32 | recovery s | export s | quantize s |",

@@ -2,7 +2,7 @@
 
 With ``recovery.mode: front`` trials are measured without distillation (cheap), and only the
 points that reached the front and remove or factorise weights are distilled from the uncompressed
-model afterwards, fastest first, at most ``recovery.front_points`` of them. Each is measured
+model afterwards, the fastest and the smallest alternately, at most ``recovery.front_points`` of them. Each is measured
 exactly like a trial (the same artifact path, lock and figures) and becomes a trial of its own
 (``recovered_from`` names the original, the param ``recovery.steps`` says how it was built), so
 the front is then recomputed from all figures. Runs in the driver process, with every core the
@@ -18,13 +18,18 @@ from slimtune.search.trial import TrialContext, run_trial, worker_state
 
 
 def front_to_recover(records: list[TrialRecord], pareto: set[int], ctx: TrialContext) -> list[TrialRecord]:
-    """The front's completed points whose plan changes shapes and was not distilled, fastest first."""
+    """The front's points whose plan changes shapes and was not distilled: fastest and smallest alternately.
+
+    Both ends of the front are where pruning pays, and where its lost accuracy matters most.
+    """
     space = worker_state(ctx).space
-    chosen = []
-    for record in sorted((r for r in records if r.number in pareto), key=lambda r: float(r.metrics["latency_ms"])):
-        plan = space.plan_from_choices(record.params)
-        if plan.changes_shapes and plan.recovery is None:
-            chosen.append(record)
+    candidates = [r for r in records if r.number in pareto
+                  and (plan := space.plan_from_choices(r.params)).changes_shapes and plan.recovery is None]
+    by_latency = sorted(candidates, key=lambda r: float(r.metrics["latency_ms"]))
+    by_size = sorted(candidates, key=lambda r: float(r.metrics["size_mb"]))
+    chosen: list[TrialRecord] = []
+    for pair in zip(by_latency, by_size, strict=True):
+        chosen += [r for r in pair if r not in chosen]
     return chosen[: ctx.config.recovery.front_points]
 
 

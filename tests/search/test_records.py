@@ -67,3 +67,21 @@ def test_pareto_front_by_optuna():
     ]
     assert pareto_numbers(records) == {0, 1, 3}
     assert pareto_numbers([]) == set()
+
+
+def test_compressed_but_not_faster_is_measured_against_the_searchs_own_fp32():
+    from slimtune.search.pareto import not_faster_numbers
+
+    def done(number, latency, reference=""):
+        return TrialRecord(number=number, trial_id=str(number), params={}, status="completed", reference=reference,
+                           metrics={"accuracy": 0.9, "latency_ms": latency, "size_mb": 1.0})
+
+    records = [done(0, 100.0, "fp32"), done(1, 60.0, "uniform-int8"), done(2, 100.0), done(3, 120.0),
+               TrialRecord(number=4, trial_id="4", params={}, status="failed")]
+    assert not_faster_numbers(records) == {2, 3}
+    assert not_faster_numbers(records[1:]) == set()  # no fp32 reference measured: nothing to compare with
+
+
+def test_recovered_records_say_where_they_come_from():
+    record = TrialRecord(number=7, trial_id="recovered-x", params={}, recovered_from=3)
+    assert record.label == "trial-007 (trial-003 recovered)"
