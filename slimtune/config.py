@@ -115,9 +115,9 @@ class RecoveryConfig(_Frozen):
     """
 
     mode: Literal["off", "trials", "front"] = "front"
-    steps: int = Field(120, ge=1, description="optimiser steps per recovery")
+    steps: int = Field(200, ge=1, description="optimiser steps per recovery")
     batch_size: int = Field(16, ge=1, description="training texts per step")
-    learning_rate: float = Field(5e-5, gt=0, lt=1)
+    learning_rate: float = Field(1e-4, gt=0, lt=1)
     hidden_weight: float = Field(0.0, ge=0, description="weight of the last-hidden-state MSE beside the pooled loss")
     front_points: int = Field(4, ge=1, description="front mode: most points recovered")
 

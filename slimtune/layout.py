@@ -5,7 +5,7 @@ modules that hold Linear layers; inside a block, shapes tell the roles apart. Th
 hidden size (``up``: hidden -> intermediate, including a gated MLP's gate) and contracts it back
 (``down``: intermediate -> hidden); every other Linear that reads or writes the hidden size is
 attention. The token embedding is the model's ``get_input_embeddings()`` when it has one, else its
-largest ``nn.Embedding``.
+largest ``nn.Embedding``; any other table outside the blocks (positions, token types) is listed too.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class ModelLayout:
     embedding: str | None
     hidden_size: int
     linear_shapes: tuple[tuple[str, int, int], ...] = ()  # (name, in_features, out_features)
+    other_tables: tuple[str, ...] = ()  # lookup tables outside the blocks besides the token table (positions, types)
 
     def shape(self, name: str) -> tuple[int, int]:
         """(in_features, out_features) of a Linear in the original model."""
@@ -110,5 +111,8 @@ def discover_layout(model: nn.Module) -> ModelLayout:
     shapes = tuple(
         (name, modules[name].in_features, modules[name].out_features) for b in layouts for name in b.linears
     )
-    return ModelLayout(blocks=tuple(layouts), embedding=_embedding_name(model), hidden_size=hiddens[0],
-                       linear_shapes=shapes)
+    embedding = _embedding_name(model)
+    others = tuple(name for name, module in model.named_modules() if isinstance(module, nn.Embedding)
+                   and name != embedding and not name.startswith(list_name + "."))
+    return ModelLayout(blocks=tuple(layouts), embedding=embedding, hidden_size=hiddens[0],
+                       linear_shapes=shapes, other_tables=others)

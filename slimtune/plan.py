@@ -76,7 +76,7 @@ class RecoverySpec:
 
     steps: int
     batch_size: int = 16
-    learning_rate: float = 5e-5
+    learning_rate: float = 1e-4
     hidden_weight: float = 0.0
     seed: int = 0
 

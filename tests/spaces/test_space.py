@@ -6,6 +6,7 @@ from optuna.trial import FixedTrial
 
 from slimtune.config import SpaceConfig
 from slimtune.layout import discover_layout
+from slimtune.plan import QuantSpec
 from slimtune.spaces import SearchSpace
 
 
@@ -68,3 +69,39 @@ def test_real_samplers_produce_valid_plans(bert, sampler):
         study.tell(trial, [0.5, 1.0])
     assert len({p.digest for p in plans}) > 1
     assert all(0.0 <= s < 1 for p in plans for s in p.ffn_prune.values())
+
+
+def test_other_lookup_tables_follow_the_token_table_as_int8_rows(bert):
+    space = _space(bert, embedding_formats=("fp32", "int4"))
+    assert space.layout.other_tables == ("embeddings.position_embeddings", "embeddings.token_type_embeddings")
+    small = space.plan_from_choices({"embeddings.bits": 4, "embeddings.block": 128})
+    assert small.quantize["embeddings.word_embeddings"] == QuantSpec("int4", 128)
+    assert {small.quantize[t].format for t in space.layout.other_tables} == {"int8"}
+    plain = space.plan_from_choices({"embeddings.bits": 32})
+    assert not set(plain.quantize) & {"embeddings.word_embeddings", *space.layout.other_tables}
+
+
+def test_depth_and_heads_are_offered_only_where_the_model_allows(bert):
+    layout = discover_layout(bert)
+    plain = SearchSpace(layout, SpaceConfig(group_size=1))
+    assert "blocks.dropped" not in plain.dimensions()  # no block importance measured: no depth choice
+    assert plain.dimensions()["encoder.layer.0.attention.heads"] == (0.0,)  # no prunable heads known
+    informed = SearchSpace(layout, SpaceConfig(group_size=1), block_order=("encoder.layer.1", "encoder.layer.0"),
+                           head_groups={"encoder.layer.0": 4, "encoder.layer.1": 4})
+    dims = informed.dimensions()
+    assert dims["blocks.dropped"] == (0, 1) and dims["encoder.layer.0.attention.heads"] == (0.0, 0.25, 0.5)
+    plan = informed.plan_from_choices({"blocks.dropped": 1, "encoder.layer.0.attention.heads": 0.5})
+    assert plan.depth_prune == ("encoder.layer.1",) and dict(plan.head_prune) == {"encoder.layer.0": 0.5}
+
+
+def test_recovery_steps_in_the_choices_attach_the_recipe(bert):
+    from slimtune.plan import RecoverySpec
+
+    space = SearchSpace(discover_layout(bert), SpaceConfig(group_size=1), recovery=RecoverySpec(steps=50))
+    pruned = {"encoder.layer.0.ffn.sparsity": 0.5}
+    assert space.plan_from_choices(pruned).recovery is None
+    assert space.plan_from_choices({**pruned, "recovery.steps": 80}).recovery == RecoverySpec(steps=80)
+    every = SearchSpace(discover_layout(bert), SpaceConfig(group_size=1), recovery=RecoverySpec(steps=50),
+                        recover_in_trials=True)
+    assert every.dimensions()["recovery.steps"] == (50,)
+    assert every.plan_from_choices(pruned).recovery == RecoverySpec(steps=50)  # sampled params lack fixed dims
