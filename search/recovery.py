@@ -27,10 +27,17 @@ def front_to_recover(records: list[TrialRecord], pareto: set[int], ctx: TrialCon
                   and (plan := space.plan_from_choices(r.params)).changes_shapes and plan.recovery is None]
     by_latency = sorted(candidates, key=lambda r: float(r.metrics["latency_ms"]))
     by_size = sorted(candidates, key=lambda r: float(r.metrics["size_mb"]))
+    return alternate(by_latency, by_size)[: ctx.config.recovery.front_points]
+
+
+def alternate(first: list[TrialRecord], second: list[TrialRecord]) -> list[TrialRecord]:
+    """first[0], second[0], first[1], second[1], ... each record once."""
     chosen: list[TrialRecord] = []
-    for pair in zip(by_latency, by_size, strict=True):
-        chosen += [r for r in pair if r not in chosen]
-    return chosen[: ctx.config.recovery.front_points]
+    for pair in zip(first, second, strict=True):
+        for record in pair:
+            if record.number not in {r.number for r in chosen}:
+                chosen.append(record)
+    return chosen
 
 
 def recover_front(records: list[TrialRecord], pareto: set[int], ctx: TrialContext,

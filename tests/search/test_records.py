@@ -85,3 +85,12 @@ def test_compressed_but_not_faster_is_measured_against_the_searchs_own_fp32():
 def test_recovered_records_say_where_they_come_from():
     record = TrialRecord(number=7, trial_id="recovered-x", params={}, recovered_from=3)
     assert record.label == "trial-007 (trial-003 recovered)"
+
+
+def test_front_recovery_alternates_fastest_and_smallest_once_each():
+    from slimtune.search.recovery import alternate
+
+    records = [TrialRecord(number=n, trial_id=str(n), params={}) for n in range(4)]
+    fastest, smallest = [records[0], records[1], records[2]], [records[0], records[2], records[3]]
+    assert [r.number for r in alternate(fastest, smallest)] == [0, 1, 2, 3]
+    assert [r.number for r in alternate(smallest, fastest)] == [0, 2, 1, 3]
