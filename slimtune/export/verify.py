@@ -113,18 +113,18 @@ def verify_quantized(model: onnx.ModelProto, before: WeightNodes, linears: Mappi
         if table in dtypes:
             problems.append(f"{layer}: the fp32 table {table!r} is still stored")
 
+    def untouched(name: str, op_type: str, slot: int, tensor: str, what: str) -> None:
+        node = nodes.get(name)
+        if node is None or node.op_type != op_type or node.input[slot] != tensor or dtypes.get(tensor) not in _FLOATS:
+            problems.append(f"{what} is not planned but changed ({'gone' if node is None else node.op_type}); "
+                            "a pass touched the wrong node")
+
     for matmul, weight in sorted(before.matmuls.items()):
         if matmul not in linears:
-            node = nodes.get(matmul)
-            if node is None or node.op_type != "MatMul" or node.input[1] != weight or dtypes.get(weight) not in _FLOATS:
-                problems.append(f"MatMul {matmul!r} is not planned but changed "
-                                f"({'gone' if node is None else node.op_type}); a pass touched the wrong node")
+            untouched(matmul, "MatMul", 1, weight, f"MatMul {matmul!r}")
     for gather, table in sorted(before.gathers.items()):
         if table not in tables:
-            node = nodes.get(gather)
-            if node is None or node.op_type != "Gather" or node.input[0] != table or dtypes.get(table) not in _FLOATS:
-                problems.append(f"table {table!r} is not planned but its lookup {gather!r} changed "
-                                f"({'gone' if node is None else node.op_type}); a pass touched the wrong node")
+            untouched(gather, "Gather", 0, table, f"table {table!r} (lookup {gather!r})")
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise ExportError("the quantized graph is not the planned one: " + "; ".join(problems[:5]) + more)
