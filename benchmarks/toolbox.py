@@ -100,6 +100,11 @@ def _time_interleaved(sessions: dict[str, tuple], runs: int, passes: int = 3) ->
     return {label: float(np.median(t)) for label, t in times.items()}
 
 
+def _seconds(row: dict, key: str, digits: int) -> str:
+    """A build time in s, or '-' for artifacts another tool built (their times are not slimtune's)."""
+    return f"{row[key]:.{digits}f}" if key in row else "-"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path)
@@ -140,8 +145,7 @@ def main(argv: list[str] | None = None) -> None:
             for label, path in optimum_artifacts(model_dir, Path(tmp) / "optimum").items():
                 sess = session(path, threads)
                 embeddings = optimum_pooled(sess, task.input_ids, task.attention_mask)
-                rows[label] = {"accuracy": task.accuracy(embeddings), "size_mb": path.stat().st_size / 1e6,
-                               "recover_s": 0.0, "export_s": float("nan"), "quantize_s": float("nan")}
+                rows[label] = {"accuracy": task.accuracy(embeddings), "size_mb": path.stat().st_size / 1e6}
                 sessions[label] = (sess, optimum_feeds(sess, feeds["input_ids"], feeds["attention_mask"]))
         with console.status(f"timing {len(sessions)} artifacts interleaved, {args.runs} rounds"):
             medians = _time_interleaved(sessions, args.runs)
@@ -157,8 +161,8 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(
             f"| {label} | {row['accuracy']:.4f} | {100 * (row['accuracy'] - base['accuracy']):+.2f} | "
             f"{medians[label]:.1f} | {medians[label] / base_ms:.2f} | {row['size_mb']:.2f} | "
-            f"{row['size_mb'] / base['size_mb']:.3f} | {row['recover_s']:.0f} | {row['export_s']:.1f} | "
-            f"{row['quantize_s']:.1f} |")
+            f"{row['size_mb'] / base['size_mb']:.3f} | {_seconds(row, 'recover_s', 0)} | "
+            f"{_seconds(row, 'export_s', 1)} | {_seconds(row, 'quantize_s', 1)} |")
     table = "\n".join(lines)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table + "\n")
