@@ -10,6 +10,8 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
+from slimtune.config import RecoveryConfig
+
 pytestmark = pytest.mark.slow
 
 
@@ -43,7 +45,7 @@ def test_results_folder_holds_the_front(finished_search):
     assert recovered, "the tiny front always holds the enqueued uniform-int8-ffn points, which change shapes"
     originals = {t["trial"]: t for t in sampled}
     for row in recovered:
-        assert row["status"] == "completed" and row["recovery.steps"] == "120"
+        assert row["status"] == "completed" and row["recovery.steps"] == str(RecoveryConfig().steps)
         assert originals[row["recovered_from"]]["recovery.steps"] == ""
     assert {t["not_faster"] for t in trials} <= {"True", "False"}
     assert "Pareto front of tiny" in stdout and "slimtune ui" in stdout
@@ -61,7 +63,8 @@ def test_mlflow_holds_parent_nested_runs_tags_and_artifacts(finished_search):
     recovered = [c for c in children if "slimtune.recovered_from" in c.data.tags]
     assert len(children) - len(recovered) == 6 and recovered
     assert all(c.info.status == "FINISHED" for c in children)
-    assert all(c.data.metrics["recover_s"] > 0 and c.data.params["recovery.steps"] == "120" for c in recovered)
+    steps = str(RecoveryConfig().steps)
+    assert all(c.data.metrics["recover_s"] > 0 and c.data.params["recovery.steps"] == steps for c in recovered)
     assert {c.data.tags["slimtune.not_faster"] for c in children} <= {"true", "false"}
     assert all({"accuracy", "latency_ms", "size_mb", "export_s"} <= set(c.data.metrics) for c in children)
     assert all("encoder.layer.1.ffn.bits" in c.data.params for c in children)
