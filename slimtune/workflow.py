@@ -71,9 +71,12 @@ def _keep_front_artifacts(records: list[TrialRecord], pareto: set[int], models_d
             shutil.copy2(artifact, models_dir / f"{record.name}.onnx")
 
 
-def _recover_front(records, ctx, tracker, console: Console, recover_front, pareto_numbers) -> list[TrialRecord]:
+def _recover_front(records: list[TrialRecord], ctx, tracker, console: Console) -> list[TrialRecord]:
     """Distill the front's shape-changing points (recovery mode 'front'), with a progress bar."""
     from rich.progress import Progress
+
+    from slimtune.search.pareto import pareto_numbers
+    from slimtune.search.recovery import recover_front
 
     recovery_ctx = dataclasses.replace(ctx, config=ctx.config.model_copy(update={"search": ctx.config.search.model_copy(
         update={"cpus_per_trial": float(os.cpu_count() or 1)})}))  # nothing else runs now: every core
@@ -96,7 +99,6 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
     from slimtune.report import pareto_table, write_results
     from slimtune.search.pareto import not_faster_numbers, pareto_numbers
     from slimtune.search.progress import ProgressDisplay
-    from slimtune.search.recovery import recover_front
     from slimtune.search.runner import run_search, start_ray
     from slimtune.search.trial import TrialContext, make_space, task_calibration
     from slimtune.tracking import MlflowSearchRun, check_reachable, default_tracking_uri
@@ -126,7 +128,7 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
         with ProgressDisplay(config.search.trials, console) as progress:
             records = run_search(config, ctx, space, work / "ray", name, listeners=(progress, tracker))
         if config.recovery.mode == "front":
-            records += _recover_front(records, ctx, tracker, console, recover_front, pareto_numbers)
+            records += _recover_front(records, ctx, tracker, console)
         pareto = pareto_numbers(records)
         partial = results / f".partial-{name}"
         shutil.rmtree(partial, ignore_errors=True)

@@ -38,6 +38,7 @@ from torch import nn
 
 from slimtune.layout import BlockLayout, discover_layout
 from slimtune.plan import CompressionPlan, PlanError, pruned_width
+from slimtune.transforms.prune import slice_linear
 
 if TYPE_CHECKING:  # calibration.py imports this module to collect head importance
     from slimtune.transforms.calibration import Calibration
@@ -157,18 +158,6 @@ def weight_importance(model: nn.Module, roles: AttentionRoles) -> torch.Tensor:
     return score
 
 
-def _take(linear: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
-    """A new Linear with only the ``keep`` rows (dim 0, bias sliced too) or input columns (dim 1)."""
-    weight = linear.weight.detach().index_select(dim, keep)
-    out = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None,
-                    dtype=weight.dtype, device=weight.device)
-    with torch.no_grad():
-        out.weight.copy_(weight)
-        if linear.bias is not None:
-            out.bias.copy_(linear.bias.detach() if dim == 1 else linear.bias.detach().index_select(0, keep))
-    return out
-
-
 def _rows(slices: list[slice]) -> torch.Tensor:
     return torch.cat([torch.arange(s.start, s.stop) for s in slices])
 
@@ -219,7 +208,7 @@ def prune_attention_heads(model: nn.Module, plan: CompressionPlan,
         query_rows = _rows([roles.query_slice(g) for g in keep])
         kv_rows = _rows([roles.kv_slice(g) for g in keep])
         for name, rows in ((roles.query, query_rows), (roles.key, kv_rows), (roles.value, kv_rows)):
-            model.set_submodule(name, _take(model.get_submodule(name), rows, dim=0))
-        model.set_submodule(roles.output, _take(model.get_submodule(roles.output), query_rows, dim=1))
+            model.set_submodule(name, slice_linear(model.get_submodule(name), rows, dim=0))
+        model.set_submodule(roles.output, slice_linear(model.get_submodule(roles.output), query_rows, dim=1))
         _update_head_counts(model, roles, keep_count)
     return model

@@ -13,13 +13,17 @@ FFN kept 0.945 accuracy with activation-aware importance and 0.86 with weights a
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import nn
 
 from slimtune.layout import discover_layout
 from slimtune.plan import CompressionPlan, PlanError, pruned_width
-from slimtune.transforms.calibration import Calibration
+
+if TYPE_CHECKING:  # calibration.py imports heads.py, which imports this module
+    from slimtune.transforms.calibration import Calibration
 
 
 def neuron_importance(ups: list[nn.Linear], downs: list[nn.Linear],
@@ -35,9 +39,11 @@ def neuron_importance(ups: list[nn.Linear], downs: list[nn.Linear],
     return score
 
 
-def _take(linear: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
+def slice_linear(linear: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
+    """A new Linear with only the ``keep`` output rows (dim 0, bias sliced too) or input columns (dim 1)."""
     weight = linear.weight.detach().index_select(dim, keep)
-    out = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None)
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None,
+                    dtype=weight.dtype, device=weight.device)
     with torch.no_grad():
         out.weight.copy_(weight)
         if linear.bias is not None:
@@ -61,7 +67,7 @@ def prune_ffn_neurons(model: nn.Module, plan: CompressionPlan, calibration: Cali
         importance = neuron_importance(ups, downs, activations.get(block_name))
         keep = torch.topk(importance, keep_count).indices.sort().values
         for name, up in zip(block.ffn_up, ups, strict=True):
-            model.set_submodule(name, _take(up, keep, dim=0))
+            model.set_submodule(name, slice_linear(up, keep, dim=0))
         for name, down in zip(block.ffn_down, downs, strict=True):
-            model.set_submodule(name, _take(down, keep, dim=1))
+            model.set_submodule(name, slice_linear(down, keep, dim=1))
     return model
