@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import copy
 import io
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -39,16 +39,26 @@ class ExportError(RuntimeError):
     """The model could not be exported to ONNX."""
 
 
-def _eager_copy(encoder: nn.Module) -> nn.Module:
-    """A copy that computes attention with plain ops: the graph ONNX Runtime runs fastest."""
-    if not callable(getattr(encoder, "set_attn_implementation", None)):
-        return encoder
-    model = copy.deepcopy(encoder)
+@contextlib.contextmanager
+def _eager_attention(encoder: nn.Module) -> Iterator[None]:
+    """Compute attention with plain ops while exporting (the graph ONNX Runtime runs fastest), then restore.
+
+    Switching in place and back spares a copy of the model in every trial's export.
+    """
+    config = getattr(encoder, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    if before in (None, "eager") or not callable(getattr(encoder, "set_attn_implementation", None)):
+        yield
+        return
     try:
-        model.set_attn_implementation("eager")
+        encoder.set_attn_implementation("eager")
     except (ValueError, AttributeError):  # an architecture without an eager path keeps its own
-        return encoder
-    return model
+        yield
+        return
+    try:
+        yield
+    finally:
+        encoder.set_attn_implementation(before)
 
 
 def _torchscript_export(wrapper: nn.Module, sample: tuple[torch.Tensor, ...], path: Path) -> None:
@@ -78,12 +88,13 @@ def export_fp32(encoder: nn.Module, path: Path, sample_length: int = 16) -> Path
     Tries the exporters in order (TorchScript first, see the module docstring); the error of the
     last one is raised when none succeeds.
     """
-    wrapper = MeanPooledEncoder(_eager_copy(encoder)).eval()
+    wrapper = MeanPooledEncoder(encoder).eval()
     sample = (torch.ones((2, sample_length), dtype=torch.long), torch.ones((2, sample_length), dtype=torch.long))
     sink = io.StringIO()
     errors = []
     for name, exporter in EXPORTERS.items():
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        with (_eager_attention(encoder), warnings.catch_warnings(), contextlib.redirect_stdout(sink),
+              contextlib.redirect_stderr(sink)):
             warnings.simplefilter("ignore")
             logger = logging.getLogger("torch.onnx")
             level, logger.level = logger.level, logging.ERROR

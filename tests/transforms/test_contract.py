@@ -89,3 +89,9 @@ def test_transforms_never_modify_the_input_model(bert):
         "encoder.layer.1.intermediate.dense": 0.25}))
     after = bert.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_export_leaves_the_models_attention_implementation_as_it_was(bert, tmp_path):
+    bert.set_attn_implementation("sdpa")
+    build_artifact(bert, CompressionPlan(), tmp_path / "a.onnx")
+    assert bert.config._attn_implementation == "sdpa"
