@@ -12,6 +12,7 @@ search gave trials, while nothing else runs.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from slimtune.search.records import TrialListener, TrialRecord
 from slimtune.search.trial import TrialContext, run_trial, worker_state
@@ -55,9 +56,9 @@ def recover_front(records: list[TrialRecord], pareto: set[int], ctx: TrialContex
         for listener in listeners:
             listener.trial_started(record)
         try:
-            record = TrialRecord(**{**record.__dict__, "status": "completed", "metrics": run_trial(record.params, ctx)})
+            record = replace(record, status="completed", metrics=run_trial(record.params, ctx))
         except Exception as exc:  # recorded as a failed trial, like any trial that raises
-            record = TrialRecord(**{**record.__dict__, "status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500]})
+            record = replace(record, status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
         for listener in listeners:
             listener.trial_finished(record)
         added.append(record)

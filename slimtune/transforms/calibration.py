@@ -72,6 +72,28 @@ def _hidden_of(value) -> torch.Tensor:
 
 
 @torch.no_grad()
+def run_masked_batches(model: nn.Module, input_ids: np.ndarray, attention_mask: np.ndarray,
+                       hooks: list, current_mask: list[torch.Tensor], batch_size: int = 16) -> int:
+    """Run ``model`` over the texts in batches, then remove ``hooks``; returns the non-padding tokens.
+
+    While a batch runs, ``current_mask[0]`` holds its attention mask as float64 (batch, sequence),
+    so forward hooks can leave padding tokens out of their statistics.
+    """
+    tokens = 0
+    try:
+        for start in range(0, len(input_ids), batch_size):
+            ids = torch.from_numpy(input_ids[start:start + batch_size])
+            mask = torch.from_numpy(attention_mask[start:start + batch_size])
+            current_mask[:] = [mask.double()]
+            model(input_ids=ids, attention_mask=mask)
+            tokens += int(mask.sum())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return tokens
+
+
+@torch.no_grad()
 def collect_calibration(model: nn.Module, input_ids: np.ndarray, attention_mask: np.ndarray,
                         batch_size: int = 16) -> Calibration:
     layout = discover_layout(model)
@@ -84,13 +106,13 @@ def collect_calibration(model: nn.Module, input_ids: np.ndarray, attention_mask:
 
     def head_recorder(block_name: str, roles: AttentionRoles):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            contributions = group_contributions(inputs[0], module.weight, roles, current_mask[0][..., 0])
+            contributions = group_contributions(inputs[0], module.weight, roles, current_mask[0])
             head_sums[block_name] = head_sums.get(block_name, 0) + contributions
         return hook
 
     def ffn_recorder(block_name: str):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            values = inputs[0].detach().abs().double() * current_mask[0]
+            values = inputs[0].detach().abs().double() * current_mask[0][..., None]
             sums[block_name] = sums.get(block_name, 0) + values.reshape(-1, values.shape[-1]).sum(0)
         return hook
 
@@ -102,7 +124,7 @@ def collect_calibration(model: nn.Module, input_ids: np.ndarray, attention_mask:
     def block_exit(block_name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
             before, after = entering.pop(block_name).double(), _hidden_of(output).double()
-            cosine = nn.functional.cosine_similarity(before, after, dim=-1) * current_mask[0][..., 0]
+            cosine = nn.functional.cosine_similarity(before, after, dim=-1) * current_mask[0]
             cosines[block_name] = cosines.get(block_name, 0.0) + float(cosine.sum())
         return hook
 
@@ -118,17 +140,7 @@ def collect_calibration(model: nn.Module, input_ids: np.ndarray, attention_mask:
             pass
         else:
             hooks.append(model.get_submodule(roles.output).register_forward_hook(head_recorder(block.name, roles)))
-    tokens = 0
-    try:
-        for start in range(0, len(input_ids), batch_size):
-            ids = torch.from_numpy(input_ids[start:start + batch_size])
-            mask = torch.from_numpy(attention_mask[start:start + batch_size])
-            current_mask[:] = [mask.unsqueeze(-1).double()]
-            model(input_ids=ids, attention_mask=mask)
-            tokens += int(mask.sum())
-    finally:
-        for hook in hooks:
-            hook.remove()
+    tokens = run_masked_batches(model, input_ids, attention_mask, hooks, current_mask, batch_size)
     return Calibration(
         ffn_activation={name: (total / max(tokens, 1)).numpy() for name, total in sums.items()},
         block_importance={name: 1.0 - total / max(tokens, 1) for name, total in cosines.items()},

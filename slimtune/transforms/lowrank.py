@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from slimtune.plan import CompressionPlan, PlanError, factor_rank
-from slimtune.transforms.calibration import Calibration
+from slimtune.transforms.calibration import Calibration, run_masked_batches
 
 
 class LowRankLinear(nn.Module):
@@ -110,14 +110,8 @@ def input_magnitudes(model: nn.Module, names: list[str], calibration: Calibratio
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(calibration.input_ids), batch_size):
-            ids = torch.from_numpy(calibration.input_ids[start:start + batch_size])
-            mask = torch.from_numpy(calibration.attention_mask[start:start + batch_size])
-            current_mask[:] = [mask.double()]
-            model(input_ids=ids, attention_mask=mask)
+        run_masked_batches(model, calibration.input_ids, calibration.attention_mask, hooks, current_mask, batch_size)
     finally:
-        for hook in hooks:
-            hook.remove()
         model.train(was_training)
     missing = [name for name in names if name not in sums]
     if missing:
