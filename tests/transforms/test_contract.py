@@ -95,3 +95,20 @@ def test_export_leaves_the_models_attention_implementation_as_it_was(bert, tmp_p
     bert.set_attn_implementation("sdpa")
     build_artifact(bert, CompressionPlan(), tmp_path / "a.onnx")
     assert bert.config._attn_implementation == "sdpa"
+
+
+def test_ffn_pruning_and_svd_contract_on_every_architecture(arch, tiny_model, contract, calibrate, tmp_path):
+    from torch import nn
+
+    from slimtune.layout import block_list, discover_layout
+
+    model = tiny_model(arch)
+    block = discover_layout(model).blocks[0]
+    plan = CompressionPlan(ffn_prune={block.name: 0.5}, low_rank=dict.fromkeys(block.ffn_down, 0.25))
+    calibration = calibrate(model)
+    transformed = apply_structural(model, plan, calibration)
+    list_name, _ = block_list(transformed)
+    weight_matmuls = sum(isinstance(m, nn.Linear) for n, m in transformed.named_modules() if n.startswith(list_name))
+    attention_products = 2 * len(discover_layout(transformed).blocks)
+    assert weight_matmuls == len(discover_layout(model).linears) + len(block.ffn_down)  # each factorised once
+    contract(model, plan, tmp_path, 0.9, {"MatMul": weight_matmuls + attention_products}, calibration)
