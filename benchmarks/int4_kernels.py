@@ -20,7 +20,7 @@ from slimtune.config import LatencyConfig, SpaceConfig
 from slimtune.evaluators.latency import latency_inputs, time_runs_ms
 from slimtune.export import build_artifact
 from slimtune.layout import discover_layout
-from slimtune.model import load_encoder
+from slimtune.model import load_model
 from slimtune.spaces import SearchSpace
 
 
@@ -39,8 +39,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=30)
     args = parser.parse_args()
-    loaded = load_encoder("builtin:all-MiniLM-L6-v2")
-    space = SearchSpace(discover_layout(loaded.encoder), SpaceConfig(ffn_sparsities=(0.0,), rank_fractions=(1.0,)))
+    loaded = load_model("builtin:all-MiniLM-L6-v2")
+    space = SearchSpace(discover_layout(loaded.module), SpaceConfig(ffn_sparsities=(0.0,), rank_fractions=(1.0,)))
     cfg = LatencyConfig(timed_runs=args.runs)
     texts = loaded.tokenizer(["slimtune measures what it ships. " * 40] * 8, padding="max_length", truncation=True,
                              max_length=128, return_tensors="np")
@@ -50,7 +50,7 @@ def main() -> None:
         for label, bits in (("fp32", 32), ("int8 MatMulInteger", 8), ("int4", 4)):
             choices = {d: bits if d.endswith(".bits") else o[0] for d, o in space.dimensions().items()}
             choices["embeddings.bits"] = 32
-            paths[label] = build_artifact(loaded.encoder, space.plan_from_choices(choices), Path(tmp) / f"{bits}.onnx").path
+            paths[label] = build_artifact(loaded.module, space.plan_from_choices(choices), Path(tmp) / f"{bits}.onnx").path
         int4 = paths.pop("int4")
         for level in (0, 4):
             paths[f"int4 MatMulNBits accuracy_level={level}"] = _with_accuracy_level(int4, level, Path(tmp) / f"l{level}.onnx")

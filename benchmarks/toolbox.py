@@ -1,9 +1,10 @@
 """Every compression method alone, against fp32 and Optimum's one-command tool, side by side in one run.
 
-On the built-in model and task (or ``--config``), builds each artifact once, scores its accuracy
-in ONNX Runtime through the task's frozen head, then times all of them side by side (rotating blocks of
-runs, ``--runs`` per artifact, the same feeds and thread count) so that drift on the machine hits
-every variant alike. Prints one Markdown table: accuracy, size and median latency, each also as a ratio
+On the built-in model and task (or ``--config``, any task kind), builds each artifact once, scores
+it in ONNX Runtime with the task's metric (accuracy of the frozen head on the default), then times
+all of them side by side (rotating blocks of runs, ``--runs`` per artifact, the same feeds and
+thread count) so that drift on the machine hits every variant alike. Prints one Markdown table:
+the metric, size and median latency, each also as a ratio
 to slimtune's fp32, and what each method costs to build (recovery, export, quantization, s).
 Optimum's artifacts come from the real ``optimum-cli`` in its own virtual environment
 (``benchmarks/optimum_baseline.py``; created on first use, minutes).
@@ -28,11 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from optimum_baseline import optimum_artifacts, optimum_feeds, optimum_pooled  # noqa: E402
 
 from slimtune.config import load_config  # noqa: E402
-from slimtune.evaluators.accuracy import measure_accuracy, session  # noqa: E402
 from slimtune.evaluators.latency import latency_inputs  # noqa: E402
+from slimtune.evaluators.quality import measure_quality, session  # noqa: E402
 from slimtune.export import build_artifact  # noqa: E402
+from slimtune.model import OutputSpec  # noqa: E402
 from slimtune.plan import CompressionPlan, QuantSpec  # noqa: E402
 from slimtune.search.trial import recovery_spec, task_calibration  # noqa: E402
+from slimtune.tasks import KINDS  # noqa: E402
 from slimtune.transforms.heads import head_groups  # noqa: E402
 from slimtune.workflow import prepare  # noqa: E402
 
@@ -62,7 +65,7 @@ def _plans(prepared, calibration, steps: int, recovery) -> dict[str, Compression
     n = len(blocks)
     for count in sorted({round(0.25 * n), round(0.5 * n)} - {0}):
         structural[f"int8 + depth -{count} blocks"] = {"depth_prune": calibration.least_important_blocks(count)}
-    if head_groups(prepared.loaded.encoder):
+    if head_groups(prepared.loaded.module):
         for fraction in (0.25, 0.5):
             structural[f"int8 + heads -{fraction:.0%}"] = {"head_prune": dict.fromkeys(blocks, fraction)}
     for fraction in (0.25, 0.5):
@@ -120,32 +123,39 @@ def main(argv: list[str] | None = None) -> None:
         config = config.model_copy(update={"recovery": config.recovery.model_copy(update={"steps": args.steps})})
     threads = config.latency.threads
     prepared = prepare(config, Path("results"), console)
-    calibration = task_calibration(prepared.loaded.encoder, prepared.task)
+    config = prepared.config
+    calibration = task_calibration(prepared.loaded.module, prepared.task)
     recovery = recovery_spec(config)
     plans = _plans(prepared, calibration, recovery.steps, recovery)
     if args.only:
         keep = [s.strip() for s in args.only.split(",")]
         plans = {k: v for k, v in plans.items() if k == "slimtune fp32" or any(s in k for s in keep)}
     task = prepared.task
+    metric = task.metric
     feeds = latency_inputs(task.input_ids, task.attention_mask, config.latency)
     rows: dict[str, dict] = {}
     sessions: dict[str, tuple] = {}
     with tempfile.TemporaryDirectory(prefix="slimtune-bench-") as tmp:
         for index, (label, plan) in enumerate(plans.items()):
             with console.status(f"[{index + 1}/{len(plans)}] building and scoring {label}"):
-                art = build_artifact(prepared.loaded.encoder, plan, Path(tmp) / f"{index}.onnx", calibration)
-                accuracy = measure_accuracy(art.path, task, threads)[0].value
-            rows[label] = {"accuracy": accuracy, "size_mb": art.size_bytes / 1e6, "recover_s": art.recover_s,
+                art = build_artifact(prepared.loaded.module, plan, Path(tmp) / f"{index}.onnx", calibration,
+                                     task.output)
+                score = {m.name: m.value for m in measure_quality(art.path, task, threads)}[metric]
+            rows[label] = {"score": score, "size_mb": art.size_bytes / 1e6, "recover_s": art.recover_s,
                            "export_s": art.export_s, "quantize_s": art.quantize_s}
             sessions[label] = (session(art.path, threads), feeds)
-            console.print(f"{label}: accuracy {accuracy:.4f}, {rows[label]['size_mb']:.2f} MB, built in "
+            console.print(f"{label}: {metric} {score:.4f}, {rows[label]['size_mb']:.2f} MB, built in "
                           f"{art.recover_s + art.export_s + art.quantize_s:.1f} s")
-        if not args.no_optimum:
+        if task.output != OutputSpec("embedding", "mean"):
+            console.print(f"Optimum left out: its baseline here scores mean-pooled embeddings, this task's "
+                          f"artifacts output {task.output}")
+        elif not args.no_optimum:
             model_dir = Path(prepared.loaded.source)
             for label, path in optimum_artifacts(model_dir, Path(tmp) / "optimum").items():
                 sess = session(path, threads)
                 embeddings = optimum_pooled(sess, task.input_ids, task.attention_mask)
-                rows[label] = {"accuracy": task.accuracy(embeddings), "size_mb": path.stat().st_size / 1e6}
+                score = {m.name: m.value for m in KINDS[task.kind].score(task, embeddings)}[metric]
+                rows[label] = {"score": score, "size_mb": path.stat().st_size / 1e6}
                 sessions[label] = (sess, optimum_feeds(sess, feeds["input_ids"], feeds["attention_mask"]))
         with console.status(f"timing {len(sessions)} artifacts interleaved, {args.runs} rounds"):
             medians = _time_interleaved(sessions, args.runs)
@@ -155,11 +165,11 @@ def main(argv: list[str] | None = None) -> None:
              f"medians of {args.runs} runs in 3 rotating blocks; {platform.processor() or platform.machine()}, "
              f"onnxruntime {ort.__version__}, {time.strftime('%Y-%m-%d')}; recovery {recovery.steps} steps x "
              f"{recovery.batch_size} texts", "",
-             "| variant | accuracy | Δ points | ms | × fp32 | MB | × fp32 | recovery s | export s | quantize s |",
+             f"| variant | {metric} | Δ points | ms | × fp32 | MB | × fp32 | recovery s | export s | quantize s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for label, row in rows.items():
         lines.append(
-            f"| {label} | {row['accuracy']:.4f} | {100 * (row['accuracy'] - base['accuracy']):+.2f} | "
+            f"| {label} | {row['score']:.4f} | {100 * (row['score'] - base['score']):+.2f} | "
             f"{medians[label]:.1f} | {medians[label] / base_ms:.2f} | {row['size_mb']:.2f} | "
             f"{row['size_mb'] / base['size_mb']:.3f} | {_seconds(row, 'recover_s', 0)} | "
             f"{_seconds(row, 'export_s', 1)} | {_seconds(row, 'quantize_s', 1)} |")

@@ -14,8 +14,8 @@ import numpy as np
 
 from slimtune.config import LatencyConfig
 from slimtune.evaluators import Metric
-from slimtune.evaluators.accuracy import session
 from slimtune.evaluators.node_lock import NodeLock
+from slimtune.evaluators.quality import session
 
 
 def latency_inputs(input_ids: np.ndarray, attention_mask: np.ndarray, cfg: LatencyConfig) -> dict[str, np.ndarray]:

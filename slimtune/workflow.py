@@ -18,11 +18,11 @@ from rich.console import Console
 
 from slimtune.config import Config, ConfigError, config_to_yaml
 from slimtune.layout import LayoutError, ModelLayout, discover_layout
-from slimtune.model import LoadedModel, ModelLoadError, load_encoder
+from slimtune.model import LoadedModel, ModelLoadError, load_model, resolve_model_source
 from slimtune.plan import PlanError
 from slimtune.search.records import TrialRecord
 from slimtune.search.runner import ClusterError
-from slimtune.task import DataError, PreparedTask, prepare_task
+from slimtune.tasks import DataError, PreparedTask, choose_task, load_texts, prepare_task
 from slimtune.tracking import TrackingError
 
 BAD_INPUT = (ConfigError, ModelLoadError, LayoutError, DataError, PlanError, TrackingError, ClusterError)
@@ -30,6 +30,10 @@ BAD_INPUT = (ConfigError, ModelLoadError, LayoutError, DataError, PlanError, Tra
 
 @dataclass(frozen=True)
 class Prepared:
+    """``config`` is resolved: ``task.kind``, ``task.metric`` and (embedding kinds) ``model.pooling``
+    hold what was detected, so the logged config reproduces the search."""
+
+    config: Config
     loaded: LoadedModel
     layout: ModelLayout
     task: PreparedTask
@@ -37,27 +41,43 @@ class Prepared:
 
 
 def prepare(config: Config, results: Path, console: Console) -> Prepared:
-    """Load the model, find its layers, and prepare (or reuse) the scored task."""
+    """Read the data, choose the task kind, load the model, and prepare (or reuse) the scored task."""
     from rich.progress import Progress
 
+    data = load_texts(config.task)
+    choice = choose_task(config.model, config.task, resolve_model_source(config.model.name), data)
     with console.status(f"loading {config.model.name}"):
-        loaded = load_encoder(config.model.name)
-        layout = discover_layout(loaded.encoder)
+        loaded = load_model(config.model.name, classification_head=choice.needs_classification_head)
+        layout = discover_layout(loaded.module)
     with Progress(console=console, transient=True) as progress:
-        bar = progress.add_task("embedding texts with the uncompressed model (once, then cached)")
-        task, task_path = prepare_task(config.model, config.task, loaded, results / ".cache",
+        bar = progress.add_task("running the uncompressed model over the texts (once, then cached)")
+        task, task_path = prepare_task(config.model, config.task, choice, loaded, data, results / ".cache",
                                        progress=lambda done, total: progress.update(bar, completed=done, total=total))
-    console.print(f"task: {len(task.labels)} held-out texts, {len(task.label_names)} labels, head fitted on "
-                  f"{task.train_size}; uncompressed torch accuracy {task.reference_accuracy:.4f}")
-    return Prepared(loaded, layout, task, task_path)
+    console.print(f"task: {task.kind} ({choice.kind_reason}); output: {choice.output_reason}")
+    console.print(f"metric: {task.metric} ({task.metric_reason})")
+    labels = f", {len(set(task.labels.tolist()))} labels" if task.labels is not None else ""
+    figures = ", ".join(f"{k} {v:.4f}" for k, v in task.reference.items())
+    console.print(f"data: {len(task.input_ids)} held-out texts{labels}, {task.train_size} training texts; "
+                  f"uncompressed torch model: {figures}")
+    pooling = task.output.pooling if task.output.kind == "embedding" else config.model.pooling
+    resolved = config.model_copy(update={
+        "task": config.task.model_copy(update={"kind": task.kind, "metric": task.metric}),
+        "model": config.model.model_copy(update={"pooling": pooling}),
+    })
+    return Prepared(resolved, loaded, layout, task, task_path)
 
 
-def _summary(records: list[TrialRecord], pareto: set[int]) -> dict[str, float]:
+def _summary(records: list[TrialRecord], pareto: set[int], task: PreparedTask) -> dict[str, float]:
+    """Counts, the best figure of each objective, and the uncompressed model's figures (``reference_*``)."""
+    from slimtune.config import METRIC_GOALS
+
     done = [r for r in records if r.status == "completed"]
     summary = {f"trials_{s}": float(sum(r.status == s for r in records)) for s in ("completed", "failed", "stopped")}
     summary["pareto_size"] = float(len(pareto))
+    summary.update({f"reference_{name}": value for name, value in task.reference.items()})
     if done:
-        summary["best_accuracy"] = max(float(r.metrics["accuracy"]) for r in done)
+        best = max if METRIC_GOALS[task.metric] == "max" else min
+        summary[f"best_{task.metric}"] = best(float(r.metrics[task.metric]) for r in done)
         summary["best_latency_ms"] = min(float(r.metrics["latency_ms"]) for r in done)
         summary["best_size_mb"] = min(float(r.metrics["size_mb"]) for r in done)
     return summary
@@ -77,12 +97,13 @@ def _recover_front(records: list[TrialRecord], ctx, tracker, console: Console) -
 
     from slimtune.search.pareto import pareto_numbers
     from slimtune.search.recovery import recover_front
+    from slimtune.search.trial import objectives
 
     recovery_ctx = dataclasses.replace(ctx, config=ctx.config.model_copy(update={"search": ctx.config.search.model_copy(
         update={"cpus_per_trial": float(os.cpu_count() or 1)})}))  # nothing else runs now: every core
     with Progress(console=console, transient=True) as progress:
         bar = progress.add_task(f"distillation recovery of front points ({ctx.config.recovery.steps} steps each)")
-        added = recover_front(records, pareto_numbers(records), recovery_ctx, listeners=(tracker,),
+        added = recover_front(records, pareto_numbers(records, objectives(ctx.config.task.metric)), recovery_ctx, listeners=(tracker,),
                               progress=lambda done, total: progress.update(bar, completed=done, total=total))
     done = [r for r in added if r.status == "completed"]
     seconds = ", ".join(f"{r.metrics['recover_s']:.0f}" for r in done)
@@ -100,14 +121,15 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
     from slimtune.search.pareto import not_faster_numbers, pareto_numbers
     from slimtune.search.progress import ProgressDisplay
     from slimtune.search.runner import run_search, start_ray
-    from slimtune.search.trial import TrialContext, make_space, task_calibration
+    from slimtune.search.trial import TrialContext, make_space, objectives, task_calibration
     from slimtune.tracking import MlflowSearchRun, check_reachable, default_tracking_uri
 
     uri = config.tracking.uri or default_tracking_uri(results)
     check_reachable(uri)  # before minutes of preparation
     prepared = prepare(config, results, console)
+    config, task = prepared.config, prepared.task
     with console.status("measuring block and head importance on calibration texts"):
-        space = make_space(config, prepared.loaded.encoder, task_calibration(prepared.loaded.encoder, prepared.task))
+        space = make_space(config, prepared.loaded.module, task_calibration(prepared.loaded.module, task))
     console.print(f"space: {len(prepared.layout.blocks)} blocks in {len(space.groups)} groups, "
                   f"{sum(len(v) > 1 for v in space.dimensions().values())} open dimensions; "
                   f"references: {', '.join(space.reference_points()) or 'none in this space'}")
@@ -120,23 +142,27 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
         tracker = MlflowSearchRun(
             uri, config.tracking.experiment, name, space,
             artifact_root=None if config.tracking.uri else results / "mlartifacts",
-            params={"model": config.model.name, "data": config.task.data, "trials": config.search.trials,
+            params={"model": config.model.name, "data": config.task.data, "task_kind": task.kind,
+                    "metric": task.metric, "output": task.output.name,
+                    **({"pooling": task.output.pooling} if task.output.kind == "embedding" else {}),
+                    "trials": config.search.trials,
                     "workers": config.search.workers, "seed": config.search.seed, "sampler": config.search.sampler,
                     "time_budget_s": config.search.time_budget_s, "results_dir": str(out)},
         )
         tracker.client.log_text(tracker.parent_id, config_to_yaml(config), "search_config.yaml")
-        with ProgressDisplay(config.search.trials, console) as progress:
+        goals = objectives(task.metric)
+        with ProgressDisplay(config.search.trials, goals[0], console) as progress:
             records = run_search(config, ctx, space, work / "ray", name, listeners=(progress, tracker))
         if config.recovery.mode == "front":
             records += _recover_front(records, ctx, tracker, console)
-        pareto = pareto_numbers(records)
+        pareto = pareto_numbers(records, goals)
         partial = results / f".partial-{name}"
         shutil.rmtree(partial, ignore_errors=True)
-        write_results(partial, records, pareto, space, config_to_yaml(config), not_faster_numbers(records))
+        write_results(partial, records, pareto, space, config_to_yaml(config), task.metric, not_faster_numbers(records))
         _keep_front_artifacts(records, pareto, partial / "models")
         partial.rename(out)
         shutil.rmtree(work / "artifacts", ignore_errors=True)
-        tracker.finish(records, pareto, out, _summary(records, pareto), not_faster_numbers(records))
+        tracker.finish(records, pareto, out, _summary(records, pareto, task), not_faster_numbers(records))
     except BaseException as exc:
         if tracker is not None:  # interrupted or broken before the end: the parent run must not stay RUNNING
             tracker.abort("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
@@ -144,7 +170,8 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
     finally:
         if ray.is_initialized() and not config.search.address:
             ray.shutdown()
-    console.print(pareto_table(records, pareto, title=f"Pareto front of {name} ({len(pareto)} of {len(records)} trials)"))
+    console.print(pareto_table(records, pareto, task.metric,
+                               title=f"Pareto front of {name} ({len(pareto)} of {len(records)} trials)"))
     console.print(f"results: {out}/ (pareto.csv, pareto.html, pareto.png, plans/, models/)")
     console.print(f"MLflow:  slimtune ui{'' if not config.tracking.uri else ' --tracking-uri ' + uri}   "
                   f"(store {uri}, experiment {config.tracking.experiment!r}, run {name!r})")
@@ -169,7 +196,7 @@ def run_baseline_job(config: Config, out: Path, results: Path, console: Console)
                                                     head_fractions=(0.0,), depth_fractions=(0.0,), rank_fractions=(1.0,),
                                                     embedding_formats=("fp32", "int8"), block_sizes=(block,),
                                                     int4_methods=("rtn",)))
-    state = WorkerState(encoder=prepared.loaded.encoder, space=space, task=prepared.task, calibration=Calibration(),
+    state = WorkerState(model=prepared.loaded.module, space=space, task=prepared.task, calibration=Calibration(),
                         feeds=latency_inputs(prepared.task.input_ids, prepared.task.attention_mask, config.latency))
     variants = {"fp32": (32, 32), "uniform int8 (per-channel)": (8, 8),
                 f"uniform int4 (block {block}, int8 embedding)": (4, 8)}
@@ -193,6 +220,6 @@ def run_baseline_job(config: Config, out: Path, results: Path, console: Console)
     work.rename(out)
     console.print(figures_table(f"Baselines ({config.latency.batch_size}x{config.latency.sequence_length} tokens, "
                                 f"{config.latency.threads} threads)", "variant",
-                                [(str(row["variant"]), row) for row in rows]))
+                                [(str(row["variant"]), row) for row in rows], prepared.task.metric))
     console.print(f"results: {out}/baseline.csv")
     return rows

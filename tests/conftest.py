@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random transformers built from a config, and tiny labelled data."""
+"""Shared fixtures: tiny random transformers built from a config, and tiny generated data."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
 
 from slimtune.config import BUILTIN_MODEL
 from slimtune.model import resolve_model_source
@@ -46,24 +46,69 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_csv(tmp_path_factory) -> Path:
-    """60 short labelled texts in three topics."""
-    topics = {
-        "sport": "the team won the match and the striker scored a late goal in the final",
-        "money": "the bank raised interest rates and shares fell on the stock market today",
-        "tech": "the new phone has a faster chip and the software update fixes the battery",
-    }
-    path = tmp_path_factory.mktemp("data") / "texts.csv"
-    rng = np.random.default_rng(0)
+TOPICS = {
+    "sport": "the team won the match and the striker scored a late goal in the final",
+    "money": "the bank raised interest rates and shares fell on the stock market today",
+    "tech": "the new phone has a faster chip and the software update fixes the battery",
+}
+
+
+def topic_texts(counts: dict[str, int], seed: int = 0) -> list[tuple[str, str]]:
+    """(text, topic) pairs: shuffled words of each topic's sentence, ``counts[topic]`` of each, interleaved."""
+    rng = np.random.default_rng(seed)
+    order = [topic for i in range(max(counts.values())) for topic in counts if i < counts[topic]]
+    return [(" ".join(rng.permutation(TOPICS[t].split())[: 8 + i % 5]), t) for i, t in enumerate(order)]
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]], header: tuple[str, str] = ("body", "topic")) -> Path:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["body", "topic"])
-        for i in range(60):
-            topic = list(topics)[i % 3]
-            words = topics[topic].split()
-            writer.writerow([" ".join(rng.permutation(words)[: 8 + i % 5]), topic])
+        writer.writerow(header)
+        writer.writerows(rows)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_csv(tmp_path_factory) -> Path:
+    """60 short labelled texts in three balanced topics."""
+    return write_csv(tmp_path_factory.mktemp("data") / "texts.csv", topic_texts({"sport": 20, "money": 20, "tech": 20}))
+
+
+@pytest.fixture(scope="session")
+def imbalanced_csv(tmp_path_factory) -> Path:
+    """88 texts: 40 sport, 40 money, 8 tech (the smallest class under a quarter of the largest)."""
+    return write_csv(tmp_path_factory.mktemp("data") / "imbalanced.csv",
+                     topic_texts({"sport": 40, "money": 40, "tech": 8}, seed=1))
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_dir(tmp_path_factory, imbalanced_csv) -> Path:
+    """A 2-block BERT sequence classifier (random init, MiniLM's tokenizer) trained briefly on the
+    imbalanced topics, saved as a normal Hugging Face folder with its id2label."""
+    folder = tmp_path_factory.mktemp("tiny-classifier")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(BUILTIN_MODEL))
+    names = ("money", "sport", "tech")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=256, max_position_embeddings=64, num_labels=3,
+                        id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    model = BertForSequenceClassification(config)
+    rows = list(csv.DictReader(imbalanced_csv.open()))
+    enc = tokenizer([r["body"] for r in rows], padding=True, truncation=True, max_length=32, return_tensors="pt")
+    labels = torch.tensor([names.index(r["topic"]) for r in rows])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(100):
+        batch = torch.randperm(len(rows), generator=generator)[:16]
+        loss = model(input_ids=enc["input_ids"][batch], attention_mask=enc["attention_mask"][batch],
+                     labels=labels[batch]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ MAPPED = {"search": "slimtune.search", "spaces": "slimtune.spaces", "evaluators"
 ROOMS = [
     ("config", ["slimtune/config.py"]),
     ("plan", ["slimtune/plan.py"]),
-    ("model", ["slimtune/layout.py", "slimtune/model.py", "slimtune/task.py"]),
+    ("model", ["slimtune/layout.py", "slimtune/model.py", "slimtune/tasks"]),
     ("spaces", ["spaces"]),
     ("transforms", ["slimtune/transforms"]),
     ("export", ["slimtune/export"]),

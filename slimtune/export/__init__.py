@@ -26,6 +26,7 @@ from slimtune.export.quantize import (
 )
 from slimtune.export.size import artifact_bytes, predict_size_bytes
 from slimtune.export.verify import verify_quantized, weight_nodes
+from slimtune.model import WRAPPED, OutputSpec
 from slimtune.plan import CompressionPlan
 from slimtune.transforms import Calibration, apply_structural
 from slimtune.transforms.distill import recover
@@ -56,7 +57,7 @@ def kernel_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(Counter(node.op_type for node in model.graph.node))
 
 
-def _quantize(proto: onnx.ModelProto, encoder: nn.Module, plan: CompressionPlan,
+def _quantize(proto: onnx.ModelProto, model: nn.Module, plan: CompressionPlan,
               calibration: Calibration | None = None) -> onnx.ModelProto:
     """Apply the plan's quantization passes to the fp32 graph, then verify every layer's kernel.
 
@@ -64,14 +65,14 @@ def _quantize(proto: onnx.ModelProto, encoder: nn.Module, plan: CompressionPlan,
     then one blockwise pass per (format, block size, method) with every other MatMul excluded.
     GPTQ measures its Hessians on ``calibration``'s texts.
     """
-    embeddings = {n for n in plan.quantize if isinstance(encoder.get_submodule(n), nn.Embedding)}
+    embeddings = {n for n in plan.quantize if isinstance(model.get_submodule(n), nn.Embedding)}
     linears = set(plan.quantize) - embeddings
     before = weight_nodes(proto)
     node_of = weight_matmuls(proto, linears)
     missing = linears - set(node_of.values())
     if missing:
         raise ExportError(f"no MatMul found in the exported graph for {sorted(missing)[:3]}; cannot quantize them")
-    tables = {f"encoder.{name}.weight": (name, plan.quantize[name]) for name in embeddings}
+    tables = {f"{WRAPPED}.{name}.weight": (name, plan.quantize[name]) for name in embeddings}
     for table, (_, spec) in sorted(tables.items()):
         proto = quantize_embedding(proto, table, spec.format, spec.block_size, spec.method)
     int8 = {node for node, name in node_of.items() if plan.quantize[name].format == "int8"}
@@ -105,26 +106,27 @@ def strip_debug_info(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def build_artifact(encoder: nn.Module, plan: CompressionPlan, path: Path,
-                   calibration: Calibration | None = None) -> Artifact:
-    """Transform ``encoder`` by ``plan`` and write the deployable ONNX file at ``path``.
+def build_artifact(model: nn.Module, plan: CompressionPlan, path: Path, calibration: Calibration | None = None,
+                   output: OutputSpec = OutputSpec()) -> Artifact:
+    """Transform ``model`` by ``plan`` and write the deployable ONNX file at ``path``, returning ``output``
+    (pooled embeddings by default, or the model's class logits).
 
     Timings (s): ``recover_s`` the distillation recovery, ``export_s`` the structural transforms
     and the fp32 export, ``quantize_s`` the graph passes.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    transformed = apply_structural(encoder, plan, calibration)
+    transformed = apply_structural(model, plan, calibration)
     recover_s = 0.0
     if plan.recovery is not None:
         recovering = time.perf_counter()
-        transformed = recover(encoder, transformed, plan, calibration)
+        transformed = recover(model, transformed, plan, calibration, output)
         recover_s = time.perf_counter() - recovering
     fp32_path = path.with_name(path.stem + ".fp32.onnx")
-    export_fp32(transformed, fp32_path)
+    export_fp32(transformed, fp32_path, output)
     exported = time.perf_counter()
     try:
-        proto = _quantize(onnx.load(str(fp32_path)), encoder, plan, calibration)
+        proto = _quantize(onnx.load(str(fp32_path)), model, plan, calibration)
         onnx.save_model(strip_debug_info(proto), str(path))
     finally:
         fp32_path.unlink(missing_ok=True)

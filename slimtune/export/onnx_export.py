@@ -1,4 +1,4 @@
-"""Export a (transformed) encoder to an fp32 ONNX sentence-embedding graph.
+"""Export a (transformed) model to an fp32 ONNX graph: sentence embeddings or class logits.
 
 The fastest graph ONNX Runtime gets from a transformer here comes from eager attention (plain
 MatMul / Softmax, no SDPA masking and NaN-guard nodes) traced by the TorchScript exporter:
@@ -8,7 +8,7 @@ time of the torch.export graph with SDPA attention, and exported in 0.7 s instea
 the fallback for models the tracer cannot handle.
 
 Both exporters say which torch module produced each node: the TorchScript one in the node name
-(``/encoder/encoder/layer.0/attention/self/query/MatMul``), torch.export in the node metadata
+(``/model/encoder/layer.0/attention/self/query/MatMul``), torch.export in the node metadata
 ``pkg.torch.onnx.name_scopes``. That is how the quantization passes find each planned Linear.
 """
 
@@ -26,13 +26,12 @@ import onnx
 import torch
 from torch import nn
 
-from slimtune.model import MeanPooledEncoder
+from slimtune.model import WRAPPED, OutputSpec, wrap_output
 
 INPUT_NAMES = ("input_ids", "attention_mask")
-OUTPUT_NAME = "sentence_embedding"
 OPSET = 17  # LayerNormalization as one node; 4-bit embedding tables raise it to 21 later
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
-_WRAPPER_PREFIX = "encoder."
+_WRAPPER_PREFIX = f"{WRAPPED}."
 
 
 class ExportError(RuntimeError):
@@ -40,40 +39,40 @@ class ExportError(RuntimeError):
 
 
 @contextlib.contextmanager
-def _eager_attention(encoder: nn.Module) -> Iterator[None]:
+def _eager_attention(model: nn.Module) -> Iterator[None]:
     """Compute attention with plain ops while exporting (the graph ONNX Runtime runs fastest), then restore.
 
     Switching in place and back spares a copy of the model in every trial's export.
     """
-    config = getattr(encoder, "config", None)
+    config = getattr(model, "config", None)
     before = getattr(config, "_attn_implementation", None)
-    if before in (None, "eager") or not callable(getattr(encoder, "set_attn_implementation", None)):
+    if before in (None, "eager") or not callable(getattr(model, "set_attn_implementation", None)):
         yield
         return
     try:
-        encoder.set_attn_implementation("eager")
+        model.set_attn_implementation("eager")
     except (ValueError, AttributeError):  # an architecture without an eager path keeps its own
         yield
         return
     try:
         yield
     finally:
-        encoder.set_attn_implementation(before)
+        model.set_attn_implementation(before)
 
 
-def _torchscript_export(wrapper: nn.Module, sample: tuple[torch.Tensor, ...], path: Path) -> None:
+def _torchscript_export(wrapper: nn.Module, sample: tuple[torch.Tensor, ...], path: Path, output_name: str) -> None:
     axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
     torch.onnx.export(
-        wrapper, sample, str(path), input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
-        dynamic_axes={**axes, OUTPUT_NAME: {0: "batch"}}, opset_version=OPSET, do_constant_folding=True,
+        wrapper, sample, str(path), input_names=list(INPUT_NAMES), output_names=[output_name],
+        dynamic_axes={**axes, output_name: {0: "batch"}}, opset_version=OPSET, do_constant_folding=True,
         dynamo=False,
     )
 
 
-def _dynamo_export(wrapper: nn.Module, sample: tuple[torch.Tensor, ...], path: Path) -> None:
+def _dynamo_export(wrapper: nn.Module, sample: tuple[torch.Tensor, ...], path: Path, output_name: str) -> None:
     batch, length = torch.export.Dim("batch"), torch.export.Dim("sequence")
     torch.onnx.export(
-        wrapper, sample, str(path), input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
+        wrapper, sample, str(path), input_names=list(INPUT_NAMES), output_names=[output_name],
         dynamic_shapes=({0: batch, 1: length}, {0: batch, 1: length}), dynamo=True, external_data=False,
         optimize=True, verbose=False,
     )
@@ -82,24 +81,25 @@ def _dynamo_export(wrapper: nn.Module, sample: tuple[torch.Tensor, ...], path: P
 EXPORTERS = {"torchscript": _torchscript_export, "dynamo": _dynamo_export}
 
 
-def export_fp32(encoder: nn.Module, path: Path, sample_length: int = 16) -> Path:
-    """Write ``MeanPooledEncoder(encoder)`` as one self-contained .onnx file (dynamic batch and length).
+def export_fp32(model: nn.Module, path: Path, output: OutputSpec = OutputSpec(), sample_length: int = 16) -> Path:
+    """Write ``wrap_output(model, output)`` as one self-contained .onnx file (dynamic batch and length):
+    (input_ids, attention_mask) -> ``output.name``.
 
     Tries the exporters in order (TorchScript first, see the module docstring); the error of the
     last one is raised when none succeeds.
     """
-    wrapper = MeanPooledEncoder(encoder).eval()
+    wrapper = wrap_output(model, output).eval()
     sample = (torch.ones((2, sample_length), dtype=torch.long), torch.ones((2, sample_length), dtype=torch.long))
     sink = io.StringIO()
     errors = []
     for name, exporter in EXPORTERS.items():
-        with (_eager_attention(encoder), warnings.catch_warnings(), contextlib.redirect_stdout(sink),
+        with (_eager_attention(model), warnings.catch_warnings(), contextlib.redirect_stdout(sink),
               contextlib.redirect_stderr(sink)):
             warnings.simplefilter("ignore")
             logger = logging.getLogger("torch.onnx")
             level, logger.level = logger.level, logging.ERROR
             try:
-                exporter(wrapper, sample, path)
+                exporter(wrapper, sample, path, output.name)
                 return path
             except Exception as exc:  # the exporters raise many types; the cause is in the message
                 errors.append(f"{name}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}")
@@ -114,7 +114,7 @@ def node_module(node: onnx.NodeProto) -> list[str]:
         if prop.key == _SCOPES_KEY:
             scopes = ast.literal_eval(prop.value)  # written as a Python list of strings
             return [s.removeprefix(_WRAPPER_PREFIX) for s in scopes if s.startswith(_WRAPPER_PREFIX)]
-    parts = node.name.strip("/").split("/")  # TorchScript: /encoder/<module path, '/'-separated>/<op>
+    parts = node.name.strip("/").split("/")  # TorchScript: /model/<module path, '/'-separated>/<op>
     if len(parts) < 3 or parts[0] != _WRAPPER_PREFIX.rstrip("."):
         return []
     path = parts[1:-1]

@@ -40,8 +40,8 @@ class Calibration:
     block_importance: Mapping[str, float] = field(default_factory=dict)
     input_ids: np.ndarray | None = None
     attention_mask: np.ndarray | None = None
-    # The task's training texts (int64 tokens) and the uncompressed model's pooled embeddings of them
-    # (float32), for distillation recovery; set by whoever prepared the task.
+    # The task's training texts (int64 tokens) and the uncompressed model's outputs for them (float32
+    # embeddings or logits), for distillation recovery; set by whoever prepared the task.
     training_ids: np.ndarray | None = None
     training_mask: np.ndarray | None = None
     training_targets: np.ndarray | None = None

@@ -2,12 +2,13 @@
 
 The recipe of DistilBERT and NVIDIA's Minitron: prune, then distill from the original. The
 teacher is the uncompressed model, the student the pruned / factorised model in torch, before
-export and quantization. The loss matches what the task reads: the mean-pooled sentence
-embedding (MSE + 1 - cosine), plus ``hidden_weight`` x MSE of the last hidden states where the
-user asks for it. It trains on the task's training texts, no labels: ``steps`` AdamW steps of
-``batch_size`` texts, in an order fixed by ``seed``; each batch is cut to its longest text.
+export and quantization. The loss matches what ships: the pooled sentence embedding (MSE +
+1 - cosine), or a classifier's logits (KL divergence of the softened class distributions), plus
+``hidden_weight`` x MSE of the last hidden states where the user asks for it. It trains on the
+task's training texts, no labels: ``steps`` AdamW steps of ``batch_size`` texts, in an order fixed
+by ``seed``; each batch is cut to its longest text.
 
-Two things keep a recovery cheap: the teacher's pooled embeddings of the training texts are
+Two things keep a recovery cheap: the teacher's outputs for the training texts are
 computed once when the task is prepared and passed in as ``targets`` (no teacher forward pass per
 step unless hidden states are matched too), and the input lookup tables (token, position, type
 embeddings: half of a small encoder's weights) stay frozen: pruning changed the blocks, and the
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimtune.model import MeanPooledEncoder
+from slimtune.model import OutputSpec, wrap_output
 from slimtune.plan import CompressionPlan, PlanError, RecoverySpec
 from slimtune.transforms.calibration import Calibration
 
@@ -44,15 +45,37 @@ def _trainable(student: nn.Module) -> list[nn.Parameter]:
     return [p for p in student.parameters() if id(p) not in tables]
 
 
-def distill(student: nn.Module, teacher: nn.Module, input_ids: np.ndarray, attention_mask: np.ndarray,
-            spec: RecoverySpec, targets: np.ndarray | None = None) -> nn.Module:
-    """Train ``student`` (in place) to reproduce ``teacher``'s pooled embeddings; returns it in eval mode.
+def embedding_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """MSE + (1 - cosine) between pooled embeddings: their size and their direction."""
+    return (nn.functional.mse_loss(student, teacher)
+            + (1 - nn.functional.cosine_similarity(student, teacher, dim=-1)).mean())
 
-    ``targets``: the teacher's pooled embeddings of ``input_ids`` (float32, one row per text), when
-    already known; the teacher then runs only if hidden states are matched too.
+
+LOGITS_TEMPERATURE = 2.0
+
+
+def logits_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL divergence of the softened class distributions (temperature 2, scaled by its square, as in
+    DistilBERT): the student learns how the teacher ranks every class, not only its top one."""
+    t = LOGITS_TEMPERATURE
+    return nn.functional.kl_div(nn.functional.log_softmax(student / t, dim=-1),
+                                nn.functional.softmax(teacher / t, dim=-1), reduction="batchmean") * t * t
+
+
+LOSSES = {"embedding": embedding_loss, "logits": logits_loss}
+
+
+def distill(student: nn.Module, teacher: nn.Module, input_ids: np.ndarray, attention_mask: np.ndarray,
+            spec: RecoverySpec, targets: np.ndarray | None = None, output: OutputSpec = OutputSpec()) -> nn.Module:
+    """Train ``student`` (in place) to reproduce ``teacher``'s outputs; returns it in eval mode.
+
+    ``output``: what is matched (pooled embeddings, or class logits), the function that ships.
+    ``targets``: the teacher's outputs for ``input_ids`` (float32, one row per text), when already
+    known; the teacher then runs only if hidden states are matched too.
     """
     torch.manual_seed(spec.seed)
-    pooled_student, pooled_teacher = MeanPooledEncoder(student), MeanPooledEncoder(teacher).eval()
+    wrapped_student, wrapped_teacher = wrap_output(student, output), wrap_output(teacher, output).eval()
+    output_loss = LOSSES[output.kind]
     optimizer = torch.optim.AdamW(_trainable(student), lr=spec.learning_rate)
     student.eval()  # no dropout: a short, deterministic run
     for rows in _batches(len(input_ids), spec):
@@ -60,18 +83,17 @@ def distill(student: nn.Module, teacher: nn.Module, input_ids: np.ndarray, atten
         width = int(mask.sum(1).max())
         ids, mask = torch.from_numpy(input_ids[rows][:, :width]), mask[:, :width]
         with torch.no_grad():
-            target = teacher(input_ids=ids, attention_mask=mask).last_hidden_state if spec.hidden_weight else None
-            target_pooled = (torch.from_numpy(targets[rows]) if targets is not None else pooled_teacher(ids, mask))
+            target = (teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+                      if spec.hidden_weight else None)
+            target_output = (torch.from_numpy(targets[rows]) if targets is not None else wrapped_teacher(ids, mask))
         if spec.hidden_weight:
-            hidden = student(input_ids=ids, attention_mask=mask).last_hidden_state
+            outputs = student(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            hidden, produced = outputs.hidden_states[-1], wrapped_student.read(outputs, mask)
             weights = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
             hidden_loss = (((hidden - target) ** 2) * weights).sum() / (weights.sum() * hidden.shape[-1])
         else:
-            pooled, hidden_loss = pooled_student(ids, mask), 0.0
-        loss = (nn.functional.mse_loss(pooled, target_pooled)
-                + (1 - nn.functional.cosine_similarity(pooled, target_pooled, dim=-1)).mean()
-                + spec.hidden_weight * hidden_loss)
+            produced, hidden_loss = wrapped_student(ids, mask), 0.0
+        loss = output_loss(produced, target_output) + spec.hidden_weight * hidden_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -79,7 +101,7 @@ def distill(student: nn.Module, teacher: nn.Module, input_ids: np.ndarray, atten
 
 
 def recover(original: nn.Module, transformed: nn.Module, plan: CompressionPlan,
-            calibration: Calibration | None) -> nn.Module:
+            calibration: Calibration | None, output: OutputSpec = OutputSpec()) -> nn.Module:
     """Apply ``plan.recovery`` to ``transformed`` with ``original`` as the teacher (no-op without it)."""
     if plan.recovery is None:
         return transformed
@@ -89,4 +111,4 @@ def recover(original: nn.Module, transformed: nn.Module, plan: CompressionPlan,
                         "(Calibration.training_ids); build it with a prepared task")
     with torch.enable_grad():
         return distill(transformed, original, texts, calibration.training_mask, plan.recovery,
-                       calibration.training_targets)
+                       calibration.training_targets, output)

@@ -7,33 +7,39 @@ import numpy as np
 import pytest
 
 from slimtune.config import LatencyConfig, ModelConfig, TaskConfig
-from slimtune.evaluators.accuracy import measure_accuracy
 from slimtune.evaluators.latency import latency_inputs, measure_latency, summarize_ms
 from slimtune.evaluators.node_lock import NodeLock
+from slimtune.evaluators.quality import measure_quality
 from slimtune.evaluators.size import measure_size
 from slimtune.export import build_artifact
-from slimtune.model import load_encoder
+from slimtune.model import load_model, wrap_output
 from slimtune.plan import CompressionPlan
-from slimtune.task import embed_with_torch, prepare_task
+from slimtune.tasks import choose_task, load_texts, prepare_task
+from slimtune.tasks.base import torch_run
+from slimtune.tasks.embedding_head import score
 
 
 @pytest.fixture(scope="module")
 def scored(tiny_model_dir, tiny_csv, tmp_path_factory):
-    loaded = load_encoder(str(tiny_model_dir))
+    loaded = load_model(str(tiny_model_dir))
+    model_cfg = ModelConfig(name=str(tiny_model_dir), max_length=32)
     cfg = TaskConfig(data=str(tiny_csv), text_column="body", label_column="topic")
-    task, _ = prepare_task(ModelConfig(name=str(tiny_model_dir), max_length=32), cfg, loaded,
-                           tmp_path_factory.mktemp("cache"))
-    path = build_artifact(loaded.encoder, CompressionPlan(), tmp_path_factory.mktemp("a") / "m.onnx").path
+    data = load_texts(cfg)
+    choice = choose_task(model_cfg, cfg, loaded.source, data)
+    task, _ = prepare_task(model_cfg, cfg, choice, loaded, data, tmp_path_factory.mktemp("cache"))
+    path = build_artifact(loaded.module, CompressionPlan(), tmp_path_factory.mktemp("a") / "m.onnx").path
     return loaded, task, path
 
 
-def test_accuracy_of_the_exported_file_matches_torch(scored):
+def test_quality_of_the_exported_file_matches_torch(scored):
     loaded, task, path = scored
-    (metric,) = measure_accuracy(path, task)
-    assert metric.name == "accuracy" and metric.unit == "fraction"
-    assert metric.value == pytest.approx(task.accuracy(embed_with_torch(loaded.encoder, task.input_ids,
-                                                                        task.attention_mask)))
-    assert metric.value == pytest.approx(task.reference_accuracy)
+    metrics = {m.name: m for m in measure_quality(path, task)}
+    assert set(metrics) == {"accuracy", "macro_f1"} and metrics["accuracy"].unit == "fraction"
+    embeddings = torch_run(wrap_output(loaded.module, task.output))({"input_ids": task.input_ids,
+                                                                      "attention_mask": task.attention_mask})
+    torch_figures = {m.name: m.value for m in score(task, embeddings)}
+    assert {name: m.value for name, m in metrics.items()} == pytest.approx(torch_figures)
+    assert torch_figures == pytest.approx(task.reference)
 
 
 def test_size_is_bytes_on_disk_in_mb(scored):

@@ -26,7 +26,7 @@ from slimtune.export.verify import verify_quantized, weight_nodes
 from slimtune.layout import discover_layout
 from slimtune.plan import QuantSpec
 
-WORD_TABLE = "encoder.embeddings.word_embeddings.weight"
+WORD_TABLE = "model.embeddings.word_embeddings.weight"
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from slimtune.config import SpaceConfig
 from slimtune.layout import discover_layout
 from slimtune.search.pareto import pareto_numbers
 from slimtune.search.records import TrialLog, TrialRecord
+from slimtune.search.trial import objectives
 from slimtune.spaces import SearchSpace
 
 
@@ -29,7 +30,7 @@ def _trial(trial_id, config, result=None, error_file=None):
 def test_every_trial_ends_exactly_once(bert, tmp_path):
     space = SearchSpace(discover_layout(bert), SpaceConfig(group_size=2))
     listener = Listener()
-    log = TrialLog(space, [listener])
+    log = TrialLog(space, objectives("accuracy"), [listener])
     fp32 = space.reference_points()["fp32"]
     metrics = {"accuracy": 0.9, "latency_ms": 10.0, "size_mb": 1.0}
     error_file = tmp_path / "error.txt"
@@ -65,8 +66,8 @@ def test_pareto_front_by_optuna():
         _record(4, 0.96, 60, 23, digest="1"),  # same plan as 1, measured again: counted once
         TrialRecord(number=5, trial_id="5", params={}, status="failed"),
     ]
-    assert pareto_numbers(records) == {0, 1, 3}
-    assert pareto_numbers([]) == set()
+    assert pareto_numbers(records, objectives("accuracy")) == {0, 1, 3}
+    assert pareto_numbers([], objectives("accuracy")) == set()
 
 
 def test_compressed_but_not_faster_is_measured_against_the_searchs_own_fp32():

@@ -8,16 +8,17 @@ from pathlib import Path
 import pytest
 import ray
 from mlflow.tracking import MlflowClient
+from rich.console import Console
 
 from slimtune.config import Config
 from slimtune.layout import discover_layout
-from slimtune.model import load_encoder
+from slimtune.model import load_model
 from slimtune.search.pareto import pareto_numbers
 from slimtune.search.runner import run_search, start_ray
-from slimtune.search.trial import TrialContext
+from slimtune.search.trial import TrialContext, objectives
 from slimtune.spaces import SearchSpace
-from slimtune.task import prepare_task
 from slimtune.tracking import MlflowSearchRun
+from slimtune.workflow import prepare
 
 pytestmark = pytest.mark.slow
 
@@ -38,10 +39,11 @@ def _children(uri: str, experiment: str) -> list:
 def test_trials_that_raise_are_failed_in_ray_optuna_and_mlflow(local_ray, tiny_model_dir, tmp_path):
     config = Config.model_validate({
         "model": {"name": str(tiny_model_dir)},
+        "task": {"metric": "accuracy"},
         "space": {"group_size": 2},
         "search": {"trials": 3, "workers": 1},
     })
-    space = SearchSpace(discover_layout(load_encoder(str(tiny_model_dir)).encoder), config.space)
+    space = SearchSpace(discover_layout(load_model(str(tiny_model_dir)).module), config.space)
     ctx = TrialContext(config=config, model_source=str(tiny_model_dir), task_path=str(tmp_path / "missing.npz"),
                        work_dir=str(tmp_path / "work"), lock_path=str(tmp_path / "lock"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -50,7 +52,7 @@ def test_trials_that_raise_are_failed_in_ray_optuna_and_mlflow(local_ray, tiny_m
     records = run_search(config, ctx, space, tmp_path / "ray", "broken", listeners=(tracker,))
     assert [r.status for r in records] == ["failed"] * 3
     assert all("missing.npz" in r.error for r in records)
-    assert pareto_numbers(records) == set()
+    assert pareto_numbers(records, objectives("accuracy")) == set()
     children = _children(uri, "failures")
     assert len(children) == 3
     assert {r.info.status for r in children} == {"FAILED"}
@@ -65,10 +67,10 @@ def test_a_time_budget_ends_the_search_with_no_trial_left_running(local_ray, tin
         "latency": {"batch_size": 2, "sequence_length": 32, "threads": 1, "warmup_runs": 1, "timed_runs": 5},
         "search": {"trials": 2000, "workers": 2, "time_budget_s": 30},
     })
-    loaded = load_encoder(str(tiny_model_dir))
-    _, task_path = prepare_task(config.model, config.task, loaded, tmp_path / "cache")
-    space = SearchSpace(discover_layout(loaded.encoder), config.space)
-    ctx = TrialContext(config=config, model_source=str(tiny_model_dir), task_path=str(task_path),
+    prepared = prepare(config, tmp_path, Console(quiet=True))
+    config = prepared.config
+    space = SearchSpace(prepared.layout, config.space)
+    ctx = TrialContext(config=config, model_source=str(tiny_model_dir), task_path=str(prepared.task_path),
                        work_dir=str(tmp_path / "work"), lock_path=str(tmp_path / "lock"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = MlflowSearchRun(uri, "budget", "budget", space, {}, artifact_root=tmp_path / "artifacts")

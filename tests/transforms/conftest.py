@@ -16,7 +16,7 @@ import torch
 from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel, LlamaConfig, LlamaModel
 
 from slimtune.export import Artifact, build_artifact, predict_size_bytes
-from slimtune.model import MeanPooledEncoder
+from slimtune.model import PooledEmbedding
 from slimtune.plan import CompressionPlan
 from slimtune.transforms import Calibration, apply_structural, collect_calibration
 
@@ -66,7 +66,7 @@ def contract(token_batch):
 
     def check(model: torch.nn.Module, plan: CompressionPlan, tmp_path, min_cosine: float,
               kernels: dict[str, int], calibration: Calibration | None = None) -> Artifact:
-        reference = MeanPooledEncoder(model)(torch.from_numpy(ids), torch.from_numpy(mask)).detach().numpy()
+        reference = PooledEmbedding(model)(torch.from_numpy(ids), torch.from_numpy(mask)).detach().numpy()
         artifact = build_artifact(model, plan, tmp_path / "candidate.onnx", calibration)
         out = ort.InferenceSession(str(artifact.path), providers=["CPUExecutionProvider"]).run(
             None, {"input_ids": ids, "attention_mask": mask})[0]

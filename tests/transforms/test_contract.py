@@ -66,8 +66,8 @@ def test_int8_embedding_table_is_stored_in_int8(bert, tmp_path):
     plan = CompressionPlan(quantize={"embeddings.word_embeddings": QuantSpec("int8")})
     graph = onnx.load(str(build_artifact(bert, plan, tmp_path / "e.onnx").path)).graph
     tables = {i.name: i for i in graph.initializer}
-    assert tables["encoder.embeddings.word_embeddings.weight_int8"].data_type == onnx.TensorProto.INT8
-    assert "encoder.embeddings.word_embeddings.weight" not in tables
+    assert tables["model.embeddings.word_embeddings.weight_int8"].data_type == onnx.TensorProto.INT8
+    assert "model.embeddings.word_embeddings.weight" not in tables
 
 
 def test_compression_makes_files_smaller_in_the_expected_order(bert, tmp_path):

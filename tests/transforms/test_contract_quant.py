@@ -22,7 +22,7 @@ import torch
 
 from slimtune.export import ExportError, build_artifact, predict_size_bytes
 from slimtune.layout import discover_layout
-from slimtune.model import MeanPooledEncoder
+from slimtune.model import PooledEmbedding
 from slimtune.plan import CompressionPlan, QuantSpec
 from slimtune.transforms import apply_structural
 
@@ -55,7 +55,7 @@ def test_int4_embedding_table(arch, tiny_model, contract, tmp_path, block):
     _check_weight_bytes(model, plan, tmp_path)
     graph = onnx.load(str(artifact.path)).graph
     stored = {init.name: init.data_type for init in graph.initializer}
-    assert stored[f"encoder.{TABLE[arch]}.weight_Q4"] == onnx.TensorProto.UINT4
+    assert stored[f"model.{TABLE[arch]}.weight_Q4"] == onnx.TensorProto.UINT4
     other_tables = [n for n in stored if "embeddings.weight" in n and TABLE[arch] not in n]
     assert all(stored[n] == onnx.TensorProto.FLOAT for n in other_tables)  # position / token-type tables untouched
 
@@ -107,7 +107,7 @@ def test_mixed_block_sizes_methods_and_formats_in_one_plan(arch, tiny_model, con
 
 
 def _relative_error(path, model, ids, mask) -> float:
-    reference = MeanPooledEncoder(model)(torch.from_numpy(ids), torch.from_numpy(mask)).detach().numpy()
+    reference = PooledEmbedding(model)(torch.from_numpy(ids), torch.from_numpy(mask)).detach().numpy()
     out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
         None, {"input_ids": ids, "attention_mask": mask})[0]
     return float(np.mean(np.linalg.norm(out - reference, axis=1) / np.linalg.norm(reference, axis=1)))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from slimtune.export import build_artifact
-from slimtune.model import MeanPooledEncoder
+from slimtune.model import PooledEmbedding
 from slimtune.plan import CompressionPlan, PlanError, RecoverySpec
 from slimtune.transforms import apply_structural
 from slimtune.transforms.distill import recover
@@ -27,8 +27,8 @@ def texts():
 def _gap(model, teacher, ids, mask) -> float:
     """The distillation loss on the texts: MSE + mean (1 - cosine) of the pooled embeddings."""
     with torch.no_grad():
-        a = MeanPooledEncoder(model)(torch.from_numpy(ids), torch.from_numpy(mask))
-        b = MeanPooledEncoder(teacher)(torch.from_numpy(ids), torch.from_numpy(mask))
+        a = PooledEmbedding(model)(torch.from_numpy(ids), torch.from_numpy(mask))
+        b = PooledEmbedding(teacher)(torch.from_numpy(ids), torch.from_numpy(mask))
     return float(((a - b) ** 2).mean() + (1 - torch.nn.functional.cosine_similarity(a, b)).mean())
 
 
@@ -78,7 +78,7 @@ def test_known_targets_replace_the_teacher_pass_and_tables_stay_frozen(bert, cal
 
     ids, mask = texts
     with torch.no_grad():
-        targets = MeanPooledEncoder(bert)(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+        targets = PooledEmbedding(bert)(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
     plan = CompressionPlan(ffn_prune={"encoder.layer.0": 0.5})
     spec = RecoverySpec(steps=5, batch_size=8, learning_rate=1e-4)
     live = distill(apply_structural(bert, plan), bert, ids, mask, spec)
@@ -87,3 +87,29 @@ def test_known_targets_replace_the_teacher_pass_and_tables_stay_frozen(bert, cal
         assert torch.allclose(a, b, atol=1e-5), name
     assert torch.equal(live.embeddings.word_embeddings.weight, bert.embeddings.word_embeddings.weight)
     assert not torch.equal(live.encoder.layer[1].output.dense.weight, bert.encoder.layer[1].output.dense.weight)
+
+
+def test_a_classifier_recovers_its_teacher_logits(texts):
+    """With logits as the output, distillation matches the teacher's class distributions (KL)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from slimtune.model import ClassifierLogits, OutputSpec
+    from slimtune.transforms.distill import distill, logits_loss
+
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(BertConfig(
+        vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+        max_position_embeddings=64, num_labels=3)).eval()
+    with torch.no_grad():  # a random head's logits are near zero: sharpen them into real class preferences
+        teacher.classifier.weight.mul_(300.0)
+    ids, mask = (torch.from_numpy(a) for a in texts)
+
+    def gap(model) -> float:
+        with torch.no_grad():
+            return float(logits_loss(ClassifierLogits(model)(ids, mask), ClassifierLogits(teacher)(ids, mask)))
+
+    plan = CompressionPlan(ffn_prune={"bert.encoder.layer.0": 0.75, "bert.encoder.layer.1": 0.75})
+    before = gap(apply_structural(teacher, plan))
+    student = distill(apply_structural(teacher, plan), teacher, *texts,
+                      RecoverySpec(steps=30, batch_size=8, learning_rate=1e-4), output=OutputSpec("logits"))
+    assert before > 0.005 and gap(student) < 0.5 * before, before

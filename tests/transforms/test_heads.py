@@ -8,7 +8,7 @@ import torch
 from transformers import GPTNeoXConfig, GPTNeoXModel
 
 from slimtune.layout import discover_layout
-from slimtune.model import MeanPooledEncoder
+from slimtune.model import PooledEmbedding
 from slimtune.plan import CompressionPlan, PlanError, pruned_width
 from slimtune.transforms import apply_structural, collect_calibration
 from slimtune.transforms.heads import attention_roles, head_groups
@@ -26,7 +26,7 @@ def _roles(model, index: int = 0):
 
 
 def _pooled(model, ids: np.ndarray, mask: np.ndarray) -> torch.Tensor:
-    return MeanPooledEncoder(model)(torch.from_numpy(ids), torch.from_numpy(mask)).detach()
+    return PooledEmbedding(model)(torch.from_numpy(ids), torch.from_numpy(mask)).detach()
 
 
 def _silence(model, roles, group: int) -> None:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from slimtune.model import MeanPooledEncoder
+from slimtune.model import PooledEmbedding
 from slimtune.plan import CompressionPlan
 from slimtune.transforms import apply_structural
 from slimtune.transforms.lowrank import LowRankLinear
 
 
 def _pooled(model, ids):
-    return MeanPooledEncoder(model)(ids, torch.ones_like(ids)).detach()
+    return PooledEmbedding(model)(ids, torch.ones_like(ids)).detach()
 
 
 def test_pruning_dead_neurons_changes_nothing(bert):

