@@ -1,8 +1,8 @@
 """The Pareto front of a search, computed by Optuna's own non-dominated sorting.
 
 Completed trials are added to an in-memory multi-objective study (the task's metric towards its
-goal, latency and size down); its ``best_trials`` are the front. A plan measured twice (a repeated proposal)
-counts once, at its first trial.
+goal, latency and size down); its ``best_trials`` are the front. A plan measured twice (a
+repeated proposal) counts once, at its first trial.
 """
 
 from __future__ import annotations

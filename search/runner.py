@@ -1,9 +1,10 @@
 """Run the search: Ray Tune schedules trials, Optuna samples plans, Ray callbacks observe.
 
 Ray runs locally unless ``search.address`` names a cluster. Objectives: the task's metric
-(``task.metric``, e.g. accuracy or macro_f1, maximised), latency_ms and size_mb (minimised). The reference points (uncompressed fp32, uniform int8, uniform
-int8 with FFN pruning) are enqueued first so every front is read against them. A failing trial ends as ERROR in Ray, FAIL
-in Optuna, and the search goes on.
+(``task.metric``, e.g. accuracy or macro_f1, maximised), latency_ms and size_mb (minimised). The
+reference points (uncompressed fp32, uniform int8, uniform int8 with FFN pruning) are enqueued
+first so every front is read against them. A failing trial ends as ERROR in Ray, FAIL in Optuna,
+and the search goes on.
 """
 
 from __future__ import annotations

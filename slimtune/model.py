@@ -160,6 +160,17 @@ def sentence_transformers_pooling(source: str) -> str | None:
     return _POOLING_KEYS[enabled[0]]
 
 
+def ensure_padding(tokenizer, module: nn.Module) -> None:
+    """Give a tokenizer without a padding token (Llama-style) its end-of-text token for padding, and
+    tell the model: every text is padded to the task's length, and a sequence classifier finds each
+    text's last real token by the padding id. Padding is masked out everywhere it is read."""
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    config = getattr(module, "config", None)
+    if config is not None and getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = getattr(tokenizer, "pad_token_id", None)
+
+
 def load_model(name: str, classification_head: bool = False) -> LoadedModel:
     """Load the fp32 model and its tokenizer: the base encoder, or the sequence classifier with its head."""
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
@@ -181,5 +192,6 @@ def load_model(name: str, classification_head: bool = False) -> LoadedModel:
             f"cannot load model {name!r} ({str(exc).splitlines()[0][:160]}): pass a local folder or a hub id "
             "reachable from this machine to model.name"
         ) from exc
+    ensure_padding(tokenizer, module)
     module.eval()
     return LoadedModel(source=source, module=module, tokenizer=tokenizer)

@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 
 from slimtune.config import TaskConfig
-from slimtune.model import LoadedModel, OutputSpec, wrap_output
+from slimtune.model import LoadedModel, ModelLoadError, OutputSpec, wrap_output
 from slimtune.tasks.base import Metric, PreparedTask, Progress, classification_metrics, encode_split
 from slimtune.tasks.data import DataError, TextData, limit_rows, require_labels, split_indices
 
@@ -34,10 +34,22 @@ def map_labels(labels: tuple[str, ...], names: tuple[str, ...], origin: str) -> 
     return np.array([lookup[lbl] for lbl in labels])
 
 
+def single_label_classes(config) -> tuple[str, ...]:
+    """The label names of a single-label classifier; an error for regression and multi-label heads,
+    whose outputs are not read by an argmax."""
+    names = model_labels(config)
+    problem = getattr(config, "problem_type", None)
+    if len(names) < 2 or problem in ("regression", "multi_label_classification"):
+        raise ModelLoadError(f"the model's head is not a single-label classifier ({len(names)} labels, problem_type "
+                             f"{problem}): task kind classifier scores argmax predictions; use task.kind "
+                             "embedding-fidelity to score its embeddings instead")
+    return names
+
+
 def prepare(loaded: LoadedModel, output: OutputSpec, max_length: int, cfg: TaskConfig, data: TextData,
             metric: str, reason: str, progress: Progress | None = None) -> PreparedTask:
     labels = require_labels(data, cfg, "classifier")
-    names = model_labels(loaded.module.config)
+    names = single_label_classes(loaded.module.config)
     label_ids = map_labels(labels, names, data.origin)
     train, test = split_indices(len(labels), cfg.test_fraction, cfg.seed, labels)
     test = limit_rows(test, cfg.eval_limit, cfg.seed)

@@ -186,3 +186,29 @@ def test_every_pooling_exports_to_what_torch_computes(bert, token_batch, tmp_pat
         with torch.no_grad():
             short = PooledEmbedding(bert, pooling)(torch.from_numpy(ids[1:2, :20]), torch.from_numpy(mask[1:2, :20]))
         np.testing.assert_allclose(want[1], short.numpy()[0], atol=1e-4)
+
+
+def test_a_regression_head_is_not_scored_as_a_classifier(tiny_classifier_dir, tiny_csv, tmp_path):
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    folder = tmp_path / "regressor"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_classifier_dir)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, num_labels=1, problem_type="regression")
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    cfg = TaskConfig(data=str(tiny_csv), text_column="body", label_column="topic")
+    with pytest.raises(ModelLoadError, match="not a single-label classifier"):
+        _prepare(folder, cfg, tmp_path / "cache")
+
+
+def test_a_tokenizer_without_padding_pads_with_its_end_token(tiny_model_dir, bert):
+    from transformers import AutoTokenizer
+
+    from slimtune.model import ensure_padding
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.pad_token, tokenizer.eos_token = None, "[SEP]"
+    bert.config.pad_token_id = None
+    ensure_padding(tokenizer, bert)
+    assert tokenizer.pad_token == "[SEP]" and bert.config.pad_token_id == tokenizer.sep_token_id
