@@ -4,7 +4,7 @@ Gives ``examples/classifier.yaml`` a real ``BertForSequenceClassification`` to c
 network: the built-in encoder gets a new 5-way head and is fine-tuned on the *training* part of the
 same seeded, stratified split the task uses (``task.test_fraction`` / ``task.seed``), so the texts a
 search scores stay unseen. Saved as a normal Hugging Face folder (weights, config with ``id2label``,
-tokenizer). About 3 minutes on 2 CPU cores.
+tokenizer). About 6 minutes on 2 CPU cores.
 
     .venv/bin/python examples/finetune_classifier.py [--out results/minilm-bbc-classifier] [--epochs 2]
 """

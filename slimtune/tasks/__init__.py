@@ -49,8 +49,9 @@ class TaskChoice:
 
 def detect_kind(cfg: TaskConfig, source: str, data: TextData) -> tuple[str, str]:
     """(kind, why): ``task.kind`` when set; else from the model's head, then from the data's labels."""
-    architectures = model_config(source).architectures or []
-    head = has_classification_head(source)
+    config = model_config(source)
+    architectures = config.architectures or []
+    head = has_classification_head(config)
     if cfg.kind is not None:
         if cfg.kind == "classifier" and not head:
             raise ModelLoadError(f"task.kind is classifier but the model has no sequence-classification head "

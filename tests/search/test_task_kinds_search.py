@@ -39,15 +39,17 @@ def _runs(results: Path, name: str):
 
 @pytest.fixture(scope="module")
 def classifier_search(tmp_path_factory, tiny_classifier_dir, imbalanced_csv):
+    folder = tmp_path_factory.mktemp("classifier")
+    (folder / "my-classifier").symlink_to(tiny_classifier_dir)  # a relative folder: Ray workers run elsewhere
     config = {
-        "model": {"name": str(tiny_classifier_dir), "max_length": 32},
+        "model": {"name": "my-classifier", "max_length": 32},
         "task": {"data": str(imbalanced_csv), "text_column": "body", "label_column": "topic"},
         "space": {"group_size": 1, "rank_fractions": [1.0, 0.5]},
         "recovery": {"steps": 5},
         "latency": FAST_LATENCY,
         "search": {"trials": 5, "workers": 2, "seed": 1},
     }
-    return _search(tmp_path_factory.mktemp("classifier"), config, "clf")
+    return _search(folder, config, "clf")
 
 
 def test_a_classifier_search_maximises_macro_f1_on_imbalanced_labels(classifier_search):
