@@ -48,6 +48,27 @@ def make_sampler(config: Config):
     return optuna.samplers.NSGAIISampler(seed=search.seed, population_size=population)
 
 
+def check_cluster(address: str | None, timeout_s: float = 10.0) -> None:
+    """Fail fast on a Ray address nothing answers at (Ray itself waits minutes for its GCS).
+
+    ``host:port`` and ``ray://host:port`` are probed with one TCP connection; ``auto`` and
+    ``local`` are left to Ray.
+    """
+    if not address or address in ("auto", "local"):
+        return
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"--address {address!r} is not HOST:PORT (or ray://HOST:PORT): fix --address")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return
+    except OSError as exc:
+        raise ClusterError(f"no Ray cluster answers at {address} ({exc.strerror or exc}): start one with "
+                           "`ray start --head` or fix --address") from exc
+
+
 def start_ray(address: str | None) -> None:
     """Connect to the cluster at ``address``, or start a local Ray on 127.0.0.1; worker output stays in Ray's logs."""
     import ray

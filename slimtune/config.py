@@ -68,6 +68,7 @@ class TaskConfig(_Frozen):
     data: str = Field(BUILTIN_DATA, description="builtin:bbc-news, a .csv/.jsonl/.txt path, or hf:NAME[:SPLIT]")
     text_column: str = "text"
     label_column: str = Field("label", description="classification kinds only")
+    encoding: str | None = Field(None, description="text encoding of a data file; None: UTF-8")
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     eval_limit: int | None = Field(None, ge=10, description="score on at most this many held-out texts")
     seed: int = 0

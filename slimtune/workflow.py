@@ -120,12 +120,13 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
     from slimtune.report import pareto_table, write_results
     from slimtune.search.pareto import not_faster_numbers, pareto_numbers
     from slimtune.search.progress import ProgressDisplay
-    from slimtune.search.runner import run_search, start_ray
+    from slimtune.search.runner import check_cluster, run_search, start_ray
     from slimtune.search.trial import TrialContext, make_space, objectives, task_calibration
     from slimtune.tracking import MlflowSearchRun, check_reachable, default_tracking_uri
 
     uri = config.tracking.uri or default_tracking_uri(results)
-    check_reachable(uri)  # before minutes of preparation
+    check_reachable(uri)  # both before minutes of preparation
+    check_cluster(config.search.address)
     prepared = prepare(config, results, console)
     config, task = prepared.config, prepared.task
     with console.status("measuring block and head importance on calibration texts"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -34,11 +35,28 @@ class TextData:
 
 
 def _read_text(path: Path) -> str:
+    """A built-in article: UTF-8, or Latin-1 for the few the corpus stores that way."""
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         return raw.decode("latin-1")
+
+
+def read_data_file(path: Path, encoding: str | None) -> str:
+    """A user's data file as text: in ``encoding`` when declared, else UTF-8 (a byte-order mark is
+    dropped). Binary content and undecodable bytes are DataErrors naming the file and the fix."""
+    raw = path.read_bytes()
+    if encoding is None and b"\x00" in raw[:8192] and not raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path} holds binary data, not text: give a text .csv, .jsonl or .txt file")
+    try:
+        return raw.decode(encoding or "utf-8-sig")
+    except LookupError as exc:
+        raise DataError(f"task.encoding {encoding!r} is not a known text encoding: use e.g. utf-8, latin-1, cp1252") from exc
+    except UnicodeDecodeError as exc:
+        tried = encoding or "utf-8"
+        raise DataError(f"{path} is not valid {tried} text (byte {raw[exc.start]:#04x} at offset {exc.start}): "
+                        f"set task.encoding to the file's encoding (e.g. latin-1, cp1252) or convert it") from exc
 
 
 def _bbc_news_folder() -> Path:
@@ -61,17 +79,23 @@ def _load_bbc_news() -> TextData:
 def _rows_to_texts(rows: list[dict], cfg: TaskConfig, origin: str) -> TextData:
     if not rows:
         raise DataError(f"{origin} holds no rows: give a file with a header and texts")
-    if cfg.text_column not in rows[0]:
-        raise DataError(f"{origin} has no column {cfg.text_column!r} (columns: {sorted(rows[0])}): "
-                        "set task.text_column")
+    if not isinstance(rows[0], dict) or cfg.text_column not in rows[0]:
+        columns = sorted(rows[0]) if isinstance(rows[0], dict) else type(rows[0]).__name__
+        raise DataError(f"{origin} has no column {cfg.text_column!r} (columns: {columns}): set task.text_column")
+    columns = (cfg.text_column, cfg.label_column) if cfg.label_column in rows[0] else (cfg.text_column,)
+    for number, row in enumerate(rows, start=1):
+        missing = [c for c in columns if not isinstance(row, dict) or row.get(c) is None]
+        if missing:
+            raise DataError(f"{origin} row {number} has no {missing[0]!r} value (the first row has one): "
+                            "complete or remove that row")
     texts = tuple(str(r[cfg.text_column]) for r in rows)
-    if cfg.label_column not in rows[0]:
+    if len(columns) == 1:
         return TextData(texts, None, origin)
     return TextData(texts, tuple(str(r[cfg.label_column]) for r in rows), origin)
 
 
-def _load_lines(path: Path) -> TextData:
-    texts = tuple(line.strip() for line in _read_text(path).splitlines() if line.strip())
+def _load_lines(path: Path, encoding: str | None) -> TextData:
+    texts = tuple(line.strip() for line in read_data_file(path, encoding).splitlines() if line.strip())
     if not texts:
         raise DataError(f"{path} holds no text: give one text per line")
     return TextData(texts, None, str(path))
@@ -80,18 +104,24 @@ def _load_lines(path: Path) -> TextData:
 def _load_file(path: Path, cfg: TaskConfig) -> TextData:
     if not path.is_file():
         raise DataError(f"data file {path} does not exist: set task.data to a .csv, .jsonl or .txt file")
-    if path.suffix == ".txt":
-        return _load_lines(path)
-    if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-    elif path.suffix in (".jsonl", ".ndjson"):
-        try:
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path} line {exc.lineno}: not valid JSON; one JSON object per line is expected") from exc
-    else:
+    if path.suffix not in (".txt", ".csv", ".jsonl", ".ndjson"):
         raise DataError(f"data file {path} must end in .csv, .jsonl or .txt")
+    if path.suffix == ".txt":
+        return _load_lines(path, cfg.encoding)
+    text = read_data_file(path, cfg.encoding)
+    if path.suffix == ".csv":
+        try:
+            rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        except csv.Error as exc:
+            raise DataError(f"{path} is not a readable CSV file ({exc}): check its quoting") from exc
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path} line {number}: not valid JSON; one JSON object per line is expected") from exc
     return _rows_to_texts(rows, cfg, str(path))
 
 

@@ -79,3 +79,29 @@ def test_macro_f1_when_the_smallest_class_is_under_a_quarter_of_the_largest(coun
     chosen, reason = choose_classification_metric(labels)
     assert chosen == metric
     assert f"has {min(counts)} texts" in reason and str(max(counts)) in reason
+
+
+@pytest.mark.parametrize(
+    ("content", "suffix", "fragment"),
+    [("text,label\ncaf\xe9,a\n".encode("latin-1"), ".csv", "is not valid utf-8 text (byte 0xe9 at offset 14)"),
+     (bytes(range(256)) * 4, ".csv", "holds binary data"),
+     (b'{"text": "a", "label": "x"}\n{"text": "b"}\n', ".jsonl", "row 2 has no 'label' value"),
+     (b'{"text": "a"}\n{"body": "b"}\n', ".jsonl", "row 2 has no 'text' value"),
+     (b"text,label\na,x\nb\n", ".csv", "row 2 has no 'label' value"),
+     (b"[1, 2]\n", ".jsonl", "no column 'text'")],
+)
+def test_undecodable_and_incomplete_files_are_one_line_errors(tmp_path, content, suffix, fragment):
+    path = tmp_path / f"d{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=fragment.replace("(", r"\(").replace(")", r"\)")) as caught:
+        load_texts(TaskConfig(data=str(path)))
+    assert "\n" not in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_a_declared_encoding_reads_the_file(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_bytes("text,label\ncaf\xe9,a\nna\xefve,b\n".encode("cp1252"))
+    data = load_texts(TaskConfig(data=str(path), encoding="cp1252"))
+    assert data.texts == ("café", "naïve")
+    with pytest.raises(DataError, match="not a known text encoding"):
+        load_texts(TaskConfig(data=str(path), encoding="klingon"))
