@@ -2,7 +2,7 @@
 
 Completed trials are added to an in-memory multi-objective study (the task's metric towards its
 goal, latency and size down); its ``best_trials`` are the front. A plan measured twice (a
-repeated proposal) counts once, at its first trial.
+repeated proposal) counts once, at its first trial. Each hardware target has a front of its own.
 """
 
 from __future__ import annotations
@@ -15,18 +15,31 @@ from slimtune.search.trial import Objectives
 _DIRECTION = {"max": optuna.study.StudyDirection.MAXIMIZE, "min": optuna.study.StudyDirection.MINIMIZE}
 
 
+def hardware_targets(records: list[TrialRecord]) -> list[str]:
+    """The hardware targets completed trials were measured on (``evaluators/hardware.py``), in order seen."""
+    return list(dict.fromkeys(str(r.metrics.get("hardware", "")) for r in records if r.status == "completed"))
+
+
 def pareto_numbers(records: list[TrialRecord], objectives: Objectives) -> set[int]:
-    """Numbers of the completed, first-of-their-plan trials that no other trial dominates."""
+    """Numbers of the completed, first-of-their-plan trials that no other trial dominates.
+
+    Latencies of different hardware targets are not comparable: with several targets, the front is
+    computed per target and the fronts are joined.
+    """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    seen: set[str] = set()
-    study = optuna.create_study(directions=[_DIRECTION[mode] for _, mode in objectives])
-    for record in records:
-        digest = record.metrics.get("plan_digest")
-        if record.status != "completed" or digest in seen:
-            continue
-        seen.add(digest)
-        study.add_trial(optuna.trial.create_trial(values=list(record.values(objectives)), user_attrs={"number": record.number}))
-    return {trial.user_attrs["number"] for trial in study.best_trials} if study.trials else set()
+    front: set[int] = set()
+    for target in hardware_targets(records):
+        seen: set[str] = set()
+        study = optuna.create_study(directions=[_DIRECTION[mode] for _, mode in objectives])
+        for record in records:
+            digest = record.metrics.get("plan_digest")
+            if record.status != "completed" or digest in seen or str(record.metrics.get("hardware", "")) != target:
+                continue
+            seen.add(digest)
+            study.add_trial(optuna.trial.create_trial(values=list(record.values(objectives)),
+                                                      user_attrs={"number": record.number}))
+        front |= {trial.user_attrs["number"] for trial in study.best_trials}
+    return front
 
 
 def not_faster_numbers(records: list[TrialRecord]) -> set[int]:

@@ -1,18 +1,24 @@
 """One trial: params -> plan -> artifact -> measured metrics. Runs inside a Ray worker.
 
 Each worker process loads the model and the prepared task once and reuses them for every trial it
-runs. Identical plans (NSGA-II proposes repeats) are measured once: results are cached by plan
-digest in the search's work folder. A trial that raises, or measures a non-finite figure, fails
-loudly so that Ray, Optuna and MLflow all record it as failed.
+runs. Identical plans (NSGA-II proposes repeats) are measured once: results are cached in the
+search's work folder under a key of everything that changes them (the plan, the model's files, the
+prepared task's bytes, the latency settings and threads, the hardware target), written atomically;
+artifacts are built under a name of their own and renamed into place, so workers measuring the
+same plan at once never write the same file. A trial that raises, or measures a non-finite
+figure, fails loudly so that Ray, Optuna and MLflow all record it as failed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
+import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,13 +28,14 @@ import torch
 
 from slimtune.config import METRIC_GOALS, Config, LatencyConfig
 from slimtune.evaluators import as_dict
+from slimtune.evaluators.hardware import HardwareTarget, current_target, fingerprint
 from slimtune.evaluators.latency import latency_inputs, measure_latency
 from slimtune.evaluators.node_lock import NodeLock
 from slimtune.evaluators.quality import measure_quality
 from slimtune.evaluators.size import measure_size
 from slimtune.export import build_artifact
 from slimtune.layout import discover_layout
-from slimtune.model import load_model
+from slimtune.model import load_model, source_fingerprint
 from slimtune.plan import CompressionPlan, RecoverySpec
 from slimtune.spaces import SearchSpace
 from slimtune.tasks import PreparedTask
@@ -71,11 +78,15 @@ class TrialContext:
 
 @dataclass(frozen=True)
 class WorkerState:
+    """What a worker loads once. ``inputs_fingerprint``: the model's files and the prepared task's bytes."""
+
     model: torch.nn.Module
     space: SearchSpace
     task: PreparedTask
     feeds: dict[str, np.ndarray]
     calibration: Calibration
+    hardware: HardwareTarget | None = None
+    inputs_fingerprint: str = ""
 
 
 def recovery_spec(config: Config) -> RecoverySpec:
@@ -104,13 +115,30 @@ def worker_state(ctx: TrialContext) -> WorkerState:
     task = PreparedTask.load(Path(ctx.task_path))
     model = load_model(ctx.model_source, classification_head=task.output.kind == "logits").module
     calibration = task_calibration(model, task)
+    task_digest = hashlib.sha256(Path(ctx.task_path).read_bytes()).hexdigest()
     return WorkerState(
         model=model,
         space=make_space(ctx.config, model, calibration),
         task=task,
         feeds=latency_inputs(task.input_ids, task.attention_mask, ctx.config.latency),
         calibration=calibration,
+        hardware=current_target(),
+        inputs_fingerprint=fingerprint(source_fingerprint(ctx.model_source), task_digest),
     )
+
+
+def measurement_key(state: WorkerState, plan: CompressionPlan, latency_cfg: LatencyConfig, threads: int) -> str:
+    """Everything a measurement depends on, as one digest: a cached result is reused only when all match."""
+    target = state.hardware.key if state.hardware else ""
+    return fingerprint(plan.digest, state.inputs_fingerprint, latency_cfg.model_dump_json(), str(threads), target)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write under a name of this writer's own, then rename: readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def measure_plan(state: WorkerState, plan: CompressionPlan, path: Path, latency_cfg: LatencyConfig,
@@ -132,30 +160,33 @@ def measure_plan(state: WorkerState, plan: CompressionPlan, path: Path, latency_
     bad = [name for name, value in metrics.items() if not math.isfinite(value)]
     if bad:
         raise NonFiniteMetricError(f"non-finite {', '.join(bad)} for plan {plan.digest}")
+    hardware = state.hardware.key if state.hardware else ""
     return {
         **metrics, "export_s": artifact.export_s, "quantize_s": artifact.quantize_s,
         "recover_s": artifact.recover_s, **timings,
         "kernels": json.dumps(artifact.matmul_kernels, sort_keys=True), "artifact": str(path),
+        "hardware": hardware, "node": state.hardware.node if state.hardware else "",
     }
 
 
 def run_trial(params: dict[str, Any], ctx: TrialContext) -> dict[str, Any]:
-    """Measure the plan that ``params`` (sampled by Optuna) describe; cached by plan digest."""
+    """Measure the plan that ``params`` (sampled by Optuna) describe; cached by ``measurement_key``."""
     started = time.perf_counter()
     torch.set_num_threads(max(1, int(ctx.config.search.cpus_per_trial)))
     lock = NodeLock(Path(ctx.lock_path))
     with lock.shared():  # loading and calibrating is heavy work too
         state = worker_state(ctx)
     plan = state.space.plan_from_choices(params)
-    cached = ctx.cache_dir / f"{plan.digest}.json"
+    threads = max(1, int(ctx.config.search.cpus_per_trial))
+    key = measurement_key(state, plan, ctx.config.latency, threads)
+    cached = ctx.cache_dir / f"{key}.json"
     if cached.is_file():
         result = {**json.loads(cached.read_text()), "cached": 1}
     else:
-        threads = max(1, int(ctx.config.search.cpus_per_trial))
-        path = ctx.artifacts_dir / f"{plan.digest}.onnx"
-        result = {**measure_plan(state, plan, path, ctx.config.latency, threads, lock), "cached": 0}
-        ctx.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result))
-        tmp.replace(cached)
-    return {**result, "plan_digest": plan.digest, "trial_s": time.perf_counter() - started}
+        building = ctx.artifacts_dir / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.onnx"
+        result = {**measure_plan(state, plan, building, ctx.config.latency, threads, lock), "cached": 0}
+        path = building.with_name(f"{key}.onnx")
+        building.replace(path)
+        result["artifact"] = str(path)
+        write_atomically(cached, json.dumps(result))
+    return {**result, "plan_digest": plan.digest, "measurement_key": key, "trial_s": time.perf_counter() - started}

@@ -104,6 +104,18 @@ def wrap_output(model: nn.Module, output: OutputSpec) -> PooledEmbedding | Class
     return PooledEmbedding(model, output.pooling)
 
 
+def source_fingerprint(source: str) -> str:
+    """What identifies the model's weights: a local folder's files (names, sizes, modification
+    times), or the hub id. Anything measured from the model is keyed by it, so a model retrained in
+    place is never scored from an old cache."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return source
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return json.dumps([str(folder)] + [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                                       for p in files])
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """``module``: the fp32 torch model that is compressed (eval mode)."""

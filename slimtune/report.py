@@ -36,6 +36,8 @@ def _row(record: TrialRecord, pareto: set[int], not_faster: set[int], figures: t
                               "status": record.status, "pareto": record.number in pareto,
                               "not_faster": record.number in not_faster}
     row.update({k: (round(float(record.metrics[k]), 6) if k in record.metrics else "") for k in figures})
+    row["hardware"] = record.metrics.get("hardware", "")
+    row["node"] = record.metrics.get("node", "")
     row["plan_digest"] = record.metrics.get("plan_digest", "")
     row["kernels"] = record.metrics.get("kernels", "")
     row["error"] = record.error

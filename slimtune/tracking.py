@@ -3,7 +3,8 @@
 Only the driver writes to the store (an SQLite file by default, which takes one writer well;
 a server when ``--tracking-uri`` names one). Nested runs carry the readable search params
 (``encoder.layer.3.ffn.bits``...), the plan as ``plan.json``, the objectives and timings as
-metrics, and the tags ``slimtune.status``, ``slimtune.reference`` and ``slimtune.pareto``.
+metrics, and the tags ``slimtune.status``, ``slimtune.reference``, ``slimtune.pareto``,
+``slimtune.kernels``, ``slimtune.hardware`` (the target its latency belongs to) and ``slimtune.node``.
 A failed trial's run ends FAILED with its error; a trial that never finished ends KILLED.
 """
 
@@ -120,8 +121,9 @@ class MlflowSearchRun:
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
         self.client.set_tag(run_id, "slimtune.status", record.status)
-        if record.metrics.get("kernels"):
-            self.client.set_tag(run_id, "slimtune.kernels", record.metrics["kernels"])
+        for key in ("kernels", "hardware", "node"):
+            if record.metrics.get(key):
+                self.client.set_tag(run_id, f"slimtune.{key}", record.metrics[key])
         if record.error:
             self.client.set_tag(run_id, "slimtune.error", record.error[:4000])
         self.client.set_terminated(run_id, _RUN_STATUS[record.status])

@@ -75,6 +75,7 @@ def _summary(records: list[TrialRecord], pareto: set[int], task: PreparedTask) -
     summary = {f"trials_{s}": float(sum(r.status == s for r in records)) for s in ("completed", "failed", "stopped")}
     summary["pareto_size"] = float(len(pareto))
     summary.update({f"reference_{name}": value for name, value in task.reference.items()})
+    summary["hardware_targets"] = float(len({r.metrics.get("hardware") for r in done}))
     if done:
         best = max if METRIC_GOALS[task.metric] == "max" else min
         summary[f"best_{task.metric}"] = best(float(r.metrics[task.metric]) for r in done)
@@ -118,7 +119,7 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
 
     from slimtune.evaluators.node_lock import default_lock_path
     from slimtune.report import pareto_table, write_results
-    from slimtune.search.pareto import not_faster_numbers, pareto_numbers
+    from slimtune.search.pareto import hardware_targets, not_faster_numbers, pareto_numbers
     from slimtune.search.progress import ProgressDisplay
     from slimtune.search.runner import check_cluster, run_search, start_ray
     from slimtune.search.trial import TrialContext, make_space, objectives, task_calibration
@@ -135,6 +136,7 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
                   f"{sum(len(v) > 1 for v in space.dimensions().values())} open dimensions; "
                   f"references: {', '.join(space.reference_points()) or 'none in this space'}")
     work = results / ".work" / name
+    shutil.rmtree(work, ignore_errors=True)  # an earlier, failed search of this name: never reuse its leftovers
     ctx = TrialContext(config=config, model_source=prepared.loaded.source, task_path=str(prepared.task_path.resolve()),
                        work_dir=str(work.resolve()), lock_path=str(default_lock_path()))
     start_ray(config.search.address)
@@ -171,6 +173,10 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
     finally:
         if ray.is_initialized() and not config.search.address:
             ray.shutdown()
+    targets = hardware_targets(records)
+    if len(targets) > 1:
+        console.print(f"front computed per hardware target ({len(targets)}: {'; '.join(targets)}): latencies of "
+                      "different hardware are not compared")
     console.print(pareto_table(records, pareto, task.metric,
                                title=f"Pareto front of {name} ({len(pareto)} of {len(records)} trials)"))
     console.print(f"results: {out}/ (pareto.csv, pareto.html, pareto.png, plans/, models/)")

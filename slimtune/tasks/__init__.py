@@ -23,6 +23,7 @@ from slimtune.model import (
     has_classification_head,
     model_config,
     sentence_transformers_pooling,
+    source_fingerprint,
 )
 from slimtune.tasks import classifier, embedding_head, fidelity
 from slimtune.tasks.base import Metric, PreparedTask, Progress, Run, run_batches
@@ -102,7 +103,7 @@ def task_cache_key(model_cfg: ModelConfig, task_cfg: TaskConfig, choice: TaskCho
                    data: TextData) -> str:
     """Everything that determines the prepared task: format, settings, resolved choices, model, texts."""
     payload = json.dumps([_CACHE_FORMAT, model_cfg.model_dump(), task_cfg.model_dump(),
-                          dataclasses.asdict(choice.output), choice.kind, source], sort_keys=True)
+                          dataclasses.asdict(choice.output), choice.kind, source_fingerprint(source)], sort_keys=True)
     digest = hashlib.sha256(payload.encode())
     for index, text in enumerate(data.texts):
         digest.update(text.encode("utf-8", "replace"))

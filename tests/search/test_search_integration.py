@@ -20,6 +20,9 @@ def finished_search(tmp_path_factory, search_config):
     tmp = tmp_path_factory.mktemp("search")
     config = search_config(tmp, 6)
     results = tmp / "results"
+    stale = results / ".work" / "tiny" / "measured" / "stale.json"  # what a failed search of this name left
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")
     env = {**os.environ, "RAY_ADDRESS": ""}
     done = subprocess.run(
         [sys.executable, "-m", "slimtune", "search", "--config", str(config), "--name", "tiny",
@@ -50,6 +53,8 @@ def test_results_folder_holds_the_front(finished_search):
     assert {t["not_faster"] for t in trials} <= {"True", "False"}
     assert "Pareto front of tiny" in stdout and "slimtune ui" in stdout
     assert not list(results.glob(".partial-*"))
+    assert not (results / ".work" / "tiny" / "measured" / "stale.json").exists()
+    assert len({t["hardware"] for t in trials}) == 1 and "/ort" in trials[0]["hardware"] and trials[0]["node"]
 
 
 def test_mlflow_holds_parent_nested_runs_tags_and_artifacts(finished_search):
@@ -66,6 +71,8 @@ def test_mlflow_holds_parent_nested_runs_tags_and_artifacts(finished_search):
     steps = str(RecoveryConfig().steps)
     assert all(c.data.metrics["recover_s"] > 0 and c.data.params["recovery.steps"] == steps for c in recovered)
     assert {c.data.tags["slimtune.not_faster"] for c in children} <= {"true", "false"}
+    assert all("/ort" in c.data.tags["slimtune.hardware"] and c.data.tags["slimtune.node"] for c in children)
+    assert parents[0].data.metrics["hardware_targets"] == 1
     assert all({"accuracy", "latency_ms", "size_mb", "export_s"} <= set(c.data.metrics) for c in children)
     assert all("encoder.layer.1.ffn.bits" in c.data.params for c in children)
     pareto_rows = list(csv.DictReader((results / "tiny" / "pareto.csv").open()))

@@ -1,0 +1,74 @@
+"""Where a figure was measured: the hardware target every latency belongs to.
+
+A latency is only comparable with latencies of the same target: the CPU model, its logical core
+count, the ONNX Runtime version and the execution provider. ``node`` says which machine of a
+cluster measured it (two identical machines are one target).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import socket
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class HardwareTarget:
+    cpu: str
+    cores: int
+    onnxruntime: str
+    provider: str
+    node: str
+
+    @property
+    def key(self) -> str:
+        """A short, stable name of the target (the node excluded): ``<cpu>/<cores>c/ort<version>/<provider>``."""
+        cpu = " ".join(self.cpu.replace("(R)", "").replace("(TM)", "").split())
+        return f"{cpu}/{self.cores}c/ort{self.onnxruntime}/{self.provider.removesuffix('ExecutionProvider')}"
+
+    def as_dict(self) -> dict[str, str | int]:
+        return asdict(self)
+
+
+def _cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _node_id() -> str:
+    """The Ray node id inside a Ray worker or driver; the host name elsewhere."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - no Ray, or no runtime context: the host name identifies the machine
+        pass
+    return socket.gethostname()
+
+
+@functools.lru_cache(maxsize=4)
+def current_target(provider: str = CPU_PROVIDER) -> HardwareTarget:
+    import onnxruntime as ort
+
+    return HardwareTarget(cpu=_cpu_model(), cores=os.cpu_count() or 1, onnxruntime=ort.__version__,
+                          provider=provider, node=_node_id())
+
+
+def fingerprint(*parts: str) -> str:
+    """A 16-hex digest of strings (order matters)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
