@@ -1,6 +1,9 @@
-"""A live progress display for long searches: a Rich bar with counts and the best figures so far."""
+"""A live progress display for long searches: a Rich bar with counts, the best figure so far, the
+front's hypervolume and the time left in the budget."""
 
 from __future__ import annotations
+
+import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -11,8 +14,12 @@ from slimtune.search.records import TrialRecord
 class ProgressDisplay:
     """Listener that advances a bar as trials end and prints one line per finished trial."""
 
-    def __init__(self, total: int, objective: tuple[str, str], console: Console | None = None) -> None:
-        """``objective``: the task's searched metric and its goal ("max" or "min"), shown as the best so far."""
+    def __init__(self, total: int, objective: tuple[str, str], console: Console | None = None,
+                 front=None, budget_s: float | None = None) -> None:
+        """``objective``: the task's searched metric and its goal ("max" or "min"), shown as the best so far;
+        ``front``: a ``FrontProgress`` whose hypervolume is shown; ``budget_s``: the search's time budget."""
+        self.front = front
+        self.deadline = time.monotonic() + budget_s if budget_s else None
         self.console = console or Console()
         self.progress = Progress(
             TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
@@ -33,8 +40,15 @@ class ProgressDisplay:
 
     def _status(self) -> str:
         c = self.counts
-        best = f"best {self.metric} {self.best:.3f}" if c["completed"] else ""
-        return f"{c['running']} running, {c['completed']} done, {c['failed']} failed {best}"
+        parts = [f"{c['running']} running, {c['completed']} done, {c['failed']} failed"]
+        if c["completed"]:
+            parts.append(f"best {self.metric} {self.best:.3f}")
+        if self.front is not None:
+            parts.append(f"hypervolume {self.front.hypervolume:.3f}")
+        if self.deadline is not None:
+            left = max(0, int(self.deadline - time.monotonic()))
+            parts.append(f"{left // 3600}h{left % 3600 // 60:02d}m left")
+        return ", ".join(parts)
 
     def trial_started(self, record: TrialRecord) -> None:
         self.counts["running"] += 1

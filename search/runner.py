@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from slimtune.config import Config
+from slimtune.search.front_progress import FrontProgress
 from slimtune.search.records import TrialListener, TrialLog, TrialRecord
 from slimtune.search.trial import TrialContext, objectives, run_trial
 from slimtune.spaces import SearchSpace
@@ -88,6 +89,21 @@ def start_ray(address: str | None) -> None:
         raise ClusterError(f"cannot start {where} ({str(exc).splitlines()[0][:160]})") from exc
 
 
+def patience_stopper(front: FrontProgress):
+    """A Ray Tune stopper that ends the search once ``front.should_stop`` (no hypervolume gain for
+    ``patience`` trials); running trials are stopped and recorded as such."""
+    from ray import tune
+
+    class PatienceStopper(tune.Stopper):
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            return False
+
+        def stop_all(self) -> bool:
+            return front.should_stop
+
+    return PatienceStopper()
+
+
 def _trainable(params: dict[str, Any], ctx: TrialContext) -> None:
     from ray import tune
 
@@ -95,8 +111,12 @@ def _trainable(params: dict[str, Any], ctx: TrialContext) -> None:
 
 
 def run_search(config: Config, ctx: TrialContext, space: SearchSpace, storage: Path,
-               name: str, listeners: Sequence[TrialListener] = ()) -> list[TrialRecord]:
-    """Run all trials; returns one record per trial, in start order, none left running."""
+               name: str, listeners: Sequence[TrialListener] = (),
+               front: FrontProgress | None = None) -> list[TrialRecord]:
+    """Run all trials; returns one record per trial, in start order, none left running.
+
+    ``front`` (a listener too) tracks the hypervolume; with ``search.patience`` it stops the search.
+    """
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
@@ -112,7 +132,7 @@ def run_search(config: Config, ctx: TrialContext, space: SearchSpace, storage: P
         points_to_evaluate=list(space.reference_points().values()) or None,
     )
     trainable = tune.with_resources(tune.with_parameters(_trainable, ctx=ctx), {"cpu": search.cpus_per_trial})
-    trial_log = TrialLog(space, goals, listeners)
+    trial_log = TrialLog(space, goals, ([front] if front else []) + list(listeners))
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -121,6 +141,7 @@ def run_search(config: Config, ctx: TrialContext, space: SearchSpace, storage: P
         ),
         run_config=tune.RunConfig(
             name=name, storage_path=str(storage.resolve()), callbacks=[trial_log], verbose=0,
+            stop=patience_stopper(front) if front is not None and front.patience else None,
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
         ),
     )

@@ -57,6 +57,7 @@ def search(
     tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow store; default sqlite under results/")] = None,
     address: Annotated[str | None, typer.Option("--address", help="Ray cluster address; default a local Ray")] = None,
     sampler: Annotated[str | None, typer.Option("--sampler", help="nsga2 (default) or tpe")] = None,
+    patience: Annotated[int | None, typer.Option("--patience", help="stop after N trials without hypervolume gain")] = None,
     results: ResultsOpt = Path("results"),
 ) -> None:
     """Search per-layer bits x FFN sparsity x rank; log the front to MLflow and results/<name>/."""
@@ -64,7 +65,7 @@ def search(
         budget = parse_duration_s(time_budget) if time_budget else None
         config = load_config(config_path, {
             "search": {"trials": trials, "workers": workers, "seed": seed, "time_budget_s": budget,
-                       "address": address, "sampler": sampler},
+                       "address": address, "sampler": sampler, "patience": patience},
             "tracking": {"uri": tracking_uri},
         })
     except ConfigError as exc:

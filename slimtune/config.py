@@ -170,6 +170,7 @@ class SearchConfig(_Frozen):
     seed: int = 0
     sampler: Literal["nsga2", "tpe"] = "nsga2"
     time_budget_s: float | None = Field(None, gt=0)
+    patience: int | None = Field(None, ge=1, description="stop after this many trials without hypervolume gain")
     cpus_per_trial: float = Field(1.0, gt=0)
     address: str | None = Field(None, description="Ray cluster address; None starts a local Ray")
 

@@ -128,6 +128,10 @@ class MlflowSearchRun:
             self.client.set_tag(run_id, "slimtune.error", record.error[:4000])
         self.client.set_terminated(run_id, _RUN_STATUS[record.status])
 
+    def log_search_metric(self, name: str, value: float, step: int) -> None:
+        """One point of a metric history on the search's parent run (e.g. the hypervolume per trial)."""
+        self.client.log_metric(self.parent_id, name, value, timestamp=int(time.time() * 1000), step=step)
+
     def finish(self, records: list[TrialRecord], pareto: set[int], results_dir: Path | None,
                summary: dict[str, float], not_faster: set[int] = frozenset()) -> None:
         """Tag every trial run (``slimtune.pareto``, ``slimtune.not_faster``: compressed but not faster

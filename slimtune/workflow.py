@@ -70,12 +70,15 @@ def prepare(config: Config, results: Path, console: Console) -> Prepared:
 def _summary(records: list[TrialRecord], pareto: set[int], task: PreparedTask) -> dict[str, float]:
     """Counts, the best figure of each objective, and the uncompressed model's figures (``reference_*``)."""
     from slimtune.config import METRIC_GOALS
+    from slimtune.search.front_progress import hypervolume
+    from slimtune.search.trial import objectives
 
     done = [r for r in records if r.status == "completed"]
     summary = {f"trials_{s}": float(sum(r.status == s for r in records)) for s in ("completed", "failed", "stopped")}
     summary["pareto_size"] = float(len(pareto))
     summary.update({f"reference_{name}": value for name, value in task.reference.items()})
     summary["hardware_targets"] = float(len({r.metrics.get("hardware") for r in done}))
+    summary["final_hypervolume"] = hypervolume(records, objectives(task.metric))  # recovered points included
     if done:
         best = max if METRIC_GOALS[task.metric] == "max" else min
         summary[f"best_{task.metric}"] = best(float(r.metrics[task.metric]) for r in done)
@@ -119,6 +122,7 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
 
     from slimtune.evaluators.node_lock import default_lock_path
     from slimtune.report import pareto_table, write_results
+    from slimtune.search.front_progress import FrontProgress
     from slimtune.search.pareto import hardware_targets, not_faster_numbers, pareto_numbers
     from slimtune.search.progress import ProgressDisplay
     from slimtune.search.runner import check_cluster, run_search, start_ray
@@ -154,8 +158,13 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
         )
         tracker.client.log_text(tracker.parent_id, config_to_yaml(config), "search_config.yaml")
         goals = objectives(task.metric)
-        with ProgressDisplay(config.search.trials, goals[0], console) as progress:
-            records = run_search(config, ctx, space, work / "ray", name, listeners=(progress, tracker))
+        front = FrontProgress(goals, config.search.patience,
+                              on_change=lambda value, step: tracker.log_search_metric("hypervolume", value, step))
+        with ProgressDisplay(config.search.trials, goals[0], console, front, config.search.time_budget_s) as progress:
+            records = run_search(config, ctx, space, work / "ray", name, listeners=(progress, tracker), front=front)
+        if front.should_stop:
+            console.print(f"stopped: no hypervolume gain in the last {config.search.patience} trials "
+                          f"(hypervolume {front.hypervolume:.4f})")
         if config.recovery.mode == "front":
             records += _recover_front(records, ctx, tracker, console)
         pareto = pareto_numbers(records, goals)

@@ -73,6 +73,10 @@ def test_mlflow_holds_parent_nested_runs_tags_and_artifacts(finished_search):
     assert {c.data.tags["slimtune.not_faster"] for c in children} <= {"true", "false"}
     assert all("/ort" in c.data.tags["slimtune.hardware"] and c.data.tags["slimtune.node"] for c in children)
     assert parents[0].data.metrics["hardware_targets"] == 1
+    history = client.get_metric_history(parents[0].info.run_id, "hypervolume")
+    assert [m.step for m in history] == list(range(1, 7))  # one point per completed sampled trial
+    assert history[0].value == 0 and history[-1].value > 0  # fp32 alone spans nothing; compression does
+    assert parents[0].data.metrics["final_hypervolume"] >= history[-1].value  # recovered points only add
     assert all({"accuracy", "latency_ms", "size_mb", "export_s"} <= set(c.data.metrics) for c in children)
     assert all("encoder.layer.1.ffn.bits" in c.data.params for c in children)
     pareto_rows = list(csv.DictReader((results / "tiny" / "pareto.csv").open()))

@@ -80,3 +80,24 @@ def test_a_time_budget_ends_the_search_with_no_trial_left_running(local_ray, tin
     assert 0 < len(records) < 2000
     assert {r.status for r in records} <= {"completed", "stopped"} and records[0].status == "completed"
     assert "RUNNING" not in {r.info.status for r in _children(uri, "budget")}
+
+
+def test_patience_ends_a_search_that_stops_improving(local_ray, tiny_model_dir, tiny_csv, tmp_path):
+    from slimtune.search.front_progress import FrontProgress
+
+    config = Config.model_validate({
+        "model": {"name": str(tiny_model_dir), "max_length": 32},
+        "task": {"data": str(tiny_csv), "text_column": "body", "label_column": "topic"},
+        "space": {"weight_formats": ["fp32", "int8"], "ffn_sparsities": [0.0], "head_fractions": [0.0],
+                  "depth_fractions": [0.0], "rank_fractions": [1.0], "embedding_formats": ["fp32"]},
+        "latency": {"batch_size": 2, "sequence_length": 32, "threads": 1, "warmup_runs": 1, "timed_runs": 5},
+        "search": {"trials": 200, "workers": 1, "patience": 3},
+    })
+    prepared = prepare(config, tmp_path, Console(quiet=True))
+    space = SearchSpace(prepared.layout, prepared.config.space)
+    ctx = TrialContext(config=prepared.config, model_source=str(tiny_model_dir), task_path=str(prepared.task_path),
+                       work_dir=str(tmp_path / "work"), lock_path=str(tmp_path / "lock"))
+    front = FrontProgress(objectives(prepared.config.task.metric), patience=3)
+    records = run_search(prepared.config, ctx, space, tmp_path / "ray", "patience", front=front)
+    assert front.should_stop and len(records) < 40  # a 2-group fp32/int8 space has 4 plans; repeats never gain
+    assert {r.status for r in records} <= {"completed", "stopped"}
