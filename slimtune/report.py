@@ -21,7 +21,7 @@ from slimtune.search.records import TrialRecord
 from slimtune.spaces import SearchSpace
 
 QUALITY = tuple(dict.fromkeys(name for names in TASK_METRICS.values() for name in names))
-SPEED_AND_SIZE = ("latency_ms", "latency_p90_ms", "latency_spread", "size_mb")
+SPEED_AND_SIZE = ("latency_ms", "latency_p90_ms", "latency_spread", "size_mb", "search_latency_ms")
 
 
 def quality_names(metrics: list[dict[str, Any]], metric: str) -> tuple[str, ...]:

@@ -128,6 +128,19 @@ class MlflowSearchRun:
             self.client.set_tag(run_id, "slimtune.error", record.error[:4000])
         self.client.set_terminated(run_id, _RUN_STATUS[record.status])
 
+    def trial_remeasured(self, record: TrialRecord) -> None:
+        """A front point timed again in isolation: ``latency_ms`` gets a second value (step 1, the
+        published one); the search-time figures stay as ``search_latency_*``."""
+        run_id = self.run_ids.get(record.number)
+        if run_id is None:
+            return
+        now = int(time.time() * 1000)
+        names = ("latency_ms", "latency_p90_ms", "latency_spread")
+        metrics = [Metric(k, float(record.metrics[k]), now, 1) for k in names]
+        metrics += [Metric(f"search_{k}", float(record.metrics[f"search_{k}"]), now, 0) for k in names]
+        self.client.log_batch(run_id, metrics=metrics)
+        self.client.set_tag(run_id, "slimtune.remeasured", "true")
+
     def log_search_metric(self, name: str, value: float, step: int) -> None:
         """One point of a metric history on the search's parent run (e.g. the hypervolume per trial)."""
         self.client.log_metric(self.parent_id, name, value, timestamp=int(time.time() * 1000), step=step)

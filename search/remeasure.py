@@ -1,0 +1,59 @@
+"""The honest final front: its points' latencies measured again, in isolation, before publishing.
+
+During the search, trials share the machine (their timed runs hold the node lock, but caches, turbo
+clocks and memory traffic still differ from run to run). Before the front is published, every
+front point's artifact is timed again, one at a time, in a fixed order (trial number), with
+nothing else running. The search-time figures are kept as ``search_latency_ms`` /
+``search_latency_p90_ms``; ``latency_ms`` becomes the isolated one, the front is recomputed, and
+points that join it are re-measured too, until the front is stable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from slimtune.config import LatencyConfig
+from slimtune.evaluators import as_dict
+from slimtune.evaluators.latency import measure_latency
+from slimtune.evaluators.node_lock import NodeLock
+from slimtune.search.pareto import pareto_numbers
+from slimtune.search.records import TrialRecord
+from slimtune.search.trial import Objectives
+
+Remeasured = Callable[[TrialRecord], None]
+
+
+def remeasure(record: TrialRecord, feeds: dict[str, np.ndarray], cfg: LatencyConfig, lock: NodeLock) -> TrialRecord:
+    """``record`` with its artifact's latency measured again; the search-time figures kept beside it."""
+    isolated = as_dict(measure_latency(Path(record.metrics["artifact"]), feeds, cfg, lock))
+    search_time = {f"search_{k}": record.metrics[k] for k in ("latency_ms", "latency_p90_ms", "latency_spread")}
+    return replace(record, metrics={**record.metrics, **search_time, **isolated, "remeasured": 1})
+
+
+def remeasure_front(records: list[TrialRecord], objectives: Objectives, feeds: dict[str, np.ndarray],
+                    cfg: LatencyConfig, lock: NodeLock, on_remeasured: Remeasured | None = None,
+                    progress: Callable[[int], None] | None = None) -> tuple[list[TrialRecord], set[int]]:
+    """Re-time the front until it is stable; returns the updated records and the published front.
+
+    Only points whose artifact file is on this machine can be re-timed; the others keep their
+    search-time figures (``remeasured`` absent).
+    """
+    by_number = {r.number: r for r in records}
+    front = pareto_numbers(records, objectives)
+    done: set[int] = set()
+    while True:
+        pending = sorted(n for n in front - done if Path(str(by_number[n].metrics.get("artifact", ""))).is_file())
+        if not pending:
+            return [by_number[r.number] for r in records], front
+        for number in pending:
+            by_number[number] = remeasure(by_number[number], feeds, cfg, lock)
+            done.add(number)
+            if on_remeasured:
+                on_remeasured(by_number[number])
+            if progress:
+                progress(len(done))
+        front = pareto_numbers(list(by_number.values()), objectives)
