@@ -8,13 +8,17 @@ stopped; ``close_open_trials`` guarantees that even when the driver is interrupt
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 from ray.tune import Callback
 
 from slimtune.search.trial import Objectives
 from slimtune.spaces import SearchSpace
+
+log = logging.getLogger("slimtune.search")
 
 
 @dataclass(frozen=True)
@@ -64,9 +68,11 @@ def _error_text(trial: Any) -> str:
 
 class TrialLog(Callback):
     def __init__(self, space: SearchSpace, objectives: Objectives,
-                 listeners: tuple[TrialListener, ...] | list = ()) -> None:
+                 listeners: tuple[TrialListener, ...] | list = (), faults_dir: Path | None = None) -> None:
+        """``faults_dir``: where the trial watchdog leaves the reason it ended a trial's worker."""
         self.listeners = tuple(listeners)
         self.objectives = objectives
+        self.faults_dir = faults_dir
         self._references = {
             name: {k: v for k, v in params.items()} for name, params in space.reference_points().items()
         }
@@ -80,6 +86,14 @@ class TrialLog(Callback):
     def records(self) -> list[TrialRecord]:
         return sorted(self._by_id.values(), key=lambda r: r.number)
 
+    def _tell(self, event: str, record: TrialRecord) -> None:
+        """Pass a trial event to every listener; one that raises is reported and the search goes on."""
+        for listener in self.listeners:
+            try:
+                getattr(listener, event)(record)
+            except Exception as exc:  # noqa: BLE001 - a display or a store must not end the search
+                log.warning("%s failed for %s: %s: %s", type(listener).__name__, record.name, type(exc).__name__, exc)
+
     def _reference_of(self, params: dict[str, Any]) -> str:
         return next((name for name, ref in self._references.items() if ref == params), "")
 
@@ -92,8 +106,7 @@ class TrialLog(Callback):
             status = "stopped"
         record = replace(record, status=status, metrics=metrics if status == "completed" else {}, error=error)
         self._by_id[trial.trial_id] = record
-        for listener in self.listeners:
-            listener.trial_finished(record)
+        self._tell("trial_finished", record)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if trial.trial_id in self._by_id:
@@ -102,14 +115,15 @@ class TrialLog(Callback):
         record = TrialRecord(number=len(self._by_id), trial_id=trial.trial_id, params=params,
                              reference=self._reference_of(params))
         self._by_id[trial.trial_id] = record
-        for listener in self.listeners:
-            listener.trial_started(record)
+        self._tell("trial_started", record)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, "completed")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, "failed", _error_text(trial))
+        marker = self.faults_dir / f"{trial.trial_id}.txt" if self.faults_dir else None
+        reason = marker.read_text().strip() if marker is not None and marker.is_file() else ""
+        self._finish(trial, "failed", reason or _error_text(trial))
 
     def close_open_trials(self) -> None:
         """Mark every trial still running as stopped (time budget hit, driver interrupted)."""
@@ -117,5 +131,4 @@ class TrialLog(Callback):
             if record.status == "running":
                 stopped = replace(record, status="stopped", error="the search ended before this trial finished")
                 self._by_id[record.trial_id] = stopped
-                for listener in self.listeners:
-                    listener.trial_finished(stopped)
+                self._tell("trial_finished", stopped)

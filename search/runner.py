@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from slimtune.config import Config
 from slimtune.search.front_progress import FrontProgress
 from slimtune.search.records import TrialListener, TrialLog, TrialRecord
 from slimtune.search.trial import TrialContext, objectives, run_trial
+from slimtune.search.watchdog import TrialWatchdog, fault_marker
 from slimtune.spaces import SearchSpace
 
 
@@ -104,18 +105,26 @@ def patience_stopper(front: FrontProgress):
     return PatienceStopper()
 
 
-def _trainable(params: dict[str, Any], ctx: TrialContext) -> None:
+Measure = Callable[[dict[str, Any], TrialContext], dict[str, Any]]
+
+
+def _trainable(params: dict[str, Any], ctx: TrialContext, measure: Measure = run_trial) -> None:
     from ray import tune
 
-    tune.report(run_trial(params, ctx))
+    search = ctx.config.search
+    marker = fault_marker(ctx.work_dir, tune.get_context().get_trial_id())
+    with TrialWatchdog(marker, search.trial_timeout_s, search.trial_memory_mb):
+        result = measure(params, ctx)
+    tune.report(result)
 
 
 def run_search(config: Config, ctx: TrialContext, space: SearchSpace, storage: Path,
                name: str, listeners: Sequence[TrialListener] = (),
-               front: FrontProgress | None = None) -> list[TrialRecord]:
+               front: FrontProgress | None = None, measure: Measure = run_trial) -> list[TrialRecord]:
     """Run all trials; returns one record per trial, in start order, none left running.
 
     ``front`` (a listener too) tracks the hypervolume; with ``search.patience`` it stops the search.
+    ``measure`` is what a trial runs (``run_trial``; tests give functions that fail on purpose).
     """
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
@@ -131,8 +140,10 @@ def run_search(config: Config, ctx: TrialContext, space: SearchSpace, storage: P
         sampler=make_sampler(config),
         points_to_evaluate=list(space.reference_points().values()) or None,
     )
-    trainable = tune.with_resources(tune.with_parameters(_trainable, ctx=ctx), {"cpu": search.cpus_per_trial})
-    trial_log = TrialLog(space, goals, ([front] if front else []) + list(listeners))
+    trainable = tune.with_resources(tune.with_parameters(_trainable, ctx=ctx, measure=measure),
+                                    {"cpu": search.cpus_per_trial})
+    trial_log = TrialLog(space, goals, ([front] if front else []) + list(listeners),
+                         faults_dir=fault_marker(ctx.work_dir, "-").parent)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(

@@ -171,6 +171,9 @@ class SearchConfig(_Frozen):
     sampler: Literal["nsga2", "tpe"] = "nsga2"
     time_budget_s: float | None = Field(None, gt=0)
     patience: int | None = Field(None, ge=1, description="stop after this many trials without hypervolume gain")
+    trial_timeout_s: float | None = Field(None, gt=0, description="a trial running longer is ended and failed")
+    trial_memory_mb: float | None = Field(None, gt=0, description="a worker using more resident memory during a "
+                                                                  "trial (model included) is ended, the trial failed")
     cpus_per_trial: float = Field(1.0, gt=0)
     address: str | None = Field(None, description="Ray cluster address; None starts a local Ray")
 

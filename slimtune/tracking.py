@@ -6,10 +6,14 @@ a server when ``--tracking-uri`` names one). Nested runs carry the readable sear
 metrics, and the tags ``slimtune.status``, ``slimtune.reference``, ``slimtune.pareto``,
 ``slimtune.kernels``, ``slimtune.hardware`` (the target its latency belongs to) and ``slimtune.node``.
 A failed trial's run ends FAILED with its error; a trial that never finished ends KILLED.
+
+A store that fails now and then does not end a search: every call is retried with backoff, and a
+trial whose logging still failed is logged again when the search finishes (a warning says so).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ from slimtune.search.records import TrialRecord
 from slimtune.spaces import SearchSpace
 
 _RUN_STATUS = {"completed": "FINISHED", "failed": "FAILED", "stopped": "KILLED"}
+log = logging.getLogger("slimtune.tracking")
 
 
 class TrackingError(RuntimeError):
@@ -69,6 +74,28 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
+class RetryingClient:
+    """An MlflowClient whose calls are retried ``attempts`` times, waiting ``backoff_s`` x 2^n between."""
+
+    def __init__(self, client, attempts: int = 3, backoff_s: float = 0.5) -> None:
+        self._client, self._attempts, self._backoff_s = client, attempts, backoff_s
+
+    def __getattr__(self, name: str):
+        method = getattr(self._client, name)
+
+        def call(*args, **kwargs):
+            for attempt in range(self._attempts):
+                try:
+                    return method(*args, **kwargs)
+                except Exception:  # MLflow raises many types for a store that failed this time
+                    if attempt == self._attempts - 1:
+                        raise
+                    time.sleep(self._backoff_s * 2 ** attempt)
+            return None
+
+        return call
+
+
 class MlflowSearchRun:
     """Listener that mirrors a search into MLflow as it runs."""
 
@@ -82,9 +109,12 @@ class MlflowSearchRun:
                                                  tags={"slimtune.kind": "search"})
         except Exception as exc:  # MLflow raises many types for an unreachable or broken store
             raise TrackingError(f"cannot use the MLflow store {uri} ({str(exc).splitlines()[0][:160]})") from exc
+        self.client = RetryingClient(self.client)
         self.space = space
         self.parent_id = self.parent.info.run_id
         self.run_ids: dict[int, str] = {}
+        self.unsynced: dict[int, TrialRecord] = {}  # trials whose logging failed: logged again at the end
+        self.started: set[int] = set()  # trials whose run, params and plan are logged
         self._log_params(self.parent_id, params)
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
@@ -99,7 +129,38 @@ class MlflowSearchRun:
         return {**{dim: sampled.get(dim, options[0]) for dim, options in dims.items()},
                 **{k: v for k, v in sampled.items() if k not in dims}}
 
+    def _guarded(self, record: TrialRecord, operation) -> None:
+        try:
+            operation(record)
+            self.unsynced.pop(record.number, None)
+        except Exception as exc:  # noqa: BLE001 - a failing store must not end the search
+            self.unsynced[record.number] = record
+            log.warning("MLflow: could not log %s (%s: %s); it is logged again when the search finishes",
+                        record.name, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+
     def trial_started(self, record: TrialRecord) -> None:
+        self._guarded(record, self._start_run)
+
+    def trial_finished(self, record: TrialRecord) -> None:
+        self._guarded(record, self._sync)
+
+    def _sync(self, record: TrialRecord) -> None:
+        """Bring the trial's run up to date: create it if that failed, then log how it ended."""
+        if record.number not in self.started:
+            self._start_run(record)
+        if record.status != "running":
+            self._end_run(record)
+
+    def _start_run(self, record: TrialRecord) -> None:
+        """Create the trial's run (once) and log its params and plan; safe to call again after a failure."""
+        if record.number not in self.run_ids:
+            self.run_ids[record.number] = self._create_run(record)
+        run_id = self.run_ids[record.number]
+        self._log_params(run_id, self.readable_params(record.params))
+        self.client.log_text(run_id, self.space.plan_from_choices(record.params).dumps(), "plan.json")
+        self.started.add(record.number)
+
+    def _create_run(self, record: TrialRecord) -> str:
         run = self.client.create_run(
             self.experiment_id, run_name=record.name,
             tags={"mlflow.parentRunId": self.parent_id, "slimtune.trial_id": record.trial_id,
@@ -107,15 +168,10 @@ class MlflowSearchRun:
                   **({"slimtune.recovered_from": f"trial-{record.recovered_from:03d}"}
                      if record.recovered_from is not None else {})},
         )
-        self.run_ids[record.number] = run.info.run_id
-        self._log_params(run.info.run_id, self.readable_params(record.params))
-        plan = self.space.plan_from_choices(record.params)
-        self.client.log_text(run.info.run_id, plan.dumps(), "plan.json")
+        return run.info.run_id
 
-    def trial_finished(self, record: TrialRecord) -> None:
-        run_id = self.run_ids.get(record.number)
-        if run_id is None:
-            return
+    def _end_run(self, record: TrialRecord) -> None:
+        run_id = self.run_ids[record.number]
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, 0) for k, v in _numeric(record.metrics).items()]
         if metrics:
@@ -131,6 +187,9 @@ class MlflowSearchRun:
     def trial_remeasured(self, record: TrialRecord) -> None:
         """A front point timed again in isolation: ``latency_ms`` gets a second value (step 1, the
         published one); the search-time figures stay as ``search_latency_*``."""
+        self._guarded(record, self._log_remeasured)
+
+    def _log_remeasured(self, record: TrialRecord) -> None:
         run_id = self.run_ids.get(record.number)
         if run_id is None:
             return
@@ -148,7 +207,10 @@ class MlflowSearchRun:
     def finish(self, records: list[TrialRecord], pareto: set[int], results_dir: Path | None,
                summary: dict[str, float], not_faster: set[int] = frozenset()) -> None:
         """Tag every trial run (``slimtune.pareto``, ``slimtune.not_faster``: compressed but not faster
-        than fp32), log the summary and the results folder to the parent run, and close it."""
+        than fp32), log the summary and the results folder to the parent run, and close it.
+        Trials whose logging failed during the search are logged first."""
+        for record in list(self.unsynced.values()):
+            self._guarded(next((r for r in records if r.number == record.number), record), self._sync)
         for record in records:
             run_id = self.run_ids.get(record.number)
             if run_id is not None:
