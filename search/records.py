@@ -68,8 +68,11 @@ def _error_text(trial: Any) -> str:
 
 class TrialLog(Callback):
     def __init__(self, space: SearchSpace, objectives: Objectives,
-                 listeners: tuple[TrialListener, ...] | list = (), faults_dir: Path | None = None) -> None:
-        """``faults_dir``: where the trial watchdog leaves the reason it ended a trial's worker."""
+                 listeners: tuple[TrialListener, ...] | list = (), faults_dir: Path | None = None,
+                 first_number: int = 0) -> None:
+        """``faults_dir``: where the trial watchdog leaves the reason it ended a trial's worker;
+        ``first_number``: the number of the first trial (after a resumed search's earlier ones)."""
+        self.first_number = first_number
         self.listeners = tuple(listeners)
         self.objectives = objectives
         self.faults_dir = faults_dir
@@ -112,7 +115,7 @@ class TrialLog(Callback):
         if trial.trial_id in self._by_id:
             return
         params = dict(trial.config)
-        record = TrialRecord(number=len(self._by_id), trial_id=trial.trial_id, params=params,
+        record = TrialRecord(number=self.first_number + len(self._by_id), trial_id=trial.trial_id, params=params,
                              reference=self._reference_of(params))
         self._by_id[trial.trial_id] = record
         self._tell("trial_started", record)

@@ -118,14 +118,34 @@ def _trainable(params: dict[str, Any], ctx: TrialContext, measure: Measure = run
     tune.report(result)
 
 
+@dataclass(frozen=True)
+class Continuation:
+    """Where a search keeps its sampler and where it picks up: the Optuna study's storage (an SQLite
+    file in the work folder) and name; for a resumed search, the number of its next trial, the
+    trials and seconds left, and no second enqueueing of the reference points."""
+
+    study_uri: str
+    study_name: str
+    first_number: int = 0
+    trials_left: int | None = None
+    time_left_s: float | None = None
+
+    @property
+    def resumed(self) -> bool:
+        return self.first_number > 0
+
+
 def run_search(config: Config, ctx: TrialContext, space: SearchSpace, storage: Path,
                name: str, listeners: Sequence[TrialListener] = (),
-               front: FrontProgress | None = None, measure: Measure = run_trial) -> list[TrialRecord]:
+               front: FrontProgress | None = None, measure: Measure = run_trial,
+               continuation: Continuation | None = None) -> list[TrialRecord]:
     """Run all trials; returns one record per trial, in start order, none left running.
 
     ``front`` (a listener too) tracks the hypervolume; with ``search.patience`` it stops the search.
     ``measure`` is what a trial runs (``run_trial``; tests give functions that fail on purpose).
+    ``continuation``: a study kept on disk (resumable), and where a resumed search picks up.
     """
+    import optuna
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
@@ -133,22 +153,28 @@ def run_search(config: Config, ctx: TrialContext, space: SearchSpace, storage: P
     if config.task.metric is None:
         raise ValueError("config.task.metric is not resolved: pass the config that slimtune.workflow.prepare returns")
     goals = objectives(config.task.metric)
+    go_on = continuation or Continuation("", "")
+    study = {"storage": optuna.storages.RDBStorage(go_on.study_uri), "study_name": go_on.study_name} \
+        if go_on.study_uri else {}
     searcher = OptunaSearch(
         space=DefineByRun(space),
         metric=[m for m, _ in goals],
         mode=[mode for _, mode in goals],
         sampler=make_sampler(config),
-        points_to_evaluate=list(space.reference_points().values()) or None,
+        points_to_evaluate=None if go_on.resumed else list(space.reference_points().values()) or None,
+        **study,
     )
     trainable = tune.with_resources(tune.with_parameters(_trainable, ctx=ctx, measure=measure),
                                     {"cpu": search.cpus_per_trial})
     trial_log = TrialLog(space, goals, ([front] if front else []) + list(listeners),
-                         faults_dir=fault_marker(ctx.work_dir, "-").parent)
+                         faults_dir=fault_marker(ctx.work_dir, "-").parent, first_number=go_on.first_number)
+    trials = go_on.trials_left if go_on.trials_left is not None else search.trials
+    budget = go_on.time_left_s if go_on.resumed else search.time_budget_s
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=searcher, num_samples=search.trials, max_concurrent_trials=search.workers,
-            time_budget_s=search.time_budget_s, reuse_actors=True, trial_dirname_creator=_trial_dirname,
+            search_alg=searcher, num_samples=trials, max_concurrent_trials=search.workers,
+            time_budget_s=budget, reuse_actors=True, trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=name, storage_path=str(storage.resolve()), callbacks=[trial_log], verbose=0,

@@ -58,9 +58,13 @@ def search(
     address: Annotated[str | None, typer.Option("--address", help="Ray cluster address; default a local Ray")] = None,
     sampler: Annotated[str | None, typer.Option("--sampler", help="nsga2 (default) or tpe")] = None,
     patience: Annotated[int | None, typer.Option("--patience", help="stop after N trials without hypervolume gain")] = None,
+    resume: Annotated[str | None, typer.Option("--resume", help="continue the search NAME whose driver died")] = None,
     results: ResultsOpt = Path("results"),
 ) -> None:
     """Search per-layer bits x FFN sparsity x rank; log the front to MLflow and results/<name>/."""
+    if resume is not None:
+        _resume(resume, address, results)
+        return
     try:
         budget = parse_duration_s(time_budget) if time_budget else None
         config = load_config(config_path, {
@@ -75,6 +79,32 @@ def search(
 
     try:
         run_search_job(config, name, out, results, console)
+    except BAD_INPUT as exc:
+        raise fail(str(exc)) from None
+
+
+def _resume(name: str, address: str | None, results: Path) -> None:
+    """Continue a search from its saved state (its own config; ``--address`` may point elsewhere now)."""
+    import yaml
+
+    from slimtune.config import Config
+    from slimtune.search.session import ResumeError, SearchState
+    from slimtune.workflow import BAD_INPUT, run_search_job
+
+    if not _NAME.match(name):
+        raise fail(f"--resume {name!r} is not a search name: give the --name of the search to continue")
+    try:
+        state = SearchState.load(results / ".work" / name)
+    except ResumeError as exc:
+        raise fail(str(exc)) from None
+    out = Path(state.out)
+    if out.exists():
+        raise fail(f"search {name!r} already finished ({out} exists): nothing to resume")
+    config = Config.model_validate(yaml.safe_load(state.config_yaml))
+    if address:
+        config = config.model_copy(update={"search": config.search.model_copy(update={"address": address})})
+    try:
+        run_search_job(config, name, out, results, console, resume=True)
     except BAD_INPUT as exc:
         raise fail(str(exc)) from None
 

@@ -117,6 +117,48 @@ class MlflowSearchRun:
         self.started: set[int] = set()  # trials whose run, params and plan are logged
         self._log_params(self.parent_id, params)
 
+    @classmethod
+    def attach(cls, uri: str, parent_id: str, space: SearchSpace) -> MlflowSearchRun:
+        """The tracker of a search being resumed: its parent run found and set running again."""
+        check_reachable(uri)
+        self = cls.__new__(cls)
+        try:
+            self.client = RetryingClient(_client(uri))
+            parent = self.client.get_run(parent_id)
+            self.client.update_run(parent_id, status="RUNNING")
+        except Exception as exc:  # MLflow raises many types for an unreachable store or a missing run
+            raise TrackingError(f"cannot reopen the search's MLflow run {parent_id} in {uri} "
+                                f"({str(exc).splitlines()[0][:160]})") from exc
+        self.experiment_id, self.parent_id, self.space = parent.info.experiment_id, parent_id, space
+        self.run_ids, self.unsynced, self.started = {}, {}, set()
+        return self
+
+    def adopt(self, finished: list[TrialRecord]) -> int:
+        """Take over the runs a dead driver left: match its trial runs to the ``finished`` trials (by
+        ``slimtune.trial_id``, so none is logged twice) and bring them up to date; close every other
+        run it left RUNNING as KILLED. Returns the number the next trial gets."""
+        children = self.client.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{self.parent_id}'",
+                                           max_results=50000)
+        by_trial = {run.data.tags.get("slimtune.trial_id"): run for run in children}
+        for record in finished:
+            run = by_trial.get(record.trial_id)
+            if run is not None:
+                self.run_ids[record.number] = run.info.run_id
+                if run.data.params:
+                    self.started.add(record.number)
+            if run is None or run.info.status == "RUNNING":
+                self._guarded(record, self._sync)
+        done = {r.trial_id for r in finished}
+        for run in children:
+            if run.info.status == "RUNNING" and run.data.tags.get("slimtune.trial_id") not in done:
+                self.client.set_tag(run.info.run_id, "slimtune.status", "stopped")
+                self.client.set_tag(run.info.run_id, "slimtune.error", "the search's driver died before this trial "
+                                                                       "finished; the resumed search sampled anew")
+                self.client.set_terminated(run.info.run_id, "KILLED")
+        numbers = [int(name[6:]) for run in children if (name := run.info.run_name or "").startswith("trial-")
+                   and name[6:].isdigit()]
+        return max(numbers + [r.number for r in finished], default=-1) + 1
+
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         items = [Param(k, str(v)) for k, v in params.items()]
         for start in range(0, len(items), 100):

@@ -22,10 +22,11 @@ from slimtune.model import LoadedModel, ModelLoadError, load_model, resolve_mode
 from slimtune.plan import PlanError
 from slimtune.search.records import TrialRecord
 from slimtune.search.runner import ClusterError
+from slimtune.search.session import ResumeError
 from slimtune.tasks import DataError, PreparedTask, choose_task, load_texts, prepare_task
 from slimtune.tracking import TrackingError
 
-BAD_INPUT = (ConfigError, ModelLoadError, LayoutError, DataError, PlanError, TrackingError, ClusterError)
+BAD_INPUT = (ConfigError, ModelLoadError, LayoutError, DataError, PlanError, TrackingError, ClusterError, ResumeError)
 
 
 @dataclass(frozen=True)
@@ -139,8 +140,39 @@ def _remeasure_front(records: list[TrialRecord], goals, task: PreparedTask, conf
     return records, pareto
 
 
-def run_search_job(config: Config, name: str, out: Path, results: Path, console: Console) -> tuple[list[TrialRecord], set[int]]:
-    """Run one search end to end; returns the records and the Pareto trial numbers."""
+def _tracking_params(config: Config, task: PreparedTask, out: Path) -> dict:
+    return {"model": config.model.name, "data": config.task.data, "task_kind": task.kind, "metric": task.metric,
+            "output": task.output.name, **({"pooling": task.output.pooling} if task.output.kind == "embedding" else {}),
+            "trials": config.search.trials, "workers": config.search.workers, "seed": config.search.seed,
+            "sampler": config.search.sampler, "time_budget_s": config.search.time_budget_s, "results_dir": str(out)}
+
+
+def _take_over(work: Path, console: Console):
+    """Before a resumed search starts Ray: its saved state, with what the dead driver left running ended."""
+    from slimtune.search.session import (
+        ResumeError,
+        SearchState,
+        end_processes,
+        process_alive,
+        session_processes,
+    )
+
+    state = SearchState.load(work)
+    if state.driver_pid != os.getpid() and process_alive(state.driver_pid) and \
+            Path(f"/proc/{state.driver_pid}/cmdline").read_bytes().find(b"slimtune") >= 0:
+        raise ResumeError(f"search {state.name!r} is still running (driver pid {state.driver_pid}): "
+                          "stop it first or let it finish")
+    ended = end_processes(session_processes(state.ray_session))
+    console.print(f"resuming {state.name}: the dead driver's Ray session left {len(ended)} processes, ended")
+    return state
+
+
+def run_search_job(config: Config, name: str, out: Path, results: Path, console: Console,
+                   resume: bool = False) -> tuple[list[TrialRecord], set[int]]:
+    """Run one search end to end, or (``resume``) continue one whose driver died; returns the records
+    and the Pareto trial numbers."""
+    import time
+
     import ray
 
     from slimtune.evaluators.node_lock import default_lock_path
@@ -148,11 +180,21 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
     from slimtune.search.front_progress import FrontProgress
     from slimtune.search.pareto import hardware_targets, not_faster_numbers
     from slimtune.search.progress import ProgressDisplay
-    from slimtune.search.runner import check_cluster, run_search, start_ray
+    from slimtune.search.runner import Continuation, check_cluster, run_search, start_ray
+    from slimtune.search.session import (
+        JOURNAL_FILE,
+        SearchState,
+        TrialJournal,
+        fail_unfinished_study_trials,
+        local_ray_session,
+        study_uri,
+    )
     from slimtune.search.trial import TrialContext, make_space, objectives, task_calibration
     from slimtune.tracking import MlflowSearchRun, check_reachable, default_tracking_uri
 
-    uri = config.tracking.uri or default_tracking_uri(results)
+    work = results / ".work" / name
+    state = _take_over(work, console) if resume else None
+    uri = state.tracking_uri if state else config.tracking.uri or default_tracking_uri(results)
     check_reachable(uri)  # both before minutes of preparation
     check_cluster(config.search.address)
     prepared = prepare(config, results, console)
@@ -162,29 +204,46 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
     console.print(f"space: {len(prepared.layout.blocks)} blocks in {len(space.groups)} groups, "
                   f"{sum(len(v) > 1 for v in space.dimensions().values())} open dimensions; "
                   f"references: {', '.join(space.reference_points()) or 'none in this space'}")
-    work = results / ".work" / name
-    shutil.rmtree(work, ignore_errors=True)  # an earlier, failed search of this name: never reuse its leftovers
+    if not resume:
+        shutil.rmtree(work, ignore_errors=True)  # an earlier, failed search of this name: never reuse its leftovers
     ctx = TrialContext(config=config, model_source=prepared.loaded.source, task_path=str(prepared.task_path.resolve()),
                        work_dir=str(work.resolve()), lock_path=str(default_lock_path()))
     start_ray(config.search.address)
     tracker = None
     try:
-        tracker = MlflowSearchRun(
-            uri, config.tracking.experiment, name, space,
-            artifact_root=None if config.tracking.uri else results / "mlartifacts",
-            params={"model": config.model.name, "data": config.task.data, "task_kind": task.kind,
-                    "metric": task.metric, "output": task.output.name,
-                    **({"pooling": task.output.pooling} if task.output.kind == "embedding" else {}),
-                    "trials": config.search.trials,
-                    "workers": config.search.workers, "seed": config.search.seed, "sampler": config.search.sampler,
-                    "time_budget_s": config.search.time_budget_s, "results_dir": str(out)},
-        )
-        tracker.client.log_text(tracker.parent_id, config_to_yaml(config), "search_config.yaml")
+        earlier: list[TrialRecord] = []
+        if state is None:
+            tracker = MlflowSearchRun(uri, config.tracking.experiment, name, space, _tracking_params(config, task, out),
+                                      artifact_root=None if config.tracking.uri else results / "mlartifacts")
+            tracker.client.log_text(tracker.parent_id, config_to_yaml(config), "search_config.yaml")
+            state = SearchState(name, str(out), config_to_yaml(config), uri, tracker.parent_id, os.getpid(),
+                                local_ray_session(), time.time())
+            continuation = Continuation(study_uri(work), name)
+        else:
+            tracker = MlflowSearchRun.attach(uri, state.parent_run_id, space)
+            earlier = TrialJournal.load(work)
+            first_number = tracker.adopt(earlier)
+            abandoned = fail_unfinished_study_trials(work, name)
+            journal = work / JOURNAL_FILE
+            spent = (journal.stat().st_mtime if journal.is_file() else state.started_at) - state.started_at
+            budget = config.search.time_budget_s
+            continuation = Continuation(study_uri(work), name, first_number,
+                                        trials_left=max(0, config.search.trials - len(earlier)),
+                                        time_left_s=max(1.0, budget - spent) if budget else None)
+            console.print(f"resume: {len(earlier)} finished trials kept, {abandoned} unfinished closed; "
+                          f"{continuation.trials_left} trials left")
+            state = dataclasses.replace(state, driver_pid=os.getpid(), ray_session=local_ray_session())
+        state.save(work)
         goals = objectives(task.metric)
         front = FrontProgress(goals, config.search.patience,
                               on_change=lambda value, step: tracker.log_search_metric("hypervolume", value, step))
-        with ProgressDisplay(config.search.trials, goals[0], console, front, config.search.time_budget_s) as progress:
-            records = run_search(config, ctx, space, work / "ray", name, listeners=(progress, tracker), front=front)
+        front.records = list(earlier)
+        left = continuation.trials_left if continuation.trials_left is not None else config.search.trials
+        with ProgressDisplay(left, goals[0], console, front, continuation.time_left_s or config.search.time_budget_s) \
+                as progress:
+            records = earlier + run_search(config, ctx, space, work / "ray", name,
+                                           listeners=(TrialJournal(work), progress, tracker), front=front,
+                                           continuation=continuation)
         if front.should_stop:
             console.print(f"stopped: no hypervolume gain in the last {config.search.patience} trials "
                           f"(hypervolume {front.hypervolume:.4f})")
@@ -196,8 +255,8 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
         write_results(partial, records, pareto, space, config_to_yaml(config), task.metric, not_faster_numbers(records))
         _keep_front_artifacts(records, pareto, partial / "models")
         partial.rename(out)
-        shutil.rmtree(work / "artifacts", ignore_errors=True)
         tracker.finish(records, pareto, out, _summary(records, pareto, task), not_faster_numbers(records))
+        shutil.rmtree(work, ignore_errors=True)  # finished: nothing left to resume
     except BaseException as exc:
         if tracker is not None:  # interrupted or broken before the end: the parent run must not stay RUNNING
             tracker.abort("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")

@@ -25,6 +25,7 @@ from slimtune.cli import app
         (["search", "--address", "127.0.0.1:9"], "no Ray cluster answers at 127.0.0.1:9"),
         (["search", "--address", "headnode"], "is not HOST:PORT"),
         (["search", "--config", "latin1.yaml"], "is not valid utf-8 text"),
+        (["search", "--resume", "nothing"], "no search to resume"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatch, args, fragment):
