@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Protocol
 
 from ray.tune import Callback
 
+from slimtune.search.shipping import read_fault
 from slimtune.search.trial import Objectives
 from slimtune.spaces import SearchSpace
 
@@ -68,14 +68,11 @@ def _error_text(trial: Any) -> str:
 
 class TrialLog(Callback):
     def __init__(self, space: SearchSpace, objectives: Objectives,
-                 listeners: tuple[TrialListener, ...] | list = (), faults_dir: Path | None = None,
-                 first_number: int = 0) -> None:
-        """``faults_dir``: where the trial watchdog leaves the reason it ended a trial's worker;
-        ``first_number``: the number of the first trial (after a resumed search's earlier ones)."""
+                 listeners: tuple[TrialListener, ...] | list = (), first_number: int = 0) -> None:
+        """``first_number``: the number of the first trial (after a resumed search's earlier ones)."""
         self.first_number = first_number
         self.listeners = tuple(listeners)
         self.objectives = objectives
-        self.faults_dir = faults_dir
         self._references = {
             name: {k: v for k, v in params.items()} for name, params in space.reference_points().items()
         }
@@ -124,9 +121,7 @@ class TrialLog(Callback):
         self._finish(trial, "completed")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        marker = self.faults_dir / f"{trial.trial_id}.txt" if self.faults_dir else None
-        reason = marker.read_text().strip() if marker is not None and marker.is_file() else ""
-        self._finish(trial, "failed", reason or _error_text(trial))
+        self._finish(trial, "failed", read_fault(trial.trial_id) or _error_text(trial))
 
     def close_open_trials(self) -> None:
         """Mark every trial still running as stopped (time budget hit, driver interrupted)."""

@@ -10,6 +10,7 @@ points that join it are re-measured too, until the front is stable.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -25,33 +26,46 @@ from slimtune.search.records import TrialRecord
 from slimtune.search.trial import Objectives
 
 Remeasured = Callable[[TrialRecord], None]
+log = logging.getLogger("slimtune.search")
 
 
-def remeasure(record: TrialRecord, feeds: dict[str, np.ndarray], cfg: LatencyConfig, lock: NodeLock) -> TrialRecord:
-    """``record`` with its artifact's latency measured again; the search-time figures kept beside it."""
-    isolated = as_dict(measure_latency(Path(record.metrics["artifact"]), feeds, cfg, lock))
+Retime = Callable[[TrialRecord], dict[str, float]]
+
+
+def isolated_latency(artifact: str, feeds: dict[str, np.ndarray], cfg: LatencyConfig, lock_path: str) -> dict[str, float]:
+    """Latency figures of one artifact, timed under the machine's exclusive lock (runs on the node holding it)."""
+    return as_dict(measure_latency(Path(artifact), feeds, cfg, NodeLock(Path(lock_path))))
+
+
+def remeasure(record: TrialRecord, isolated: dict[str, float]) -> TrialRecord:
+    """``record`` with the re-measured latency figures; the search-time ones kept beside them."""
     search_time = {f"search_{k}": record.metrics[k] for k in ("latency_ms", "latency_p90_ms", "latency_spread")}
     return replace(record, metrics={**record.metrics, **search_time, **isolated, "remeasured": 1})
 
 
-def remeasure_front(records: list[TrialRecord], objectives: Objectives, feeds: dict[str, np.ndarray],
-                    cfg: LatencyConfig, lock: NodeLock, on_remeasured: Remeasured | None = None,
+def remeasure_front(records: list[TrialRecord], objectives: Objectives, retime: Retime,
+                    on_remeasured: Remeasured | None = None,
                     progress: Callable[[int], None] | None = None) -> tuple[list[TrialRecord], set[int]]:
     """Re-time the front until it is stable; returns the updated records and the published front.
 
-    Only points whose artifact file is on this machine can be re-timed; the others keep their
-    search-time figures (``remeasured`` absent).
+    ``retime(record)`` times the record's artifact where it lies (``isolated_latency`` there); a
+    point it cannot time keeps its search-time figures (``remeasured`` absent) and a warning says so.
     """
     by_number = {r.number: r for r in records}
     front = pareto_numbers(records, objectives)
     done: set[int] = set()
     while True:
-        pending = sorted(n for n in front - done if Path(str(by_number[n].metrics.get("artifact", ""))).is_file())
+        pending = sorted(n for n in front - done if by_number[n].metrics.get("artifact"))
         if not pending:
             return [by_number[r.number] for r in records], front
         for number in pending:
-            by_number[number] = remeasure(by_number[number], feeds, cfg, lock)
             done.add(number)
+            try:
+                by_number[number] = remeasure(by_number[number], retime(by_number[number]))
+            except Exception as exc:  # noqa: BLE001 - a node gone or a file lost: keep the search-time figures
+                log.warning("could not re-measure %s (%s: %s); its search-time latency stays",
+                            by_number[number].name, type(exc).__name__, exc)
+                continue
             if on_remeasured:
                 on_remeasured(by_number[number])
             if progress:

@@ -19,8 +19,9 @@ from typing import Any
 from slimtune.config import Config
 from slimtune.search.front_progress import FrontProgress
 from slimtune.search.records import TrialListener, TrialLog, TrialRecord
+from slimtune.search.shipping import report_fault
 from slimtune.search.trial import TrialContext, objectives, run_trial
-from slimtune.search.watchdog import TrialWatchdog, fault_marker
+from slimtune.search.watchdog import TrialWatchdog
 from slimtune.spaces import SearchSpace
 
 
@@ -112,8 +113,8 @@ def _trainable(params: dict[str, Any], ctx: TrialContext, measure: Measure = run
     from ray import tune
 
     search = ctx.config.search
-    marker = fault_marker(ctx.work_dir, tune.get_context().get_trial_id())
-    with TrialWatchdog(marker, search.trial_timeout_s, search.trial_memory_mb):
+    trial_id = tune.get_context().get_trial_id()
+    with TrialWatchdog(lambda reason: report_fault(trial_id, reason), search.trial_timeout_s, search.trial_memory_mb):
         result = measure(params, ctx)
     tune.report(result)
 
@@ -166,8 +167,7 @@ def run_search(config: Config, ctx: TrialContext, space: SearchSpace, storage: P
     )
     trainable = tune.with_resources(tune.with_parameters(_trainable, ctx=ctx, measure=measure),
                                     {"cpu": search.cpus_per_trial})
-    trial_log = TrialLog(space, goals, ([front] if front else []) + list(listeners),
-                         faults_dir=fault_marker(ctx.work_dir, "-").parent, first_number=go_on.first_number)
+    trial_log = TrialLog(space, goals, ([front] if front else []) + list(listeners), first_number=go_on.first_number)
     trials = go_on.trials_left if go_on.trials_left is not None else search.trials
     budget = go_on.time_left_s if go_on.resumed else search.time_budget_s
     tuner = tune.Tuner(

@@ -37,6 +37,7 @@ from slimtune.export import build_artifact
 from slimtune.layout import discover_layout
 from slimtune.model import load_model, source_fingerprint
 from slimtune.plan import CompressionPlan, RecoverySpec
+from slimtune.search.shipping import Shipment, node_work_dir, unpack
 from slimtune.spaces import SearchSpace
 from slimtune.tasks import PreparedTask
 from slimtune.transforms import Calibration, collect_calibration
@@ -66,14 +67,25 @@ class TrialContext:
     task_path: str
     work_dir: str
     lock_path: str
+    shipment: Shipment | None = None
+
+    @property
+    def trial_dir(self) -> Path:
+        """Where this node keeps measured results and artifacts: a node-local folder when the inputs
+        were shipped through Ray (a cluster), else the search's work folder."""
+        return node_work_dir(self.shipment.search_id) if self.shipment else Path(self.work_dir)
 
     @property
     def artifacts_dir(self) -> Path:
-        return Path(self.work_dir) / "artifacts"
+        return self.trial_dir / "artifacts"
 
     @property
     def cache_dir(self) -> Path:
-        return Path(self.work_dir) / "measured"
+        return self.trial_dir / "measured"
+
+    def inputs(self) -> tuple[str, Path]:
+        """(model source, task file) on this node: unpacked from the shipment when there is one."""
+        return unpack(self.shipment) if self.shipment else (self.model_source, Path(self.task_path))
 
 
 @dataclass(frozen=True)
@@ -112,10 +124,11 @@ def make_space(config: Config, model: torch.nn.Module, calibration: Calibration)
 
 @functools.lru_cache(maxsize=2)
 def worker_state(ctx: TrialContext) -> WorkerState:
-    task = PreparedTask.load(Path(ctx.task_path))
-    model = load_model(ctx.model_source, classification_head=task.output.kind == "logits").module
+    source, task_path = ctx.inputs()
+    task = PreparedTask.load(task_path)
+    model = load_model(source, classification_head=task.output.kind == "logits").module
     calibration = task_calibration(model, task)
-    task_digest = hashlib.sha256(Path(ctx.task_path).read_bytes()).hexdigest()
+    task_digest = hashlib.sha256(task_path.read_bytes()).hexdigest()
     return WorkerState(
         model=model,
         space=make_space(ctx.config, model, calibration),
@@ -123,7 +136,8 @@ def worker_state(ctx: TrialContext) -> WorkerState:
         feeds=latency_inputs(task.input_ids, task.attention_mask, ctx.config.latency),
         calibration=calibration,
         hardware=current_target(),
-        inputs_fingerprint=fingerprint(source_fingerprint(ctx.model_source), task_digest),
+        inputs_fingerprint=fingerprint(ctx.shipment.model_fingerprint if ctx.shipment else
+                                       source_fingerprint(source), task_digest),
     )
 
 

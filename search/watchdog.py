@@ -1,9 +1,10 @@
 """Per-trial limits: a trial that runs too long or takes too much memory ends its worker process.
 
 Python cannot interrupt a thread stuck in native code (an export, an ONNX Runtime session), so the
-watchdog writes the reason into ``<work>/faults/<trial id>.txt`` and ends the worker process; Ray
-records the trial as errored, the trial log reads the reason back, and the kernel releases the
-node lock and the memory. The next trial starts in a fresh worker.
+watchdog reports the reason (``search/shipping.py``: Ray's key-value store, readable by the driver
+on any node) and ends the worker process; Ray records the trial as errored, the trial log reads the
+reason back, and the kernel releases the node lock and the memory. The next trial starts in a
+fresh worker.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import resource
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 WATCHDOG_EXIT_CODE = 70
@@ -26,16 +28,13 @@ def resident_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
 
 
-def fault_marker(work_dir: str | Path, trial_id: str) -> Path:
-    return Path(work_dir) / "faults" / f"{trial_id}.txt"
-
-
 class TrialWatchdog:
     """Context manager around one trial: ``timeout_s`` (s) and ``memory_mb`` (resident MB of the worker
     process, model and task included); ``None`` means no limit."""
 
-    def __init__(self, marker: Path, timeout_s: float | None, memory_mb: float | None, poll_s: float = 0.2) -> None:
-        self.marker, self.timeout_s, self.memory_mb, self.poll_s = marker, timeout_s, memory_mb, poll_s
+    def __init__(self, report: Callable[[str], None], timeout_s: float | None, memory_mb: float | None,
+                 poll_s: float = 0.2) -> None:
+        self.report, self.timeout_s, self.memory_mb, self.poll_s = report, timeout_s, memory_mb, poll_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -52,8 +51,7 @@ class TrialWatchdog:
         while not self._stop.wait(self.poll_s):
             reason = self._reason(started)
             if reason:
-                self.marker.parent.mkdir(parents=True, exist_ok=True)
-                self.marker.write_text(reason)
+                self.report(reason)
                 os._exit(WATCHDOG_EXIT_CODE)
 
     def __enter__(self) -> TrialWatchdog:

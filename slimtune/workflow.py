@@ -89,10 +89,19 @@ def _summary(records: list[TrialRecord], pareto: set[int], task: PreparedTask) -
 
 
 def _keep_front_artifacts(records: list[TrialRecord], pareto: set[int], models_dir: Path) -> None:
+    """Bring the front's ONNX files to ``models_dir``: from the node that built each (through Ray)."""
+    import ray
+
+    from slimtune.search.shipping import on_node, read_bytes
+
     models_dir.mkdir(parents=True, exist_ok=True)
     for record in records:
-        artifact = record.metrics.get("artifact")
-        if record.number in pareto and artifact and Path(artifact).is_file():
+        artifact, node = record.metrics.get("artifact"), record.metrics.get("node")
+        if record.number not in pareto or not artifact:
+            continue
+        if ray.is_initialized() and node:
+            (models_dir / f"{record.name}.onnx").write_bytes(on_node(node, read_bytes, artifact))
+        elif Path(artifact).is_file():
             shutil.copy2(artifact, models_dir / f"{record.name}.onnx")
 
 
@@ -119,19 +128,30 @@ def _recover_front(records: list[TrialRecord], ctx, tracker, console: Console) -
 
 def _remeasure_front(records: list[TrialRecord], goals, task: PreparedTask, config: Config, tracker,
                      console: Console) -> tuple[list[TrialRecord], set[int]]:
-    """Time the front's artifacts again, one at a time, nothing else running; publish that front."""
+    """Time the front's artifacts again, one at a time, nothing else running, each on the node that
+    built it; publish that front."""
     import statistics
 
+    import ray
     from rich.progress import Progress
 
     from slimtune.evaluators.latency import latency_inputs
-    from slimtune.evaluators.node_lock import NodeLock
-    from slimtune.search.remeasure import remeasure_front
+    from slimtune.evaluators.node_lock import default_lock_path
+    from slimtune.search.remeasure import isolated_latency, remeasure_front
+    from slimtune.search.shipping import on_node
 
     feeds = latency_inputs(task.input_ids, task.attention_mask, config.latency)
+    lock = str(default_lock_path())
+
+    def retime(record: TrialRecord) -> dict[str, float]:
+        node, artifact = record.metrics.get("node"), record.metrics["artifact"]
+        if ray.is_initialized() and node:
+            return on_node(node, isolated_latency, artifact, feeds, config.latency, lock)
+        return isolated_latency(artifact, feeds, config.latency, lock)
+
     with Progress(console=console, transient=True) as progress:
         bar = progress.add_task("re-measuring the front's latency in isolation", total=None)
-        records, pareto = remeasure_front(records, goals, feeds, config.latency, NodeLock(), tracker.trial_remeasured,
+        records, pareto = remeasure_front(records, goals, retime, tracker.trial_remeasured,
                                           progress=lambda done: progress.update(bar, completed=done))
     changes = [r.metrics["latency_ms"] / r.metrics["search_latency_ms"] for r in records if r.metrics.get("remeasured")]
     if changes:
@@ -189,6 +209,7 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
         local_ray_session,
         study_uri,
     )
+    from slimtune.search.shipping import alive_nodes, node_work_dir, on_node, remove_tree, ship
     from slimtune.search.trial import TrialContext, make_space, objectives, task_calibration
     from slimtune.tracking import MlflowSearchRun, check_reachable, default_tracking_uri
 
@@ -204,10 +225,6 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
     console.print(f"space: {len(prepared.layout.blocks)} blocks in {len(space.groups)} groups, "
                   f"{sum(len(v) > 1 for v in space.dimensions().values())} open dimensions; "
                   f"references: {', '.join(space.reference_points()) or 'none in this space'}")
-    if not resume:
-        shutil.rmtree(work, ignore_errors=True)  # an earlier, failed search of this name: never reuse its leftovers
-    ctx = TrialContext(config=config, model_source=prepared.loaded.source, task_path=str(prepared.task_path.resolve()),
-                       work_dir=str(work.resolve()), lock_path=str(default_lock_path()))
     start_ray(config.search.address)
     tracker = None
     try:
@@ -219,6 +236,7 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
             state = SearchState(name, str(out), config_to_yaml(config), uri, tracker.parent_id, os.getpid(),
                                 local_ray_session(), time.time())
             continuation = Continuation(study_uri(work), name)
+            shutil.rmtree(work, ignore_errors=True)  # an earlier, failed search of this name: never reuse its leftovers
         else:
             tracker = MlflowSearchRun.attach(uri, state.parent_run_id, space)
             earlier = TrialJournal.load(work)
@@ -234,6 +252,11 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
                           f"{continuation.trials_left} trials left")
             state = dataclasses.replace(state, driver_pid=os.getpid(), ray_session=local_ray_session())
         state.save(work)
+        search_id = f"{name}-{int(state.started_at)}"
+        ctx = TrialContext(config=config, model_source=prepared.loaded.source,
+                           task_path=str(prepared.task_path.resolve()), work_dir=str(work.resolve()),
+                           lock_path=str(default_lock_path()),
+                           shipment=ship(search_id, prepared.loaded.source, prepared.task_path))
         goals = objectives(task.metric)
         front = FrontProgress(goals, config.search.patience,
                               on_change=lambda value, step: tracker.log_search_metric("hypervolume", value, step))
@@ -257,6 +280,8 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
         partial.rename(out)
         tracker.finish(records, pareto, out, _summary(records, pareto, task), not_faster_numbers(records))
         shutil.rmtree(work, ignore_errors=True)  # finished: nothing left to resume
+        for node in alive_nodes():  # and every node's trial files
+            on_node(node, remove_tree, str(node_work_dir(search_id)))
     except BaseException as exc:
         if tracker is not None:  # interrupted or broken before the end: the parent run must not stay RUNNING
             tracker.abort("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from slimtune.config import LatencyConfig
-from slimtune.evaluators.node_lock import NodeLock
 from slimtune.export import build_artifact
 from slimtune.plan import CompressionPlan
 from slimtune.search.records import TrialRecord
-from slimtune.search.remeasure import remeasure_front
+from slimtune.search.remeasure import isolated_latency, remeasure_front
 from slimtune.search.trial import objectives
 
 
@@ -27,10 +26,23 @@ def test_front_points_are_retimed_and_points_that_join_the_front_too(bert, tmp_p
     records = [record(0, 1e-6, 1.0), record(1, 2e-6, 1.0), record(2, 1e6, 2.0)]
     seen = []
     cfg = LatencyConfig(batch_size=2, sequence_length=16, threads=1, warmup_runs=1, timed_runs=3)
-    updated, front = remeasure_front(records, objectives("accuracy"), feeds, cfg, NodeLock(tmp_path / "lock"),
-                                     on_remeasured=lambda r: seen.append(r.number))
+    retime = lambda record: isolated_latency(record.metrics["artifact"], feeds, cfg, str(tmp_path / "lock"))  # noqa: E731
+    updated, front = remeasure_front(records, objectives("accuracy"), retime, on_remeasured=lambda r: seen.append(r.number))
     assert seen == [0, 1]  # trial number order; 2 never reached the front
     first, second, third = updated
     assert first.metrics["search_latency_ms"] == 1e-6 and first.metrics["latency_ms"] > 1e-3
     assert second.metrics["remeasured"] == 1 and "remeasured" not in third.metrics
     assert front == ({0} if first.metrics["latency_ms"] < second.metrics["latency_ms"] else {1})
+
+
+def test_a_point_that_cannot_be_retimed_keeps_its_search_time_figures():
+    def record(number, latency):
+        return TrialRecord(number=number, trial_id=str(number), params={}, status="completed", metrics={
+            "accuracy": 0.9, "latency_ms": latency, "latency_p90_ms": latency, "latency_spread": 0.0, "size_mb": 1.0,
+            "plan_digest": str(number), "artifact": "/gone.onnx", "hardware": "cpu"})
+
+    def lost(record):
+        raise FileNotFoundError(record.metrics["artifact"])
+
+    updated, front = remeasure_front([record(0, 5.0)], objectives("accuracy"), lost)
+    assert front == {0} and updated[0].metrics["latency_ms"] == 5.0 and "remeasured" not in updated[0].metrics
