@@ -114,16 +114,30 @@ def _status(pid: int) -> str:
         return ""
 
 
+def _belongs_to(proc: Path, marker: str) -> bool:
+    """The process names the session on its command line or holds a file of it open (Ray's agents
+    rename themselves ``ray::DashboardAgent``, but keep their session's log files open)."""
+    if marker.encode() in (proc / "cmdline").read_bytes():
+        return True
+    for fd in (proc / "fd").iterdir():
+        try:
+            if marker in os.readlink(fd):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def session_processes(session_dir: str) -> list[int]:
-    """PIDs of this machine's processes whose command line names the Ray session folder."""
+    """PIDs of this machine's processes that belong to the Ray session folder ``session_dir``."""
     if not session_dir:
         return []
-    marker = Path(session_dir).name.encode()
+    marker = Path(session_dir).name
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit() and int(proc.name) != os.getpid():
             try:
-                if marker in (proc / "cmdline").read_bytes():
+                if _belongs_to(proc, marker):
                     pids.append(int(proc.name))
             except OSError:
                 continue
@@ -148,6 +162,18 @@ def end_processes(pids: list[int], grace_s: float = 5.0) -> list[int]:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+    return ended
+
+
+def end_session(session_dir: str, rounds: int = 5) -> list[int]:
+    """End every process of a Ray session on this machine, by PID, again until none is left (a dying
+    raylet may still start a worker): returns the PIDs ended."""
+    ended: list[int] = []
+    for _ in range(rounds):
+        pids = session_processes(session_dir)
+        if not pids:
+            break
+        ended += end_processes(pids)
     return ended
 
 

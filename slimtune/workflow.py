@@ -169,20 +169,14 @@ def _tracking_params(config: Config, task: PreparedTask, out: Path) -> dict:
 
 def _take_over(work: Path, console: Console):
     """Before a resumed search starts Ray: its saved state, with what the dead driver left running ended."""
-    from slimtune.search.session import (
-        ResumeError,
-        SearchState,
-        end_processes,
-        process_alive,
-        session_processes,
-    )
+    from slimtune.search.session import ResumeError, SearchState, end_session, process_alive
 
     state = SearchState.load(work)
     if state.driver_pid != os.getpid() and process_alive(state.driver_pid) and \
             Path(f"/proc/{state.driver_pid}/cmdline").read_bytes().find(b"slimtune") >= 0:
         raise ResumeError(f"search {state.name!r} is still running (driver pid {state.driver_pid}): "
                           "stop it first or let it finish")
-    ended = end_processes(session_processes(state.ray_session))
+    ended = end_session(state.ray_session)
     console.print(f"resuming {state.name}: the dead driver's Ray session left {len(ended)} processes, ended")
     return state
 
