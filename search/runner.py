@@ -166,7 +166,7 @@ def run_search(config: Config, ctx: TrialContext, space: SearchSpace, storage: P
         **study,
     )
     trainable = tune.with_resources(tune.with_parameters(_trainable, ctx=ctx, measure=measure),
-                                    {"cpu": search.cpus_per_trial})
+                                    {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial})
     trial_log = TrialLog(space, goals, ([front] if front else []) + list(listeners), first_number=go_on.first_number)
     trials = go_on.trials_left if go_on.trials_left is not None else search.trials
     budget = go_on.time_left_s if go_on.resumed else search.time_budget_s

@@ -174,7 +174,8 @@ class SearchConfig(_Frozen):
     trial_timeout_s: float | None = Field(None, gt=0, description="a trial running longer is ended and failed")
     trial_memory_mb: float | None = Field(None, gt=0, description="a worker using more resident memory during a "
                                                                   "trial (model included) is ended, the trial failed")
-    cpus_per_trial: float = Field(1.0, gt=0)
+    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs Ray reserves per trial (and torch / ONNX Runtime threads)")
+    gpus_per_trial: float = Field(0.0, ge=0, description="GPUs Ray reserves per trial (for GPU targets; 0 on CPU)")
     address: str | None = Field(None, description="Ray cluster address; None starts a local Ray")
 
 

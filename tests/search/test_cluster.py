@@ -73,6 +73,8 @@ def test_a_search_on_a_two_node_cluster_runs_trials_on_both(two_nodes, tiny_mode
     assert len(trials) == 8 and {t["status"] for t in trials} == {"completed"}
     nodes = {t["node"] for t in trials}
     assert len(nodes) == 2, f"all trials ran on one node ({nodes})"
+    for node in sorted(nodes):  # shown with pytest -s
+        print(f"node {node[:12]}: {[t['trial'] for t in trials if t['node'] == node]}")
     assert len({t["hardware"] for t in trials}) == 1  # two nodes of one machine: one hardware target
     pareto = list(csv.DictReader((tmp_path / "results" / "cl" / "pareto.csv").open()))
     assert {p.name for p in (tmp_path / "results" / "cl" / "models").iterdir()} == {f"{r['trial']}.onnx" for r in pareto}

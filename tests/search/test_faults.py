@@ -126,3 +126,5 @@ def test_every_fault_is_a_failed_trial_everywhere_and_the_search_goes_on(tiny_mo
     assert all(c.data.tags["slimtune.error"] == r.error[:4000] for c, r in zip(children, records, strict=True)
                if r.status == "failed")
     assert not tracker.unsynced
+    for fault, record, state, run in zip(FAULTS, records, states, children, strict=True):  # shown with pytest -s
+        print(f"| {fault} | {record.status} | {state} | {run.info.status} | {record.error[:90]} |")

@@ -58,6 +58,9 @@ def test_a_search_killed_with_sigkill_resumes_without_loss_or_duplicates(tiny_mo
     experiment = client.get_experiment_by_name("slimtune").experiment_id
     assert any(r.info.status == "RUNNING" for r in client.search_runs([experiment]))  # what the kill left
 
+    runs_before = client.search_runs([experiment])
+    print(f"before the kill: {len(before)} trials finished; MLflow {len(runs_before)} runs "
+          f"({sum(r.info.status == 'RUNNING' for r in runs_before)} RUNNING)")
     resumed = subprocess.run(command + ["--resume", "night"], capture_output=True, text=True, timeout=900, env=env,
                              cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -78,5 +81,8 @@ def test_a_search_killed_with_sigkill_resumes_without_loss_or_duplicates(tiny_mo
     assert sum(c.info.status in ("FINISHED", "FAILED") for c in children) == TRIALS
     killed = [c for c in children if c.info.status == "KILLED"]
     assert all("driver died" in c.data.tags["slimtune.error"] for c in killed)
+    print(f"after the resume: {len(trials)} trials; MLflow {len(runs)} runs: "
+          f"{', '.join(f'{s} {sum(r.info.status == s for r in runs)}' for s in ('FINISHED', 'FAILED', 'KILLED'))}; "
+          + " ".join(line for line in resumed.stdout.splitlines() if "resum" in line))
     assert session and session_processes(session) == []  # nothing of the dead driver's Ray is left
     assert not work.exists()
