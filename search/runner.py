@@ -127,13 +127,10 @@ class Continuation:
 
     study_uri: str
     study_name: str
+    resumed: bool = False
     first_number: int = 0
     trials_left: int | None = None
     time_left_s: float | None = None
-
-    @property
-    def resumed(self) -> bool:
-        return self.first_number > 0
 
 
 def run_search(config: Config, ctx: TrialContext, space: SearchSpace, storage: Path,

@@ -239,7 +239,7 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
             journal = work / JOURNAL_FILE
             spent = (journal.stat().st_mtime if journal.is_file() else state.started_at) - state.started_at
             budget = config.search.time_budget_s
-            continuation = Continuation(study_uri(work), name, first_number,
+            continuation = Continuation(study_uri(work), name, True, first_number,
                                         trials_left=max(0, config.search.trials - len(earlier)),
                                         time_left_s=max(1.0, budget - spent) if budget else None)
             console.print(f"resume: {len(earlier)} finished trials kept, {abandoned} unfinished closed; "
@@ -258,9 +258,9 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
         left = continuation.trials_left if continuation.trials_left is not None else config.search.trials
         with ProgressDisplay(left, goals[0], console, front, continuation.time_left_s or config.search.time_budget_s) \
                 as progress:
-            records = earlier + run_search(config, ctx, space, work / "ray", name,
-                                           listeners=(TrialJournal(work), progress, tracker), front=front,
-                                           continuation=continuation)
+            records = earlier + (run_search(config, ctx, space, work / "ray", name,
+                                            listeners=(TrialJournal(work), progress, tracker), front=front,
+                                            continuation=continuation) if left > 0 else [])
         if front.should_stop:
             console.print(f"stopped: no hypervolume gain in the last {config.search.patience} trials "
                           f"(hypervolume {front.hypervolume:.4f})")
