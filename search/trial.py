@@ -202,5 +202,6 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> dict[str, Any]:
         path = building.with_name(f"{key}.onnx")
         building.replace(path)
         result["artifact"] = str(path)
+        result["artifact_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
         write_atomically(cached, json.dumps(result))
     return {**result, "plan_digest": plan.digest, "measurement_key": key, "trial_s": time.perf_counter() - started}

@@ -110,6 +110,46 @@ def _resume(name: str, address: str | None, results: Path) -> None:
 
 
 @app.command()
+def export(
+    name: Annotated[str, typer.Argument(help="the finished search (its --name)")],
+    out: Annotated[Path, typer.Option("--out", help="the folder to write (must not exist)")],
+    trial: Annotated[str | None, typer.Option("--trial", help="this front point, e.g. trial-007")] = None,
+    max_latency_ms: Annotated[float | None, typer.Option("--max-latency-ms")] = None,
+    max_size_mb: Annotated[float | None, typer.Option("--max-size-mb")] = None,
+    min_accuracy: Annotated[float | None, typer.Option("--min-accuracy", help="floor on the search's metric")] = None,
+    max_drop: Annotated[float | None, typer.Option("--max-drop", help="points below fp32 at most")] = None,
+    prefer: Annotated[str | None, typer.Option("--prefer", help="best, fastest or smallest among those that qualify")] = None,
+    knee: Annotated[bool, typer.Option("--knee", help="the knee of the front")] = False,
+    latency_tolerance: Annotated[float, typer.Option("--latency-tolerance", help="same-hardware latency check")] = 0.25,
+    results: ResultsOpt = Path("results"),
+) -> None:
+    """Choose a front point by a rule, rebuild and verify it, and write a folder that runs on its own."""
+    from rich.table import Table
+
+    from slimtune.release import ChoiceError, ReleaseError, Rule, export_search
+    from slimtune.workflow import BAD_INPUT
+
+    if prefer not in (None, "best", "fastest", "smallest"):
+        raise fail(f"--prefer {prefer!r}: choose best, fastest or smallest")
+    rule = Rule(trial=trial, max_latency_ms=max_latency_ms, max_size_mb=max_size_mb, min_score=min_accuracy,
+                max_drop=max_drop, prefer=prefer, knee=knee)
+    try:
+        exported = export_search(name, out, rule, results, latency_tolerance, console)
+    except (ChoiceError, ReleaseError, *BAD_INPUT) as exc:
+        raise fail(str(exc)) from None
+    table = Table(title=f"{exported.trial} ({exported.rule}): verified, SHA-256 {exported.artifact_sha256[:12]}")
+    for column in ("figure", "logged in the search", "re-measured now"):
+        table.add_column(column, justify="right")
+    for key, value in exported.figures.items():
+        logged = exported.logged.get(key)
+        table.add_row(key, "-" if logged is None else f"{logged:.4f}", f"{value:.4f}")
+    console.print(table)
+    if not exported.same_hardware:
+        console.print("the search measured on other hardware: the latency above is this machine's, new figures")
+    console.print(f"shipped: {exported.folder}/ (model.onnx, tokenizer, plan.json, metrics.json, README.md)")
+
+
+@app.command()
 def baseline(
     config_path: ConfigOpt = None,
     name: Annotated[str | None, typer.Option("--name", help="results/<name>/ for baseline.csv")] = None,

@@ -1,0 +1,165 @@
+"""From a finished search's front to a folder that ships: choose, rebuild, verify, package.
+
+The chosen point's plan is rebuilt from the original model exactly as the search built it (same
+calibration texts, same seeds, same thread count), and the rebuilt file must be byte-identical
+to the measured one (SHA-256), score the same on the held-out texts, and (on the same hardware
+target) run within ``latency_tolerance`` of the search's published latency. Any mismatch is a
+``ReleaseError``; on other hardware the latency is re-measured and reported as new figures.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+import yaml
+from rich.console import Console
+
+from slimtune.config import Config
+from slimtune.evaluators.hardware import current_target
+from slimtune.evaluators.latency import latency_inputs, measure_latency
+from slimtune.evaluators.node_lock import NodeLock
+from slimtune.evaluators.quality import measure_quality
+from slimtune.export import build_artifact
+from slimtune.plan import CompressionPlan
+from slimtune.release.choose import ChoiceError, Rule, choose
+from slimtune.release.package import model_card, sha256, with_probabilities, write_json
+from slimtune.search.trial import task_calibration
+
+
+class ReleaseError(RuntimeError):
+    """The chosen point could not be rebuilt as measured; the message says what differs."""
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """The shipped folder and what was verified: ``figures`` re-measured at export, ``logged`` the
+    search's figures for the same point, ``same_hardware`` whether the latencies are comparable."""
+
+    folder: Path
+    trial: str
+    rule: str
+    figures: dict[str, float]
+    logged: dict[str, float]
+    artifact_sha256: str
+    same_hardware: bool
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(path.open())) if path.is_file() else []
+
+
+def _plan_summary(plan: CompressionPlan) -> str:
+    formats = Counter(f"{spec.format}" + (f" ({spec.method}, block {spec.block_size})" if spec.is_blockwise else "")
+                      for spec in plan.quantize.values())
+    lines = [f"- weights: {', '.join(f'{n} x {f}' for f, n in formats.most_common()) or 'all fp32'}"]
+    if plan.depth_prune:
+        lines.append(f"- blocks removed: {', '.join(plan.depth_prune)}")
+    if plan.head_prune:
+        lines.append(f"- attention heads removed (fraction per block): {dict(plan.head_prune)}")
+    if plan.ffn_prune:
+        lines.append(f"- FFN neurons removed (fraction per block): {dict(plan.ffn_prune)}")
+    if plan.low_rank:
+        lines.append(f"- low-rank ({plan.low_rank_method}), rank fraction per layer: {dict(plan.low_rank)}")
+    if plan.recovery is not None:
+        lines.append(f"- distillation recovery: {plan.recovery.steps} steps of {plan.recovery.batch_size} texts")
+    return "\n".join(lines)
+
+
+def export_search(name: str, out: Path, rule: Rule, results: Path = Path("results"),
+                  latency_tolerance: float = 0.25, console: Console | None = None) -> ExportedModel:
+    """Choose a point of search ``name``'s front by ``rule``, rebuild and verify it, write ``out``."""
+    from slimtune.workflow import prepare
+
+    console = console or Console(quiet=True)
+    folder = results / name
+    rows = _rows(folder / "pareto.csv")
+    if not (folder / "search_config.yaml").is_file() or not rows:
+        raise ChoiceError(f"no finished search {name!r} in {results}: give the --name of a search that finished")
+    if out.exists():
+        raise ChoiceError(f"{out} already exists: choose another --out or remove it")
+    config = Config.model_validate(yaml.safe_load((folder / "search_config.yaml").read_text()))
+    metric = config.task.metric
+    fp32 = next((r for r in _rows(folder / "trials.csv") if r["reference"] == "fp32" and r["status"] == "completed"), None)
+    row = choose(rows, rule, metric, float(fp32[metric]) if fp32 else None)
+    console.print(f"chosen: {row['trial']} ({rule.describe(metric)}): {metric} {float(row[metric]):.4f}, "
+                  f"{float(row['latency_ms']):.1f} ms, {float(row['size_mb']):.2f} MB")
+    plan = CompressionPlan.loads((folder / "plans" / f"{row['trial']}.json").read_text())
+    prepared = prepare(config, results, console)
+    task, model = prepared.task, prepared.loaded.module
+    # the thread count the search built it with: trials use cpus_per_trial, front recovery every core
+    threads = (os.cpu_count() or 1) if row.get("recovered_from") else max(1, int(config.search.cpus_per_trial))
+    torch.set_num_threads(threads)
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        with console.status(f"rebuilding {row['trial']} from {config.model.name}"):
+            artifact = build_artifact(model, plan, staging / "artifact.onnx", task_calibration(model, task), task.output)
+        digest = sha256(artifact.path)
+        if row.get("artifact_sha256") and digest != row["artifact_sha256"]:
+            raise ReleaseError(f"the rebuilt {row['trial']} differs from the measured file (SHA-256 {digest[:12]} vs "
+                               f"{row['artifact_sha256'][:12]}): the model, its files or this environment changed")
+        figures = _verify(artifact.path, row, task, config, metric, latency_tolerance)
+        _package(staging, artifact.path, row, plan, task, prepared.loaded.tokenizer, figures, fp32, name, digest)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logged = {k: float(row[k]) for k in figures if row.get(k)}
+    return ExportedModel(out, row["trial"], rule.describe(metric), {k: v["value"] for k, v in figures.items()},
+                         logged, digest, row.get("hardware") == current_target().key)
+
+
+def _verify(path: Path, row: dict[str, str], task, config: Config, metric: str,
+            tolerance: float) -> dict[str, dict[str, Any]]:
+    """Re-measure the rebuilt file; quality must equal the logged figures, latency be within ``tolerance``."""
+    figures: dict[str, dict[str, Any]] = {}
+    for m in measure_quality(path, task, threads=max(1, int(config.search.cpus_per_trial))):
+        figures[m.name] = {"value": m.value, "unit": m.unit}
+        if row.get(m.name) and abs(m.value - float(row[m.name])) > 1e-6:
+            raise ReleaseError(f"the rebuilt {row['trial']} scores {m.name} {m.value:.6f}, the search logged "
+                               f"{float(row[m.name]):.6f}: it is not the model that was measured")
+    feeds = latency_inputs(task.input_ids, task.attention_mask, config.latency)
+    for m in measure_latency(path, feeds, config.latency, NodeLock()):
+        figures[m.name] = {"value": m.value, "unit": m.unit}
+    figures["size_mb"] = {"value": path.stat().st_size / 1e6, "unit": "MB"}
+    ratio = figures["latency_ms"]["value"] / float(row["latency_ms"])
+    if row.get("hardware") == current_target().key and abs(ratio - 1) > tolerance:
+        raise ReleaseError(f"the rebuilt {row['trial']} runs in {figures['latency_ms']['value']:.1f} ms, "
+                           f"x{ratio:.2f} of the search's {float(row['latency_ms']):.1f} ms on the same hardware, beyond "
+                           f"the tolerance of {tolerance:.0%}: is the machine busy? retry, or raise --latency-tolerance")
+    return figures
+
+
+def _package(folder: Path, artifact: Path, row: dict[str, str], plan: CompressionPlan, task, tokenizer,
+             figures: dict[str, dict[str, Any]], fp32: dict[str, str] | None, name: str, digest: str) -> None:
+    shipped = with_probabilities(onnx.load(str(artifact)), task)
+    onnx.save_model(shipped, str(folder / "model.onnx"))
+    artifact.unlink()
+    tokenizer.save_pretrained(folder)
+    (folder / "plan.json").write_text(plan.dumps() + "\n")
+    if task.label_names:
+        write_json(folder / "labels.json", list(task.label_names))
+    target = current_target()
+    write_json(folder / "metrics.json", {
+        "search": name, "trial": row["trial"], "task_kind": task.kind, "metric": task.metric,
+        "export": figures, "export_hardware": target.as_dict(), "export_hardware_target": target.key,
+        "search_figures": {k: float(row[k]) for k in figures if row.get(k)}, "search_hardware_target": row.get("hardware"),
+        "fp32_search_figures": {k: float(fp32[k]) for k in figures if fp32 and fp32.get(k)},
+        "artifact_sha256": digest, "model_sha256": sha256(folder / "model.onnx"),
+        "outputs": [o.name for o in shipped.graph.output],
+    })
+    fp32_figures = {k: float(fp32[k]) for k in figures if fp32 and fp32.get(k)}
+    (folder / "README.md").write_text(model_card(name, row["trial"], task, figures, fp32_figures, _plan_summary(plan),
+                                                 [o.name for o in shipped.graph.output]))
+
+
+__all__ = ["ChoiceError", "ExportedModel", "ReleaseError", "Rule", "export_search"]

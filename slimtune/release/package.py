@@ -1,0 +1,73 @@
+"""The folder that ships: a model that runs on its own, with what it needs and what it measured.
+
+``model.onnx`` is the verified artifact with the task's reading appended in the graph: the frozen
+head's class probabilities after the pooled embedding (``embedding-head``), softmax probabilities
+after a classifier's logits (``classifier``); a fidelity task ships the embedding alone. Beside it:
+the tokenizer files, ``labels.json``, ``plan.json``, ``metrics.json`` and a model card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from slimtune.tasks import PreparedTask
+
+
+def with_probabilities(model: onnx.ModelProto, task: PreparedTask) -> onnx.ModelProto:
+    """Append the task's reading to the graph: ``probabilities`` (batch, classes) for the classification kinds."""
+    graph = model.graph
+    (output,) = [o.name for o in graph.output]
+    if task.kind == "embedding-head":
+        graph.initializer.extend([numpy_helper.from_array(task.head_weight.T.astype(np.float32), "head.weight"),
+                                  numpy_helper.from_array(task.head_bias.astype(np.float32), "head.bias")])
+        graph.node.extend([helper.make_node("MatMul", [output, "head.weight"], ["head.scores"], name="/head/MatMul"),
+                           helper.make_node("Add", ["head.scores", "head.bias"], ["logits"], name="/head/Add")])
+        scores = "logits"
+    elif task.kind == "classifier":
+        scores = output
+    else:
+        return model
+    graph.node.append(helper.make_node("Softmax", [scores], ["probabilities"], axis=-1, name="/head/Softmax"))
+    graph.output.append(helper.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT, ["batch", "classes"]))
+    return model
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def model_card(name: str, trial: str, task: PreparedTask, figures: dict[str, Any], fp32: dict[str, float],
+               plan_summary: str, outputs: list[str]) -> str:
+    """A short Markdown card: what was compressed how, figures against fp32, how to run it."""
+    rows = [f"| {k} | {v['value']:.4f} {v['unit']} | " + (f"{fp32[k]:.4f}" if k in fp32 else "-") + " |"
+            for k, v in figures.items()]
+    return "\n".join([
+        f"# {name} / {trial}", "",
+        f"Compressed with slimtune: task kind `{task.kind}`, searched metric `{task.metric}`.", "",
+        "## What was compressed, how", "", plan_summary, "",
+        "## Figures (re-measured at export) against the uncompressed model in the same search", "",
+        "| figure | this model | fp32 |", "|---|---|---|", *rows, "",
+        "## Run it", "",
+        "Inputs `input_ids` and `attention_mask` (int64, batch x tokens) from `tokenizer.json`; outputs "
+        + ", ".join(f"`{o}`" for o in outputs) + ". See `metrics.json` for the hardware the figures come from.",
+        "", "```python",
+        "import numpy as np, onnxruntime as ort",
+        "from tokenizers import Tokenizer",
+        "tok = Tokenizer.from_file('tokenizer.json')",
+        "tok.enable_truncation(128); tok.enable_padding()",
+        "enc = tok.encode_batch(['first text', 'second text'])",
+        "feeds = {'input_ids': np.array([e.ids for e in enc], np.int64),",
+        "         'attention_mask': np.array([e.attention_mask for e in enc], np.int64)}",
+        "outputs = ort.InferenceSession('model.onnx').run(None, feeds)",
+        "```", ""])
+
+
+def write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")

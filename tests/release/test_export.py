@@ -1,0 +1,102 @@
+"""slimtune export on a real finished search: rebuilt byte for byte, verified, shipped as a folder
+that runs with onnxruntime and the tokenizer alone."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_model_dir, tiny_csv):
+    folder = tmp_path_factory.mktemp("export")
+    config = {
+        "model": {"name": str(tiny_model_dir), "max_length": 32},
+        "task": {"data": str(tiny_csv), "text_column": "body", "label_column": "topic"},
+        "space": {"group_size": 1},
+        "recovery": {"steps": 5, "front_points": 2},
+        "latency": {"batch_size": 2, "sequence_length": 32, "threads": 1, "warmup_runs": 2, "timed_runs": 20},
+        "search": {"trials": 6, "workers": 2, "seed": 2},
+    }
+    (folder / "s.yaml").write_text(yaml.safe_dump(config))
+    done = subprocess.run([sys.executable, "-m", "slimtune", "search", "--config", "s.yaml", "--name", "night",
+                           "--results-dir", "results"], capture_output=True, text=True, timeout=900, cwd=folder,
+                          env={**os.environ, "RAY_ADDRESS": ""})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return folder
+
+
+def _export(folder, *args):
+    return subprocess.run([sys.executable, "-m", "slimtune", "export", "night", "--results-dir", "results",
+                           "--latency-tolerance", "1.0", *args], capture_output=True, text=True, timeout=900, cwd=folder)
+
+
+def test_every_front_point_rebuilds_to_the_measured_bytes_and_ships(finished, tiny_csv):
+    front = list(csv.DictReader((finished / "results" / "night" / "pareto.csv").open()))
+    for row in front:
+        done = _export(finished, "--trial", row["trial"], "--out", f"ship-{row['trial']}")
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        shipped = finished / f"ship-{row['trial']}"
+        metrics = json.loads((shipped / "metrics.json").read_text())
+        assert metrics["artifact_sha256"] == row["artifact_sha256"]
+        assert metrics["export"]["accuracy"]["value"] == pytest.approx(float(row["accuracy"]), abs=1e-6)
+        assert metrics["export_hardware_target"] == row["hardware"] and metrics["outputs"][-1] == "probabilities"
+        assert {"model.onnx", "tokenizer.json", "plan.json", "labels.json", "README.md"} <= {
+            p.name for p in shipped.iterdir()}
+
+
+def test_the_shipped_folder_runs_with_onnxruntime_and_the_tokenizer_alone(finished, tiny_csv):
+    row = next(csv.DictReader((finished / "results" / "night" / "pareto.csv").open()))
+    assert _export(finished, "--trial", row["trial"], "--out", "alone").returncode == 0
+    texts = [r["body"] for r in csv.DictReader(tiny_csv.open())][:5]
+    script = "\n".join([  # what the model card shows: no slimtune, no transformers
+        "import json, sys, numpy as np, onnxruntime as ort",
+        "from tokenizers import Tokenizer",
+        "tok = Tokenizer.from_file('tokenizer.json'); tok.enable_truncation(32); tok.enable_padding()",
+        "enc = tok.encode_batch(json.loads(sys.argv[1]))",
+        "feeds = {'input_ids': np.array([e.ids for e in enc], np.int64),",
+        "         'attention_mask': np.array([e.attention_mask for e in enc], np.int64)}",
+        "emb, prob = ort.InferenceSession('model.onnx').run(None, feeds)",
+        "labels = json.load(open('labels.json'))",
+        "print(json.dumps({'labels': [labels[i] for i in prob.argmax(1)], 'sums': prob.sum(1).tolist()}))",
+    ])
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(texts)], capture_output=True, text=True,
+                          cwd=finished / "alone", timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert np.allclose(result["sums"], 1.0, atol=1e-5) and set(result["labels"]) <= {"money", "sport", "tech"}
+    assert "## Run it" in (finished / "alone" / "README.md").read_text()
+
+
+def test_rules_choose_and_explain(finished):
+    done = _export(finished, "--max-latency-ms", "0.0001", "--out", "never")
+    assert done.returncode == 2 and "no front point has latency <= 0.0001 ms" in " ".join(done.stderr.split())
+    assert "misses latency_ms by" in done.stderr and not (finished / "never").exists()
+    assert _export(finished, "--knee", "--out", "knee").returncode == 0
+    assert _export(finished, "--max-drop", "50", "--prefer", "smallest", "--out", "small").returncode == 0
+
+
+def test_a_file_that_is_not_the_measured_one_fails_loudly(finished):
+    pareto = finished / "results" / "night" / "pareto.csv"
+    original = pareto.read_text()
+    rows = list(csv.DictReader(original.splitlines()))
+    rows[0]["artifact_sha256"] = "0" * 64
+    with pareto.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    try:
+        done = _export(finished, "--trial", rows[0]["trial"], "--out", "tampered")
+    finally:
+        pareto.write_text(original)
+    assert done.returncode == 2 and "differs from the measured file" in " ".join(done.stderr.split())
+    assert not (finished / "tampered").exists() and not (finished / ".tampered.partial").exists()
