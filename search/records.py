@@ -13,12 +13,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from ray.tune import Callback
+from ray.tune.result import AUTO_RESULT_KEYS
 
 from slimtune.search.shipping import read_fault
 from slimtune.search.trial import Objectives
 from slimtune.spaces import SearchSpace
 
 log = logging.getLogger("slimtune.search")
+# What Ray Tune adds to every reported result; a trial's record keeps slimtune's own figures only.
+RAY_BOOKKEEPING = frozenset(AUTO_RESULT_KEYS) | {"done", "trial_id", "experiment_tag", "should_checkpoint"}
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ class TrialLog(Callback):
         record = self._by_id.get(trial.trial_id)
         if record is None or record.status != "running":
             return
-        metrics = dict(trial.last_result or {})
+        metrics = {k: v for k, v in (trial.last_result or {}).items() if k not in RAY_BOOKKEEPING}
         if status == "completed" and not all(name in metrics for name, _ in self.objectives):
             status = "stopped"
         record = replace(record, status=status, metrics=metrics if status == "completed" else {}, error=error)

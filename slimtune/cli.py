@@ -182,6 +182,11 @@ def ui(
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise fail(f"no MLflow store at {uri}: run `slimtune search` first or pass --tracking-uri")
     console.print(f"MLflow UI for {uri} on http://127.0.0.1:{port} (Ctrl-C stops it)")
+    from mlflow.tracking import MlflowClient
+
+    for experiment in MlflowClient(tracking_uri=uri).search_experiments():
+        console.print(f"runs of experiment {experiment.name!r}: http://127.0.0.1:{port}/#/experiments/"
+                      f"{experiment.experiment_id}/runs?workflowType=machine_learning", soft_wrap=True)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
     command = [mlflow, "server", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port),

@@ -14,6 +14,7 @@ trial whose logging still failed is logged again when the search finishes (a war
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,40 @@ def ensure_experiment(client, name: str, artifact_root: Path | None) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
+def _digits(name: str) -> int:
+    """Decimals worth showing: 2 for ms and s, 3 for MB, 4 for fractions and scores."""
+    if name.endswith(("_ms", "_s")):
+        return 2
+    return 3 if name.endswith("_mb") else 4
+
+
 def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    """The numeric figures, rounded for reading in the UI (the CSVs keep 6 decimals)."""
+    return {k: round(float(v), _digits(k)) for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def run_title(record: TrialRecord, on_front: bool = False) -> str:
+    """``trial-003 uniform-int8-ffn50``, ``trial-025 recovered trial-005``, with `` [front]`` on the front."""
+    role = record.reference or (f"recovered trial-{record.recovered_from:03d}" if record.recovered_from is not None else "")
+    return " ".join(part for part in (record.name, role, "[front]" if on_front else "") if part)
+
+
+def ui_base(uri: str) -> str:
+    """Where the MLflow UI for ``uri`` is: the server itself, or what ``slimtune ui`` serves."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def review_links(uri: str, experiment_id: str, parent_id: str) -> dict[str, str]:
+    """Direct links into the MLflow UI's runs table (not the GenAI overview): the search's trials,
+    and only its front."""
+    from urllib.parse import urlencode
+
+    search = f"tags.`mlflow.parentRunId` = '{parent_id}'"
+    view = f"{ui_base(uri)}/#/experiments/{experiment_id}/runs?"
+    return {"trials": view + urlencode({"workflowType": "machine_learning", "searchFilter": search}),
+            "front": view + urlencode({"workflowType": "machine_learning",
+                                       "searchFilter": f"{search} and tags.`slimtune.pareto` = 'true'"})}
 
 
 class RetryingClient:
@@ -155,8 +188,8 @@ class MlflowSearchRun:
                 self.client.set_tag(run.info.run_id, "slimtune.error", "the search's driver died before this trial "
                                                                        "finished; the resumed search sampled anew")
                 self.client.set_terminated(run.info.run_id, "KILLED")
-        numbers = [int(name[6:]) for run in children if (name := run.info.run_name or "").startswith("trial-")
-                   and name[6:].isdigit()]
+        numbers = [int(match.group(1)) for run in children
+                   if (match := re.match(r"trial-(\d+)", run.info.run_name or ""))]
         return max(numbers + [r.number for r in finished], default=-1) + 1
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
@@ -204,7 +237,7 @@ class MlflowSearchRun:
 
     def _create_run(self, record: TrialRecord) -> str:
         run = self.client.create_run(
-            self.experiment_id, run_name=record.name,
+            self.experiment_id, run_name=run_title(record),
             tags={"mlflow.parentRunId": self.parent_id, "slimtune.trial_id": record.trial_id,
                   "slimtune.reference": record.reference or "none", "slimtune.status": "running",
                   **({"slimtune.recovered_from": f"trial-{record.recovered_from:03d}"}
@@ -257,6 +290,8 @@ class MlflowSearchRun:
             run_id = self.run_ids.get(record.number)
             if run_id is not None:
                 self.client.set_tag(run_id, "slimtune.pareto", str(record.number in pareto).lower())
+                if record.number in pareto:
+                    self.client.update_run(run_id, name=run_title(record, on_front=True))
                 if record.status == "completed":
                     self.client.set_tag(run_id, "slimtune.not_faster", str(record.number in not_faster).lower())
         now = int(time.time() * 1000)
@@ -267,7 +302,24 @@ class MlflowSearchRun:
                     self.client.log_artifacts(self.parent_id, str(path), path.name)
                 elif path.is_file():
                     self.client.log_artifact(self.parent_id, str(path))
+        self.client.set_tag(self.parent_id, "mlflow.note.content", self._front_note(records, pareto))
         self.client.set_terminated(self.parent_id, "FINISHED")
+
+    def _front_note(self, records: list[TrialRecord], pareto: set[int]) -> str:
+        """The parent run's description: the front as a Markdown table, each trial linked to its run."""
+        front = [r for r in records if r.number in pareto and r.status == "completed"]
+        quality = [k for k in ("accuracy", "macro_f1", "top10_overlap", "embedding_cosine")
+                   if any(k in r.metrics for r in front)]
+        lines = [f"Pareto front: {len(front)} of {len(records)} trials.", "",
+                 "| trial | " + " | ".join(quality) + " | latency ms | size MB |",
+                 "|---" * (len(quality) + 3) + "|"]
+        for r in sorted(front, key=lambda r: float(r.metrics["latency_ms"])):
+            run = f"#/experiments/{self.experiment_id}/runs/{self.run_ids.get(r.number, '')}"
+            link = f"[{run_title(r, on_front=True)}]({run})"
+            figures = " | ".join(f"{float(r.metrics[k]):.4f}" for k in quality)
+            lines.append(f"| {link} | {figures} | {float(r.metrics['latency_ms']):.2f} | "
+                         f"{float(r.metrics['size_mb']):.2f} |")
+        return "\n".join(lines)
 
     def abort(self, status: str = "KILLED") -> None:
         self.client.set_terminated(self.parent_id, status)

@@ -205,7 +205,7 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
     )
     from slimtune.search.shipping import alive_nodes, node_work_dir, on_node, remove_tree, ship
     from slimtune.search.trial import TrialContext, make_space, objectives, task_calibration
-    from slimtune.tracking import MlflowSearchRun, check_reachable, default_tracking_uri
+    from slimtune.tracking import MlflowSearchRun, check_reachable, default_tracking_uri, review_links
 
     work = results / ".work" / name
     state = _take_over(work, console) if resume else None
@@ -292,6 +292,9 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
     console.print(f"results: {out}/ (pareto.csv, pareto.html, pareto.png, plans/, models/)")
     console.print(f"MLflow:  slimtune ui{'' if not config.tracking.uri else ' --tracking-uri ' + uri}   "
                   f"(store {uri}, experiment {config.tracking.experiment!r}, run {name!r})")
+    links = review_links(uri, tracker.experiment_id, tracker.parent_id)
+    console.print(f"review:  {links['trials']}", soft_wrap=True)
+    console.print(f"front:   {links['front']}", soft_wrap=True)
     return records, pareto
 
 

@@ -53,6 +53,8 @@ def test_results_folder_holds_the_front(finished_search):
         assert originals[row["recovered_from"]]["recovery.steps"] == ""
     assert {t["not_faster"] for t in trials} <= {"True", "False"}
     assert "Pareto front of tiny" in stdout and "slimtune ui" in stdout
+    assert "workflowType=machine_learning" in stdout and "slimtune.pareto" in stdout.replace("%60", "`").replace(
+        "%2E", ".")
     assert not list(results.glob(".partial-*"))
     assert not (results / ".work" / "tiny" / "measured" / "stale.json").exists()
     assert len({t["hardware"] for t in trials}) == 1 and "/ort" in trials[0]["hardware"] and trials[0]["node"]
@@ -81,7 +83,13 @@ def test_mlflow_holds_parent_nested_runs_tags_and_artifacts(finished_search):
     assert all({"accuracy", "latency_ms", "size_mb", "export_s"} <= set(c.data.metrics) for c in children)
     assert all("encoder.layer.1.ffn.bits" in c.data.params for c in children)
     pareto_rows = list(csv.DictReader((results / "tiny" / "pareto.csv").open()))
-    tagged = sorted(c.info.run_name for c in children if c.data.tags["slimtune.pareto"] == "true")
+    tagged = sorted(c.info.run_name.split()[0] for c in children if c.data.tags["slimtune.pareto"] == "true")
+    assert all(c.info.run_name.endswith("[front]") == (c.data.tags["slimtune.pareto"] == "true") for c in children)
+    assert any(c.info.run_name.endswith(" fp32") or c.info.run_name.startswith("trial-001 fp32") for c in children)
+    assert not {"pid", "training_iteration", "timestamp", "time_total_s"} & {k for c in children for k in c.data.metrics}
+    assert all(round(c.data.metrics["accuracy"], 4) == c.data.metrics["accuracy"] for c in children)
+    note = parents[0].data.tags["mlflow.note.content"]
+    assert note.startswith("Pareto front:") and note.count("[front]") == len(pareto_rows)
     assert tagged == sorted(r["trial"] for r in pareto_rows)
     front_runs = [c for c in children if c.data.tags["slimtune.pareto"] == "true"]
     assert all(c.data.tags.get("slimtune.remeasured") == "true" and "search_latency_ms" in c.data.metrics
