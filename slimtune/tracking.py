@@ -257,6 +257,7 @@ class MlflowSearchRun:
                 self.client.set_tag(run_id, f"slimtune.{key}", record.metrics[key])
         if record.error:
             self.client.set_tag(run_id, "slimtune.error", record.error[:4000])
+            self.client.set_tag(run_id, "mlflow.note.content", f"**{record.status}**: {record.error[:4000]}")
         self.client.set_terminated(run_id, _RUN_STATUS[record.status])
 
     def trial_remeasured(self, record: TrialRecord) -> None:
@@ -292,6 +293,9 @@ class MlflowSearchRun:
                 self.client.set_tag(run_id, "slimtune.pareto", str(record.number in pareto).lower())
                 if record.number in pareto:
                     self.client.update_run(run_id, name=run_title(record, on_front=True))
+                    model = results_dir / "models" / f"{record.name}.onnx" if results_dir else None
+                    if model is not None and model.is_file():  # downloadable from the trial's run page
+                        self.client.log_artifact(run_id, str(model), "model")
                 if record.status == "completed":
                     self.client.set_tag(run_id, "slimtune.not_faster", str(record.number in not_faster).lower())
         now = int(time.time() * 1000)

@@ -102,6 +102,9 @@ def test_mlflow_holds_parent_nested_runs_tags_and_artifacts(finished_search):
     assert {"pareto.csv", "pareto.html", "pareto.png", "search_config.yaml", "plans"} <= artifacts
     child_artifacts = {a.path for a in client.list_artifacts(children[0].info.run_id)}
     assert "plan.json" in child_artifacts
+    for run in front_runs:  # the front's models can be downloaded from their runs
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == [
+            f"model/{run.info.run_name.split()[0]}.onnx"]
     filtered = client.search_runs([experiment.experiment_id], "params.`encoder.layer.0.ffn.bits` = '32'")
     assert filtered  # dotted params are searchable with backticks, as in the MLflow UI
 
