@@ -121,6 +121,9 @@ def export(
     prefer: Annotated[str | None, typer.Option("--prefer", help="best, fastest or smallest among those that qualify")] = None,
     knee: Annotated[bool, typer.Option("--knee", help="the knee of the front")] = False,
     latency_tolerance: Annotated[float, typer.Option("--latency-tolerance", help="same-hardware latency check")] = 0.25,
+    register_as: Annotated[str | None, typer.Option("--register", help="register in the MLflow Model Registry")] = None,
+    alias: Annotated[str | None, typer.Option("--alias", help="alias of the registered version, e.g. champion")] = None,
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="default: the search's store")] = None,
     results: ResultsOpt = Path("results"),
 ) -> None:
     """Choose a front point by a rule, rebuild and verify it, and write a folder that runs on its own."""
@@ -147,6 +150,20 @@ def export(
     if not exported.same_hardware:
         console.print("the search measured on other hardware: the latency above is this machine's, new figures")
     console.print(f"shipped: {exported.folder}/ (model.onnx, tokenizer, plan.json, metrics.json, README.md)")
+    if register_as:
+        import yaml
+
+        from slimtune.config import Config
+        from slimtune.release import register
+        from slimtune.tracking import default_tracking_uri
+
+        config = Config.model_validate(yaml.safe_load((results / name / "search_config.yaml").read_text()))
+        uri = tracking_uri or config.tracking.uri or default_tracking_uri(results)
+        try:
+            model_uri = register(exported, name, register_as, alias, uri, config.tracking.experiment)
+        except ReleaseError as exc:
+            raise fail(str(exc)) from None
+        console.print(f"registered: {model_uri}" + (f", alias {alias!r}: models:/{register_as}@{alias}" if alias else ""))
 
 
 @app.command()

@@ -149,6 +149,8 @@ def _package(folder: Path, artifact: Path, row: dict[str, str], plan: Compressio
     if task.label_names:
         write_json(folder / "labels.json", list(task.label_names))
     target = current_target()
+    tokens = {"max_length": int(task.input_ids.shape[1]), "pad_id": int(tokenizer.pad_token_id),
+              "pad_token": str(tokenizer.pad_token)}
     write_json(folder / "metrics.json", {
         "search": name, "trial": row["trial"], "task_kind": task.kind, "metric": task.metric,
         "export": figures, "export_hardware": target.as_dict(), "export_hardware_target": target.key,
@@ -156,10 +158,61 @@ def _package(folder: Path, artifact: Path, row: dict[str, str], plan: Compressio
         "fp32_search_figures": {k: float(fp32[k]) for k in figures if fp32 and fp32.get(k)},
         "artifact_sha256": digest, "model_sha256": sha256(folder / "model.onnx"),
         "outputs": [o.name for o in shipped.graph.output],
+        "tokenizer": tokens,
     })
     fp32_figures = {k: float(fp32[k]) for k in figures if fp32 and fp32.get(k)}
     (folder / "README.md").write_text(model_card(name, row["trial"], task, figures, fp32_figures, _plan_summary(plan),
-                                                 [o.name for o in shipped.graph.output]))
+                                                 [o.name for o in shipped.graph.output], tokens))
 
 
-__all__ = ["ChoiceError", "ExportedModel", "ReleaseError", "Rule", "export_search"]
+def register(exported: ExportedModel, search: str, model_name: str, alias: str | None, uri: str,
+             experiment: str) -> str:
+    """Log the shipped folder as an MLflow pyfunc model in its trial's run (tagged with the search's
+    parent run), register it as ``model_name`` and point ``alias`` at the new version; returns
+    ``models:/<name>/<version>``. The tracking URI is set for this call only."""
+    import sys
+    from types import SimpleNamespace
+
+    import cloudpickle
+    import mlflow
+    import pandas as pd
+    from mlflow.models import infer_signature
+    from mlflow.tracking import MlflowClient
+
+    from slimtune.release import pyfunc
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    parents = client.search_runs([found.experiment_id], f"attributes.run_name = '{search}' and tags.`slimtune.kind` = "
+                                 "'search'", order_by=["attributes.start_time DESC"], max_results=1) if found else []
+    if not parents:
+        raise ReleaseError(f"no MLflow run of search {search!r} in {uri} (experiment {experiment!r}): "
+                           "pass the store the search logged to with --tracking-uri")
+    parent = parents[0].info.run_id
+    trials = client.search_runs([found.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}' and "
+                                f"attributes.run_name LIKE '{exported.trial}%'", max_results=1)
+    example = pd.DataFrame({"text": ["a first example text", "and a second one"]})
+    shipped = pyfunc.ShippedModel()
+    shipped.load_context(SimpleNamespace(artifacts={"shipped": str(exported.folder)}))
+    signature = infer_signature(example, shipped.predict(None, example))
+    previous = mlflow.get_tracking_uri()
+    cloudpickle.register_pickle_by_value(sys.modules[pyfunc.__name__])
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run(run_id=trials[0].info.run_id if trials else parent):
+            info = mlflow.pyfunc.log_model(
+                name="shipped", python_model=pyfunc.ShippedModel(), artifacts={"shipped": str(exported.folder)},
+                signature=signature, input_example=example,
+                pip_requirements=["onnxruntime", "tokenizers", "numpy", "pandas", "mlflow"])
+        version = mlflow.register_model(info.model_uri, model_name, tags={
+            "slimtune.search": search, "slimtune.trial": exported.trial, "slimtune.search_run_id": parent,
+            "slimtune.artifact_sha256": exported.artifact_sha256})
+        if alias:
+            client.set_registered_model_alias(model_name, alias, version.version)
+    finally:
+        mlflow.set_tracking_uri(previous)
+        cloudpickle.unregister_pickle_by_value(sys.modules[pyfunc.__name__])
+    return f"models:/{model_name}/{version.version}"
+
+
+__all__ = ["ChoiceError", "ExportedModel", "ReleaseError", "Rule", "export_search", "register"]

@@ -44,7 +44,7 @@ def sha256(path: Path) -> str:
 
 
 def model_card(name: str, trial: str, task: PreparedTask, figures: dict[str, Any], fp32: dict[str, float],
-               plan_summary: str, outputs: list[str]) -> str:
+               plan_summary: str, outputs: list[str], tokens: dict[str, Any]) -> str:
     """A short Markdown card: what was compressed how, figures against fp32, how to run it."""
     rows = [f"| {k} | {v['value']:.4f} {v['unit']} | " + (f"{fp32[k]:.4f}" if k in fp32 else "-") + " |"
             for k, v in figures.items()]
@@ -61,7 +61,8 @@ def model_card(name: str, trial: str, task: PreparedTask, figures: dict[str, Any
         "import numpy as np, onnxruntime as ort",
         "from tokenizers import Tokenizer",
         "tok = Tokenizer.from_file('tokenizer.json')",
-        "tok.enable_truncation(128); tok.enable_padding()",
+        f"tok.enable_truncation({tokens['max_length']}); "
+        f"tok.enable_padding(pad_id={tokens['pad_id']}, pad_token={tokens['pad_token']!r})",
         "enc = tok.encode_batch(['first text', 'second text'])",
         "feeds = {'input_ids': np.array([e.ids for e in enc], np.int64),",
         "         'attention_mask': np.array([e.attention_mask for e in enc], np.int64)}",

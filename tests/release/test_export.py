@@ -100,3 +100,35 @@ def test_a_file_that_is_not_the_measured_one_fails_loudly(finished):
         pareto.write_text(original)
     assert done.returncode == 2 and "differs from the measured file" in " ".join(done.stderr.split())
     assert not (finished / "tampered").exists() and not (finished / ".tampered.partial").exists()
+
+
+def test_the_registered_model_predicts_what_the_onnx_file_does(finished, tiny_csv):
+    import mlflow
+    import onnxruntime as ort
+    import pandas as pd
+    from tokenizers import Tokenizer
+
+    row = next(csv.DictReader((finished / "results" / "night" / "pareto.csv").open()))
+    done = _export(finished, "--trial", row["trial"], "--out", "registered", "--register", "tiny-topics",
+                   "--alias", "champion")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "models:/tiny-topics@champion" in " ".join(done.stdout.split())
+    texts = [r["body"] for r in csv.DictReader(tiny_csv.open())][:6]
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{finished / 'results' / 'mlflow.db'}")
+    try:
+        predicted = mlflow.pyfunc.load_model("models:/tiny-topics@champion").predict(pd.DataFrame({"text": texts}))
+    finally:
+        mlflow.set_tracking_uri(previous)
+    shipped = finished / "registered"
+    metrics = json.loads((shipped / "metrics.json").read_text())
+    tok = Tokenizer.from_file(str(shipped / "tokenizer.json"))
+    tok.enable_truncation(metrics["tokenizer"]["max_length"])
+    tok.enable_padding(pad_id=metrics["tokenizer"]["pad_id"], pad_token=metrics["tokenizer"]["pad_token"])
+    enc = tok.encode_batch(texts)
+    feeds = {"input_ids": np.array([e.ids for e in enc], np.int64),
+             "attention_mask": np.array([e.attention_mask for e in enc], np.int64)}
+    _, prob = ort.InferenceSession(str(shipped / "model.onnx")).run(None, feeds)
+    labels = json.loads((shipped / "labels.json").read_text())
+    assert list(predicted["label"]) == [labels[i] for i in prob.argmax(1)]
+    np.testing.assert_allclose(predicted[[f"p_{label}" for label in labels]].to_numpy(), prob, atol=1e-6)
