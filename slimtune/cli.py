@@ -167,6 +167,34 @@ def export(
 
 
 @app.command()
+def apply(
+    plan: Annotated[Path, typer.Argument(help="a plan.json (a search's plans/ or an exported folder)")],
+    model: Annotated[str, typer.Option("--model", help="the new checkpoint: a local folder or a hub id")],
+    out: Annotated[Path, typer.Option("--out", help="the folder to write (must not exist)")],
+    search_name: Annotated[str | None, typer.Option("--search", help="score on this search's task and settings")] = None,
+    config_path: ConfigOpt = None,
+    results: ResultsOpt = Path("results"),
+) -> None:
+    """Compress a retrained checkpoint of the same architecture with a chosen plan, and measure it."""
+    from slimtune.release.apply import apply_plan
+    from slimtune.workflow import BAD_INPUT
+
+    if search_name is not None:
+        config_path = results / search_name / "search_config.yaml"
+        if not config_path.is_file():
+            raise fail(f"no finished search {search_name!r} in {results}: give --search NAME of a finished search")
+    try:
+        config = load_config(config_path)
+        applied = apply_plan(plan, model, config, out, results, console)
+    except BAD_INPUT as exc:
+        raise fail(str(exc)) from None
+    from slimtune.report import figures_table
+
+    console.print(figures_table(f"{model} with {plan}", "model", [(model, applied.figures)], applied.metric))
+    console.print(f"written: {out}/ (model.onnx, plan.json, metrics.json)")
+
+
+@app.command()
 def baseline(
     config_path: ConfigOpt = None,
     name: Annotated[str | None, typer.Option("--name", help="results/<name>/ for baseline.csv")] = None,

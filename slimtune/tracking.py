@@ -84,10 +84,16 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
-def run_title(record: TrialRecord, on_front: bool = False) -> str:
-    """``trial-003 uniform-int8-ffn50``, ``trial-025 recovered trial-005``, with `` [front]`` on the front."""
+def run_title(record: TrialRecord, on_front: bool = False, metric: str | None = None) -> str:
+    """``trial-003 uniform-int8-ffn50``, ``trial-025 recovered trial-005``, `` [front]`` on the front and,
+    once measured, the figures (``| accuracy 0.9730 | 24.8 ms | 23.1 MB``): the runs table shows
+    run names at once, while metric columns must first be added by hand."""
     role = record.reference or (f"recovered trial-{record.recovered_from:03d}" if record.recovered_from is not None else "")
-    return " ".join(part for part in (record.name, role, "[front]" if on_front else "") if part)
+    title = " ".join(part for part in (record.name, role, "[front]" if on_front else "") if part)
+    m = record.metrics
+    if metric and record.status == "completed" and metric in m:
+        title += f" | {metric} {float(m[metric]):.4f} | {float(m['latency_ms']):.1f} ms | {float(m['size_mb']):.1f} MB"
+    return title
 
 
 def ui_base(uri: str) -> str:
@@ -281,7 +287,7 @@ class MlflowSearchRun:
         self.client.log_metric(self.parent_id, name, value, timestamp=int(time.time() * 1000), step=step)
 
     def finish(self, records: list[TrialRecord], pareto: set[int], results_dir: Path | None,
-               summary: dict[str, float], not_faster: set[int] = frozenset()) -> None:
+               summary: dict[str, float], not_faster: set[int] = frozenset(), metric: str | None = None) -> None:
         """Tag every trial run (``slimtune.pareto``, ``slimtune.not_faster``: compressed but not faster
         than fp32), log the summary and the results folder to the parent run, and close it.
         Trials whose logging failed during the search are logged first."""
@@ -291,8 +297,8 @@ class MlflowSearchRun:
             run_id = self.run_ids.get(record.number)
             if run_id is not None:
                 self.client.set_tag(run_id, "slimtune.pareto", str(record.number in pareto).lower())
+                self.client.update_run(run_id, name=run_title(record, record.number in pareto, metric))
                 if record.number in pareto:
-                    self.client.update_run(run_id, name=run_title(record, on_front=True))
                     model = results_dir / "models" / f"{record.name}.onnx" if results_dir else None
                     if model is not None and model.is_file():  # downloadable from the trial's run page
                         self.client.log_artifact(run_id, str(model), "model")

@@ -272,7 +272,7 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
         write_results(partial, records, pareto, space, config_to_yaml(config), task.metric, not_faster_numbers(records))
         _keep_front_artifacts(records, pareto, partial / "models")
         partial.rename(out)
-        tracker.finish(records, pareto, out, _summary(records, pareto, task), not_faster_numbers(records))
+        tracker.finish(records, pareto, out, _summary(records, pareto, task), not_faster_numbers(records), task.metric)
         shutil.rmtree(work, ignore_errors=True)  # finished: nothing left to resume
         for node in alive_nodes():  # and every node's trial files
             on_node(node, remove_tree, str(node_work_dir(search_id)))

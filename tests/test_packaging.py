@@ -21,7 +21,7 @@ ROOMS = [
     ("search", ["search"]),
     ("tracking", ["slimtune/tracking.py"]),
     ("report", ["slimtune/report.py"]),
-    ("cli", ["slimtune/workflow.py", "slimtune/cli.py", "slimtune/release"]),
+    ("cli", ["slimtune/workflow.py", "slimtune/cli.py", "slimtune/release", "slimtune/api.py"]),
 ]
 
 

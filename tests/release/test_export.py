@@ -132,3 +132,34 @@ def test_the_registered_model_predicts_what_the_onnx_file_does(finished, tiny_cs
     labels = json.loads((shipped / "labels.json").read_text())
     assert list(predicted["label"]) == [labels[i] for i in prob.argmax(1)]
     np.testing.assert_allclose(predicted[[f"p_{label}" for label in labels]].to_numpy(), prob, atol=1e-6)
+
+
+def _apply(folder, plan, model, out):
+    return subprocess.run([sys.executable, "-m", "slimtune", "apply", str(plan), "--model", str(model), "--search",
+                           "night", "--out", out, "--results-dir", "results"], capture_output=True, text=True,
+                          timeout=900, cwd=folder)
+
+
+def test_a_plan_applies_to_a_retrained_checkpoint_and_refuses_another_layout(finished, tiny_model_dir):
+    import torch
+    from transformers import AutoTokenizer, BertModel
+
+    plans = sorted((finished / "results" / "night" / "plans").iterdir())
+    retrained = BertModel.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for parameter in retrained.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    retrained.save_pretrained(finished / "retrained")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(finished / "retrained")
+    done = _apply(finished, plans[-1], finished / "retrained", "applied")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    metrics = json.loads((finished / "applied" / "metrics.json").read_text())
+    assert {"accuracy", "latency_ms", "size_mb"} <= set(metrics["figures"]) and (finished / "applied" / "model.onnx").is_file()
+
+    shallow = BertModel(retrained.config.__class__(**{**retrained.config.to_dict(), "num_hidden_layers": 1}))
+    shallow.save_pretrained(finished / "shallow")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(finished / "shallow")
+    layer_plans = [p for p in plans if "encoder.layer.1" in p.read_text()]
+    done = _apply(finished, layer_plans[0], finished / "shallow", "never")
+    assert done.returncode == 2 and "modules this model does not have" in " ".join(done.stderr.split())
+    assert not (finished / "never").exists()
