@@ -10,6 +10,7 @@ import datetime as dt
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -236,7 +237,18 @@ def ui(
     mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
     command = [mlflow, "server", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port),
                "--workers", "1", "--artifacts-destination", str((results / "mlartifacts").resolve())]
+    server = subprocess.Popen(command, env=env, start_new_session=True)  # its own group: its workers end with it
+
+    def stop(*_: object) -> None:
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGTERM, stop)
     try:
-        raise typer.Exit(subprocess.call(command, env=env))
+        raise typer.Exit(server.wait())
     except KeyboardInterrupt:
+        stop()
+        server.wait()
         raise typer.Exit(0) from None
