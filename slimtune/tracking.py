@@ -85,15 +85,15 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def run_title(record: TrialRecord, on_front: bool = False, metric: str | None = None) -> str:
-    """``trial-003 uniform-int8-ffn50``, ``trial-025 recovered trial-005``, `` [front]`` on the front and,
-    once measured, the figures (``| accuracy 0.9730 | 24.8 ms | 23.1 MB``): the runs table shows
-    run names at once, while metric columns must first be added by hand."""
+    """``trial-003 [front] | accuracy 0.9730 | 24.8 ms | 23.1 MB | uniform-int8-ffn50``: the trial, a
+    front marker, once measured its figures, and its role (a reference, or ``recovered trial-005``).
+    The runs table shows run names at once, while metric columns must first be added by hand."""
     role = record.reference or (f"recovered trial-{record.recovered_from:03d}" if record.recovered_from is not None else "")
-    title = " ".join(part for part in (record.name, role, "[front]" if on_front else "") if part)
+    parts = [record.name + (" [front]" if on_front else "")]
     m = record.metrics
-    if metric and record.status == "completed" and metric in m:
-        title += f" | {metric} {float(m[metric]):.4f} | {float(m['latency_ms']):.1f} ms | {float(m['size_mb']):.1f} MB"
-    return title
+    if metric and record.status == "completed" and metric in m:  # first: the table's name column is narrow
+        parts += [f"{metric} {float(m[metric]):.4f}", f"{float(m['latency_ms']):.1f} ms", f"{float(m['size_mb']):.1f} MB"]
+    return " | ".join(parts + ([role] if role else []))
 
 
 def ui_base(uri: str) -> str:
@@ -108,9 +108,10 @@ def review_links(uri: str, experiment_id: str, parent_id: str) -> dict[str, str]
 
     search = f"tags.`mlflow.parentRunId` = '{parent_id}'"
     view = f"{ui_base(uri)}/#/experiments/{experiment_id}/runs?"
-    return {"trials": view + urlencode({"workflowType": "machine_learning", "searchFilter": search}),
-            "front": view + urlencode({"workflowType": "machine_learning",
-                                       "searchFilter": f"{search} and tags.`slimtune.pareto` = 'true'"})}
+    # sorted by a metric, the table lists the trials themselves instead of their parent run folded
+    fastest_first = {"workflowType": "machine_learning", "orderByKey": "metrics.`latency_ms`", "orderByAsc": "true"}
+    return {"trials": view + urlencode({**fastest_first, "searchFilter": search}),
+            "front": view + urlencode({**fastest_first, "searchFilter": f"{search} and tags.`slimtune.pareto` = 'true'"})}
 
 
 class RetryingClient:

@@ -1,0 +1,102 @@
+"""The morning review in the real MLflow UI, in headless Chromium: the link a search prints opens the
+runs table filtered to its front, the front's runs show their figures, and the parent run holds the
+front table and the Pareto plot. Skipped, with the reason, where Chromium or Selenium is missing."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "mlflow-review.png"
+
+
+def _selenium():
+    try:
+        from selenium import webdriver  # noqa: F401
+    except ImportError:
+        return None
+    return True
+
+
+if not (CHROMIUM and DRIVER and _selenium()):
+    pytest.skip("needs Chromium, chromedriver (Debian: chromium chromium-driver) and selenium", allow_module_level=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1800,1000"):
+        options.add_argument(argument)
+    return webdriver.Chrome(service=Service(DRIVER), options=options)
+
+
+def _wait_for(browser, pattern: str, seconds: float = 60) -> str:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        text = browser.find_element("tag name", "body").text
+        if re.search(pattern, text):
+            return text
+        time.sleep(0.5)
+    raise AssertionError(f"{pattern!r} never appeared; the page shows: {text[:1500]}")
+
+
+def test_the_printed_links_open_the_front_in_the_mlflow_ui(search_config, tmp_path):
+    results = tmp_path / "results"
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    done = subprocess.run([sys.executable, "-m", "slimtune", "search", "--config", str(search_config(tmp_path, 5)),
+                           "--name", "review", "--results-dir", str(results)], capture_output=True, text=True,
+                          timeout=900, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    port = _free_port()
+    front_link = re.search(r"front:\s+(\S+)", done.stdout).group(1).replace("127.0.0.1:5000", f"127.0.0.1:{port}")
+    ui = subprocess.Popen([sys.executable, "-m", "slimtune", "ui", "--port", str(port), "--results-dir", str(results)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    browser = None
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        browser = _browser()
+        browser.get(front_link)
+        table = _wait_for(browser, r"\[front\] \| accuracy \d\.\d{4} \| [\d.]+ ms \| [\d.]+ MB")
+        assert "matching run" in table and "uniform-int8" in table or "[front]" in table
+        browser.save_screenshot(str(tmp_path / "front.png"))
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        shutil.copy(tmp_path / "front.png", SCREENSHOT)
+        parent = re.search(r"parentRunId%60\+%3D\+%27([0-9a-f]+)%27", front_link).group(1)
+        experiment = re.search(r"experiments/(\d+)/", front_link).group(1)
+        browser.get(f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs/{parent}")
+        _wait_for(browser, r"Pareto front: \d+ of \d+ trials")
+        browser.get(f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs/{parent}/artifacts")
+        _wait_for(browser, r"pareto\.png")
+    finally:
+        if browser is not None:
+            browser.quit()
+        ui.terminate()
+        ui.wait(timeout=30)
