@@ -150,6 +150,7 @@ class MlflowSearchRun:
         except Exception as exc:  # MLflow raises many types for an unreachable or broken store
             raise TrackingError(f"cannot use the MLflow store {uri} ({str(exc).splitlines()[0][:160]})") from exc
         self.client = RetryingClient(self.client)
+        self.uri = uri
         self.space = space
         self.parent_id = self.parent.info.run_id
         self.run_ids: dict[int, str] = {}
@@ -169,7 +170,7 @@ class MlflowSearchRun:
         except Exception as exc:  # MLflow raises many types for an unreachable store or a missing run
             raise TrackingError(f"cannot reopen the search's MLflow run {parent_id} in {uri} "
                                 f"({str(exc).splitlines()[0][:160]})") from exc
-        self.experiment_id, self.parent_id, self.space = parent.info.experiment_id, parent_id, space
+        self.experiment_id, self.parent_id, self.space, self.uri = parent.info.experiment_id, parent_id, space, uri
         self.run_ids, self.unsynced, self.started = {}, {}, set()
         return self
 
@@ -301,8 +302,8 @@ class MlflowSearchRun:
                 self.client.update_run(run_id, name=run_title(record, record.number in pareto, metric))
                 if record.number in pareto:
                     model = results_dir / "models" / f"{record.name}.onnx" if results_dir else None
-                    if model is not None and model.is_file():  # downloadable from the trial's run page
-                        self.client.log_artifact(run_id, str(model), "model")
+                    if model is not None and model.is_file():
+                        self._guarded(record, lambda r, path=model, run=run_id: self._log_onnx_model(run, path))
                 if record.status == "completed":
                     self.client.set_tag(run_id, "slimtune.not_faster", str(record.number in not_faster).lower())
         now = int(time.time() * 1000)
@@ -315,6 +316,21 @@ class MlflowSearchRun:
                     self.client.log_artifact(self.parent_id, str(path))
         self.client.set_tag(self.parent_id, "mlflow.note.content", self._front_note(records, pareto))
         self.client.set_terminated(self.parent_id, "FINISHED")
+
+    def _log_onnx_model(self, run_id: str, path: Path) -> None:
+        """The front point's ONNX file as an MLflow model of its trial run: listed in the runs table's
+        Models column and downloadable from the UI. The tracking URI is set for this call only."""
+        import mlflow
+        import mlflow.onnx
+        import onnx
+
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(self.uri)
+        try:
+            with mlflow.start_run(run_id=run_id):
+                mlflow.onnx.log_model(onnx.load(str(path)), name="model")
+        finally:
+            mlflow.set_tracking_uri(previous)
 
     def _front_note(self, records: list[TrialRecord], pareto: set[int]) -> str:
         """The parent run's description: the front as a Markdown table, each trial linked to its run."""

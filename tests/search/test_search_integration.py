@@ -105,9 +105,10 @@ def test_mlflow_holds_parent_nested_runs_tags_and_artifacts(finished_search):
     assert {"pareto.csv", "pareto.html", "pareto.png", "search_config.yaml", "plans"} <= artifacts
     child_artifacts = {a.path for a in client.list_artifacts(children[0].info.run_id)}
     assert "plan.json" in child_artifacts
-    for run in front_runs:  # the front's models can be downloaded from their runs
-        assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == [
-            f"model/{run.info.run_name.split()[0]}.onnx"]
+    for run in front_runs:  # the front's models are MLflow models of their runs, downloadable from the UI
+        models = client.search_logged_models([experiment.experiment_id],
+                                             filter_string=f"source_run_id = '{run.info.run_id}'")
+        assert [m.name for m in models] == ["model"] and client.get_run(run.info.run_id).info.status == "FINISHED"
     filtered = client.search_runs([experiment.experiment_id], "params.`encoder.layer.0.ffn.bits` = '32'")
     assert filtered  # dotted params are searchable with backticks, as in the MLflow UI
 
