@@ -95,10 +95,13 @@ def export_search(name: str, out: Path, rule: Rule, results: Path = Path("result
     task, model = prepared.task, prepared.loaded.module
     # the thread count the search built it with: trials use cpus_per_trial, front recovery every core
     threads = (os.cpu_count() or 1) if row.get("recovered_from") else max(1, int(config.search.cpus_per_trial))
-    torch.set_num_threads(threads)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # restored below: the caller's torch settings are its own
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    if not row.get("artifact_sha256"):
+        console.print(f"{row['trial']} has no recorded SHA-256 (an older search): its bytes cannot be compared")
     try:
         with console.status(f"rebuilding {row['trial']} from {config.model.name}"):
             artifact = build_artifact(model, plan, staging / "artifact.onnx", task_calibration(model, task), task.output)
@@ -112,6 +115,8 @@ def export_search(name: str, out: Path, rule: Rule, results: Path = Path("result
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        torch.set_num_threads(threads_before)
     logged = {k: float(row[k]) for k in figures if row.get(k)}
     return ExportedModel(out, row["trial"], rule.describe(metric), {k: v["value"] for k, v in figures.items()},
                          logged, digest, row.get("hardware") == current_target().key)
