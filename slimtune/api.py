@@ -40,8 +40,8 @@ def as_config(config: ConfigLike) -> Config:
     return load_config(Path(config) if config is not None else None)
 
 
-def _console(quiet: bool) -> Console:
-    return Console(quiet=quiet, log_path=False)
+def _console(quiet: bool, console: Console | None = None) -> Console:
+    return console or Console(quiet=quiet, log_path=False)
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class SearchResult:
 
 
 def search(config: ConfigLike = None, name: str | None = None, results_dir: Path = Path("results"),
-           resume: bool = False, quiet: bool = True) -> SearchResult:
+           resume: bool = False, quiet: bool = True, console: Console | None = None) -> SearchResult:
     """Run a search (or ``resume`` the one called ``name``); results in ``results_dir/name``."""
     from slimtune.workflow import run_search_job
 
@@ -82,7 +82,7 @@ def search(config: ConfigLike = None, name: str | None = None, results_dir: Path
         cfg, out = as_config(config), results_dir / name
         if out.exists():
             raise ConfigError(f"{out} already exists: choose another name or remove that folder")
-    records, _ = run_search_job(cfg, name, out, results_dir, _console(quiet), resume=resume)
+    records, _ = run_search_job(cfg, name, out, results_dir, _console(quiet, console), resume=resume)
     return SearchResult(name, out, records, list(csv.DictReader((out / "pareto.csv").open())))
 
 
@@ -97,14 +97,16 @@ def baseline(config: ConfigLike = None, name: str | None = None, results_dir: Pa
 
 def export(search_name: str, out: Path | str, rule: Rule | None = None, results_dir: Path = Path("results"),
            latency_tolerance: float = 0.25, register_as: str | None = None, alias: str | None = None,
-           tracking_uri: str | None = None, quiet: bool = True) -> tuple[ExportedModel, str | None]:
+           tracking_uri: str | None = None, quiet: bool = True,
+           console: Console | None = None) -> tuple[ExportedModel, str | None]:
     """Choose a front point by ``rule`` (default: the most accurate), rebuild, verify and ship it;
     optionally register it. Returns the export and the registered ``models:/`` URI (or None)."""
     import yaml
 
     from slimtune.tracking import default_tracking_uri
 
-    exported = export_search(search_name, Path(out), rule or Rule(), results_dir, latency_tolerance, _console(quiet))
+    exported = export_search(search_name, Path(out), rule or Rule(), results_dir, latency_tolerance,
+                             _console(quiet, console))
     if not register_as:
         return exported, None
     cfg = Config.model_validate(yaml.safe_load((results_dir / search_name / "search_config.yaml").read_text()))
@@ -113,9 +115,9 @@ def export(search_name: str, out: Path | str, rule: Rule | None = None, results_
 
 
 def apply(plan: Path | str, model: str, out: Path | str, config: ConfigLike = None,
-          results_dir: Path = Path("results"), quiet: bool = True) -> AppliedPlan:
+          results_dir: Path = Path("results"), quiet: bool = True, console: Console | None = None) -> AppliedPlan:
     """Compress a retrained checkpoint ``model`` with ``plan`` and measure it on ``config``'s task."""
-    return apply_plan(Path(plan), model, as_config(config), Path(out), results_dir, _console(quiet))
+    return apply_plan(Path(plan), model, as_config(config), Path(out), results_dir, _console(quiet, console))
 
 
 __all__ = ["AppliedPlan", "ExportedModel", "Rule", "SearchResult", "apply", "as_config", "baseline", "export",

@@ -75,11 +75,12 @@ def search(
         })
     except ConfigError as exc:
         raise fail(str(exc)) from None
-    name, out = _results_dir(results, name, "search")
-    from slimtune.workflow import BAD_INPUT, run_search_job
+    name, _ = _results_dir(results, name, "search")
+    from slimtune import api
+    from slimtune.workflow import BAD_INPUT
 
     try:
-        run_search_job(config, name, out, results, console)
+        api.search(config, name, results, console=console)
     except BAD_INPUT as exc:
         raise fail(str(exc)) from None
 
@@ -130,7 +131,8 @@ def export(
     """Choose a front point by a rule, rebuild and verify it, and write a folder that runs on its own."""
     from rich.table import Table
 
-    from slimtune.release import ChoiceError, ReleaseError, Rule, export_search
+    from slimtune import api
+    from slimtune.release import ChoiceError, ReleaseError, Rule
     from slimtune.workflow import BAD_INPUT
 
     if prefer not in (None, "best", "fastest", "smallest"):
@@ -138,7 +140,8 @@ def export(
     rule = Rule(trial=trial, max_latency_ms=max_latency_ms, max_size_mb=max_size_mb, min_score=min_accuracy,
                 max_drop=max_drop, prefer=prefer, knee=knee)
     try:
-        exported = export_search(name, out, rule, results, latency_tolerance, console)
+        exported, model_uri = api.export(name, out, rule, results, latency_tolerance, register_as, alias, tracking_uri,
+                                         console=console)
     except (ChoiceError, ReleaseError, *BAD_INPUT) as exc:
         raise fail(str(exc)) from None
     table = Table(title=f"{exported.trial} ({exported.rule}): verified, SHA-256 {exported.artifact_sha256[:12]}")
@@ -151,19 +154,7 @@ def export(
     if not exported.same_hardware:
         console.print("the search measured on other hardware: the latency above is this machine's, new figures")
     console.print(f"shipped: {exported.folder}/ (model.onnx, tokenizer, plan.json, metrics.json, README.md)")
-    if register_as:
-        import yaml
-
-        from slimtune.config import Config
-        from slimtune.release import register
-        from slimtune.tracking import default_tracking_uri
-
-        config = Config.model_validate(yaml.safe_load((results / name / "search_config.yaml").read_text()))
-        uri = tracking_uri or config.tracking.uri or default_tracking_uri(results)
-        try:
-            model_uri = register(exported, name, register_as, alias, uri, config.tracking.experiment)
-        except ReleaseError as exc:
-            raise fail(str(exc)) from None
+    if model_uri:
         console.print(f"registered: {model_uri}" + (f", alias {alias!r}: models:/{register_as}@{alias}" if alias else ""))
 
 
@@ -177,7 +168,7 @@ def apply(
     results: ResultsOpt = Path("results"),
 ) -> None:
     """Compress a retrained checkpoint of the same architecture with a chosen plan, and measure it."""
-    from slimtune.release.apply import apply_plan
+    from slimtune import api
     from slimtune.workflow import BAD_INPUT
 
     if search_name is not None:
@@ -186,7 +177,7 @@ def apply(
             raise fail(f"no finished search {search_name!r} in {results}: give --search NAME of a finished search")
     try:
         config = load_config(config_path)
-        applied = apply_plan(plan, model, config, out, results, console)
+        applied = api.apply(plan, model, out, config, results, console=console)
     except BAD_INPUT as exc:
         raise fail(str(exc)) from None
     from slimtune.report import figures_table
