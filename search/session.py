@@ -107,6 +107,14 @@ def process_alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists() and "zombie" not in _status(pid)
 
 
+def driver_running(pid: int) -> bool:
+    """A live slimtune process has this PID (a PID reused by another program does not count)."""
+    try:
+        return process_alive(pid) and b"slimtune" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def _status(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/status").read_text().lower()

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from slimtune.evaluators.hardware import fingerprint
+from slimtune.model import source_fingerprint
+
 FAULT_NAMESPACE = "slimtune-faults"
 
 
@@ -39,21 +42,22 @@ def _folder_files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def inputs_fingerprints(model_source: str, task: bytes) -> tuple[str, str]:
+    """(model, task) fingerprints: the model's files as ``source_fingerprint`` sees them, the task's bytes."""
+    return fingerprint(source_fingerprint(model_source)), hashlib.sha256(task).hexdigest()[:16]
+
+
 def ship(search_id: str, model_source: str, task_path: Path) -> Shipment:
     """Put the model folder (when local) and the task file into the object store; returns the references."""
     import ray
 
     folder = Path(model_source)
     files = _folder_files(folder) if folder.is_dir() else None
-    digest = hashlib.sha256()
-    for name, data in (files or {model_source: b""}).items():
-        digest.update(name.encode())
-        digest.update(hashlib.sha256(data).digest())
     task = task_path.read_bytes()
+    model_fingerprint, task_fingerprint = inputs_fingerprints(model_source, task)
     return Shipment(search_id=search_id, model_source=model_source,
-                    model_files=ray.put(files) if files is not None else None,
-                    model_fingerprint=digest.hexdigest()[:16], task_bytes=ray.put(task),
-                    task_fingerprint=hashlib.sha256(task).hexdigest()[:16])
+                    model_files=ray.put(files) if files is not None else None, model_fingerprint=model_fingerprint,
+                    task_bytes=ray.put(task), task_fingerprint=task_fingerprint)
 
 
 def node_root() -> Path:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +33,11 @@ from slimtune.evaluators.node_lock import NodeLock
 from slimtune.evaluators.quality import measure_quality
 from slimtune.evaluators.size import measure_size
 from slimtune.export import build_artifact
+from slimtune.export.size import file_sha256
 from slimtune.layout import discover_layout
-from slimtune.model import load_model, source_fingerprint
+from slimtune.model import load_model
 from slimtune.plan import CompressionPlan, RecoverySpec
-from slimtune.search.shipping import Shipment, node_work_dir, unpack
+from slimtune.search.shipping import Shipment, inputs_fingerprints, node_work_dir, unpack
 from slimtune.spaces import SearchSpace
 from slimtune.tasks import PreparedTask
 from slimtune.transforms import Calibration, collect_calibration
@@ -97,8 +97,8 @@ class WorkerState:
     task: PreparedTask
     feeds: dict[str, np.ndarray]
     calibration: Calibration
-    hardware: HardwareTarget | None = None
     inputs_fingerprint: str = ""
+    hardware: HardwareTarget = field(default_factory=current_target)
 
 
 def recovery_spec(config: Config) -> RecoverySpec:
@@ -128,23 +128,23 @@ def worker_state(ctx: TrialContext) -> WorkerState:
     task = PreparedTask.load(task_path)
     model = load_model(source, classification_head=task.output.kind == "logits").module
     calibration = task_calibration(model, task)
-    task_digest = hashlib.sha256(task_path.read_bytes()).hexdigest()
+    shipped = ctx.shipment
+    model_fp, task_fp = ((shipped.model_fingerprint, shipped.task_fingerprint) if shipped
+                         else inputs_fingerprints(source, task_path.read_bytes()))
     return WorkerState(
         model=model,
         space=make_space(ctx.config, model, calibration),
         task=task,
         feeds=latency_inputs(task.input_ids, task.attention_mask, ctx.config.latency),
         calibration=calibration,
-        hardware=current_target(),
-        inputs_fingerprint=fingerprint(ctx.shipment.model_fingerprint if ctx.shipment else
-                                       source_fingerprint(source), task_digest),
+        inputs_fingerprint=fingerprint(model_fp, task_fp),
     )
 
 
 def measurement_key(state: WorkerState, plan: CompressionPlan, latency_cfg: LatencyConfig, threads: int) -> str:
     """Everything a measurement depends on, as one digest: a cached result is reused only when all match."""
-    target = state.hardware.key if state.hardware else ""
-    return fingerprint(plan.digest, state.inputs_fingerprint, latency_cfg.model_dump_json(), str(threads), target)
+    return fingerprint(plan.digest, state.inputs_fingerprint, latency_cfg.model_dump_json(), str(threads),
+                       state.hardware.key)
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -174,12 +174,11 @@ def measure_plan(state: WorkerState, plan: CompressionPlan, path: Path, latency_
     bad = [name for name, value in metrics.items() if not math.isfinite(value)]
     if bad:
         raise NonFiniteMetricError(f"non-finite {', '.join(bad)} for plan {plan.digest}")
-    hardware = state.hardware.key if state.hardware else ""
     return {
         **metrics, "export_s": artifact.export_s, "quantize_s": artifact.quantize_s,
         "recover_s": artifact.recover_s, **timings,
         "kernels": json.dumps(artifact.matmul_kernels, sort_keys=True), "artifact": str(path),
-        "hardware": hardware, "node": state.hardware.node if state.hardware else "",
+        "hardware": state.hardware.key, "node": state.hardware.node,
     }
 
 
@@ -202,6 +201,6 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> dict[str, Any]:
         path = building.with_name(f"{key}.onnx")
         building.replace(path)
         result["artifact"] = str(path)
-        result["artifact_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        result["artifact_sha256"] = file_sha256(path)
         write_atomically(cached, json.dumps(result))
     return {**result, "plan_digest": plan.digest, "measurement_key": key, "trial_s": time.perf_counter() - started}

@@ -66,18 +66,24 @@ class SearchResult:
 
 
 def search(config: ConfigLike = None, name: str | None = None, results_dir: Path = Path("results"),
-           resume: bool = False, quiet: bool = True, console: Console | None = None) -> SearchResult:
-    """Run a search (or ``resume`` the one called ``name``); results in ``results_dir/name``."""
+           resume: bool = False, quiet: bool = True, console: Console | None = None,
+           address: str | None = None) -> SearchResult:
+    """Run a search (or ``resume`` the one called ``name``, with its own config; ``address`` may point
+    it at another Ray cluster now); results in ``results_dir/name``."""
     from slimtune.workflow import run_search_job
 
     name = name or f"search-{dt.datetime.now():%Y%m%d-%H%M%S}"
     if resume:
         import yaml
 
-        from slimtune.search.session import SearchState
+        from slimtune.search.session import ResumeError, SearchState
 
         state = SearchState.load(results_dir / ".work" / name)
         cfg, out = Config.model_validate(yaml.safe_load(state.config_yaml)), Path(state.out)
+        if out.exists():
+            raise ResumeError(f"search {name!r} already finished ({out} exists): nothing to resume")
+        if address:
+            cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={"address": address})})
     else:
         cfg, out = as_config(config), results_dir / name
         if out.exists():

@@ -87,26 +87,13 @@ def search(
 
 def _resume(name: str, address: str | None, results: Path) -> None:
     """Continue a search from its saved state (its own config; ``--address`` may point elsewhere now)."""
-    import yaml
-
-    from slimtune.config import Config
-    from slimtune.search.session import ResumeError, SearchState
-    from slimtune.workflow import BAD_INPUT, run_search_job
+    from slimtune import api
+    from slimtune.workflow import BAD_INPUT
 
     if not _NAME.match(name):
         raise fail(f"--resume {name!r} is not a search name: give the --name of the search to continue")
     try:
-        state = SearchState.load(results / ".work" / name)
-    except ResumeError as exc:
-        raise fail(str(exc)) from None
-    out = Path(state.out)
-    if out.exists():
-        raise fail(f"search {name!r} already finished ({out} exists): nothing to resume")
-    config = Config.model_validate(yaml.safe_load(state.config_yaml))
-    if address:
-        config = config.model_copy(update={"search": config.search.model_copy(update={"address": address})})
-    try:
-        run_search_job(config, name, out, results, console, resume=True)
+        api.search(name=name, results_dir=results, resume=True, console=console, address=address)
     except BAD_INPUT as exc:
         raise fail(str(exc)) from None
 

@@ -31,6 +31,7 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "embedding-head": ("accuracy", "macro_f1"),
     "embedding-fidelity": ("top10_overlap", "embedding_cosine"),
 }
+QUALITY_METRICS = tuple(dict.fromkeys(name for names in TASK_METRICS.values() for name in names))
 METRIC_GOALS: dict[str, str] = {"accuracy": "max", "macro_f1": "max", "embedding_cosine": "max", "top10_overlap": "max"}
 
 

@@ -16,17 +16,16 @@ from typing import Any
 
 from rich.table import Table
 
-from slimtune.config import METRIC_GOALS, TASK_METRICS
+from slimtune.config import METRIC_GOALS, QUALITY_METRICS
 from slimtune.search.records import TrialRecord
 from slimtune.spaces import SearchSpace
 
-QUALITY = tuple(dict.fromkeys(name for names in TASK_METRICS.values() for name in names))
 SPEED_AND_SIZE = ("latency_ms", "latency_p90_ms", "latency_spread", "size_mb", "search_latency_ms")
 
 
 def quality_names(metrics: list[dict[str, Any]], metric: str) -> tuple[str, ...]:
     """The quality metrics the trials measured, the searched ``metric`` first."""
-    measured = [name for name in QUALITY if name != metric and any(name in m for m in metrics)]
+    measured = [name for name in QUALITY_METRICS if name != metric and any(name in m for m in metrics)]
     return (metric, *measured)
 
 

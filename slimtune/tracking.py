@@ -21,6 +21,7 @@ from typing import Any
 
 from mlflow.entities import Metric, Param
 
+from slimtune.config import QUALITY_METRICS
 from slimtune.search.records import TrialRecord
 from slimtune.spaces import SearchSpace
 
@@ -335,8 +336,7 @@ class MlflowSearchRun:
     def _front_note(self, records: list[TrialRecord], pareto: set[int]) -> str:
         """The parent run's description: the front as a Markdown table, each trial linked to its run."""
         front = [r for r in records if r.number in pareto and r.status == "completed"]
-        quality = [k for k in ("accuracy", "macro_f1", "top10_overlap", "embedding_cosine")
-                   if any(k in r.metrics for r in front)]
+        quality = [k for k in QUALITY_METRICS if any(k in r.metrics for r in front)]
         lines = [f"Pareto front: {len(front)} of {len(records)} trials.", "",
                  "| trial | " + " | ".join(quality) + " | latency ms | size MB |",
                  "|---" * (len(quality) + 3) + "|"]

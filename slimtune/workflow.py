@@ -89,7 +89,9 @@ def _summary(records: list[TrialRecord], pareto: set[int], task: PreparedTask) -
 
 
 def _keep_front_artifacts(records: list[TrialRecord], pareto: set[int], models_dir: Path) -> None:
-    """Bring the front's ONNX files to ``models_dir``: from the node that built each (through Ray)."""
+    """Bring the front's ONNX files to ``models_dir``: copied when this machine holds the file (an
+    artifact's name is the digest of everything it was built from), else fetched through Ray from
+    the node that built it."""
     import ray
 
     from slimtune.search.shipping import on_node, read_bytes
@@ -99,10 +101,10 @@ def _keep_front_artifacts(records: list[TrialRecord], pareto: set[int], models_d
         artifact, node = record.metrics.get("artifact"), record.metrics.get("node")
         if record.number not in pareto or not artifact:
             continue
-        if ray.is_initialized() and node:
-            (models_dir / f"{record.name}.onnx").write_bytes(on_node(node, read_bytes, artifact))
-        elif Path(artifact).is_file():
+        if Path(artifact).is_file():
             shutil.copy2(artifact, models_dir / f"{record.name}.onnx")
+        elif ray.is_initialized() and node:
+            (models_dir / f"{record.name}.onnx").write_bytes(on_node(node, read_bytes, artifact))
 
 
 def _recover_front(records: list[TrialRecord], ctx, tracker, console: Console) -> list[TrialRecord]:
@@ -169,11 +171,10 @@ def _tracking_params(config: Config, task: PreparedTask, out: Path) -> dict:
 
 def _take_over(work: Path, console: Console):
     """Before a resumed search starts Ray: its saved state, with what the dead driver left running ended."""
-    from slimtune.search.session import ResumeError, SearchState, end_session, process_alive
+    from slimtune.search.session import ResumeError, SearchState, driver_running, end_session
 
     state = SearchState.load(work)
-    if state.driver_pid != os.getpid() and process_alive(state.driver_pid) and \
-            Path(f"/proc/{state.driver_pid}/cmdline").read_bytes().find(b"slimtune") >= 0:
+    if state.driver_pid != os.getpid() and driver_running(state.driver_pid):
         raise ResumeError(f"search {state.name!r} is still running (driver pid {state.driver_pid}): "
                           "stop it first or let it finish")
     ended = end_session(state.ray_session)

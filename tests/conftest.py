@@ -112,19 +112,30 @@ def tiny_classifier_dir(tmp_path_factory, imbalanced_csv) -> Path:
 
 
 @pytest.fixture(scope="session")
-def search_config(tiny_model_dir, tiny_csv):
+def tiny_config(tiny_model_dir, tiny_csv):
+    """Builds a config dict over the tiny model and data that measures latency quickly; keyword
+    sections are merged over it (``tiny_config(search={"trials": 4}, latency={"timed_runs": 20})``)."""
+
+    def make(**sections: dict) -> dict:
+        base = {
+            "model": {"name": str(tiny_model_dir), "max_length": 32},
+            "task": {"data": str(tiny_csv), "text_column": "body", "label_column": "topic"},
+            "latency": {"batch_size": 2, "sequence_length": 32, "threads": 1, "warmup_runs": 1, "timed_runs": 5},
+        }
+        return {**base, **{name: {**base.get(name, {}), **values} for name, values in sections.items()}}
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def search_config(tiny_config):
     """Writes a search config over the tiny model and data that measures latency quickly."""
-    return lambda folder, trials: _write_search_config(folder, tiny_model_dir, tiny_csv, trials)
 
+    def write(folder: Path, trials: int) -> Path:
+        config = tiny_config(space={"group_size": 1, "rank_fractions": [1.0, 0.5]},
+                             search={"trials": trials, "workers": 2, "seed": 3})
+        path = folder / "search.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
 
-def _write_search_config(folder: Path, model_dir: Path, data: Path, trials: int) -> Path:
-    config = {
-        "model": {"name": str(model_dir), "max_length": 32},
-        "task": {"data": str(data), "text_column": "body", "label_column": "topic"},
-        "space": {"group_size": 1, "rank_fractions": [1.0, 0.5]},
-        "latency": {"batch_size": 2, "sequence_length": 32, "threads": 1, "warmup_runs": 1, "timed_runs": 5},
-        "search": {"trials": trials, "workers": 2, "seed": 3},
-    }
-    path = folder / "search.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write

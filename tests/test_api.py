@@ -19,15 +19,9 @@ def test_config_from_a_dict_a_path_or_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_search_then_export_from_python(tiny_model_dir, tiny_csv, tmp_path, monkeypatch):
+def test_search_then_export_from_python(tiny_config, tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "")
-    config = {
-        "model": {"name": str(tiny_model_dir), "max_length": 32},
-        "task": {"data": str(tiny_csv), "text_column": "body", "label_column": "topic"},
-        "recovery": {"mode": "off"},
-        "latency": {"batch_size": 2, "sequence_length": 32, "threads": 1, "warmup_runs": 1, "timed_runs": 10},
-        "search": {"trials": 4, "workers": 1},
-    }
+    config = tiny_config(recovery={"mode": "off"}, latency={"timed_runs": 10}, search={"trials": 4, "workers": 1})
     result = api.search(config, name="py", results_dir=tmp_path / "results")
     assert len(result.records) == 4 and result.front
     table = result.front_table()

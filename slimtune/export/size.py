@@ -19,6 +19,7 @@ The graph structure itself adds a small, model-dependent overhead on top.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -39,6 +40,11 @@ def artifact_bytes(path: Path) -> int:
         for entry in init.external_data if entry.key == "location"
     }
     return total + sum((path.parent / loc).stat().st_size for loc in locations)
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes (hex): what proves a rebuilt artifact is the one that was measured."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def linear_bytes(n_in: int, n_out: int, weight_format: str, block_size: int = 32, method: str = "rtn") -> int:

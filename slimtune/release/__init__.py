@@ -27,9 +27,10 @@ from slimtune.evaluators.hardware import current_target
 from slimtune.evaluators.latency import latency_inputs
 from slimtune.evaluators.quality import measure_quality
 from slimtune.export import build_artifact
+from slimtune.export.size import file_sha256
 from slimtune.plan import CompressionPlan
 from slimtune.release.choose import ChoiceError, Rule, choose
-from slimtune.release.package import model_card, sha256, with_probabilities, write_json
+from slimtune.release.package import model_card, with_probabilities, write_json
 from slimtune.search.trial import task_calibration
 
 
@@ -105,21 +106,21 @@ def export_search(name: str, out: Path, rule: Rule, results: Path = Path("result
     try:
         with console.status(f"rebuilding {row['trial']} from {config.model.name}"):
             artifact = build_artifact(model, plan, staging / "artifact.onnx", task_calibration(model, task), task.output)
-        digest = sha256(artifact.path)
+        digest = file_sha256(artifact.path)
         if row.get("artifact_sha256") and digest != row["artifact_sha256"]:
             raise ReleaseError(f"the rebuilt {row['trial']} differs from the measured file (SHA-256 {digest[:12]} vs "
                                f"{row['artifact_sha256'][:12]}): the model, its files or this environment changed")
         figures = _verify(artifact.path, row, task, config, latency_tolerance, rows, folder / "models")
-        _package(staging, artifact.path, row, plan, task, prepared.loaded.tokenizer, figures, fp32, name, digest)
+        _package(staging, artifact.path, row, plan, task, prepared.loaded.tokenizer, figures, _logged(fp32, figures),
+                 name, digest)
         staging.rename(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
         torch.set_num_threads(threads_before)
-    logged = {k: float(row[k]) for k in figures if row.get(k)}
     return ExportedModel(out, row["trial"], rule.describe(metric), {k: v["value"] for k, v in figures.items()},
-                         logged, digest, row.get("hardware") == current_target().key)
+                         _logged(row, figures), digest, row.get("hardware") == current_target().key)
 
 
 def _latencies_in_fresh_process(paths: list[Path], feeds, config: Config) -> list[dict[str, float]]:
@@ -173,9 +174,16 @@ def _verify(path: Path, row: dict[str, str], task, config: Config, tolerance: fl
     return figures
 
 
+def _logged(row: dict[str, str] | None, keys) -> dict[str, float]:
+    """The figures of a ``pareto.csv`` / ``trials.csv`` row among ``keys`` (the ones it has)."""
+    return {k: float(row[k]) for k in keys if row and row.get(k)}
+
+
 def _package(folder: Path, artifact: Path, row: dict[str, str], plan: CompressionPlan, task, tokenizer,
-             figures: dict[str, dict[str, Any]], fp32: dict[str, str] | None, name: str, digest: str) -> None:
+             figures: dict[str, dict[str, Any]], fp32: dict[str, float], name: str, digest: str) -> None:
+    """Write the shipped folder; ``fp32``: the search's uncompressed figures, for the model card."""
     shipped = with_probabilities(onnx.load(str(artifact)), task)
+    outputs = [o.name for o in shipped.graph.output]
     onnx.save_model(shipped, str(folder / "model.onnx"))
     artifact.unlink()
     tokenizer.save_pretrained(folder)
@@ -188,15 +196,12 @@ def _package(folder: Path, artifact: Path, row: dict[str, str], plan: Compressio
     write_json(folder / "metrics.json", {
         "search": name, "trial": row["trial"], "task_kind": task.kind, "metric": task.metric,
         "export": figures, "export_hardware": target.as_dict(), "export_hardware_target": target.key,
-        "search_figures": {k: float(row[k]) for k in figures if row.get(k)}, "search_hardware_target": row.get("hardware"),
-        "fp32_search_figures": {k: float(fp32[k]) for k in figures if fp32 and fp32.get(k)},
-        "artifact_sha256": digest, "model_sha256": sha256(folder / "model.onnx"),
-        "outputs": [o.name for o in shipped.graph.output],
-        "tokenizer": tokens,
+        "search_figures": _logged(row, figures), "search_hardware_target": row.get("hardware"),
+        "fp32_search_figures": fp32, "artifact_sha256": digest, "model_sha256": file_sha256(folder / "model.onnx"),
+        "outputs": outputs, "tokenizer": tokens,
     })
-    fp32_figures = {k: float(fp32[k]) for k in figures if fp32 and fp32.get(k)}
-    (folder / "README.md").write_text(model_card(name, row["trial"], task, figures, fp32_figures, _plan_summary(plan),
-                                                 [o.name for o in shipped.graph.output], tokens))
+    (folder / "README.md").write_text(model_card(name, row["trial"], task, figures, fp32, _plan_summary(plan),
+                                                 outputs, tokens))
 
 
 def register(exported: ExportedModel, search: str, model_name: str, alias: str | None, uri: str,

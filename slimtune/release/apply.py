@@ -68,8 +68,7 @@ def apply_plan(plan_path: Path, model_name: str, config: Config, out: Path, resu
     model, task = prepared.loaded.module, prepared.task
     check_plan_fits(plan, model)
     state = WorkerState(model=model, space=None, task=task, calibration=task_calibration(model, task),
-                        feeds=latency_inputs(task.input_ids, task.attention_mask, config.latency),
-                        hardware=current_target())
+                        feeds=latency_inputs(task.input_ids, task.attention_mask, config.latency))
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     try:

@@ -8,7 +8,6 @@ the tokenizer files, ``labels.json``, ``plan.json``, ``metrics.json`` and a mode
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -37,10 +36,6 @@ def with_probabilities(model: onnx.ModelProto, task: PreparedTask) -> onnx.Model
     graph.node.append(helper.make_node("Softmax", [scores], ["probabilities"], axis=-1, name="/head/Softmax"))
     graph.output.append(helper.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT, ["batch", "classes"]))
     return model
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def model_card(name: str, trial: str, task: PreparedTask, figures: dict[str, Any], fp32: dict[str, float],

@@ -13,12 +13,13 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from slimtune.model import OutputSpec
+from slimtune.model import LoadedModel, OutputSpec, wrap_output
 from slimtune.tasks.data import tokenize
 
 Run = Callable[[dict[str, np.ndarray]], np.ndarray]
@@ -126,8 +127,9 @@ def torch_run(wrapped: nn.Module) -> Run:
 
 @dataclass(frozen=True)
 class EncodedSplit:
-    """Tokens of both parts of a split and the uncompressed model's outputs for them."""
+    """Tokens of both parts of a split and the uncompressed model's ``output`` for them."""
 
+    output: OutputSpec
     train_ids: np.ndarray
     train_mask: np.ndarray
     train_outputs: np.ndarray
@@ -135,19 +137,29 @@ class EncodedSplit:
     test_mask: np.ndarray
     test_outputs: np.ndarray
 
-    def calibration_rows(self, seed: int) -> np.ndarray:
-        """A seeded choice of training texts for activation statistics (at most ``CALIBRATION_TEXTS``)."""
-        return np.sort(np.random.default_rng(seed).permutation(len(self.train_ids))[:CALIBRATION_TEXTS])
+    def prepared(self, kind: str, metric: str, reason: str, seed: int,
+                 score: Callable[[PreparedTask, np.ndarray], tuple[Metric, ...]], **specific: Any) -> PreparedTask:
+        """The kind's PreparedTask of these texts (``specific``: its own fields), with a seeded choice of
+        at most ``CALIBRATION_TEXTS`` training texts for activation statistics, and the uncompressed
+        model's figures (``reference``) scored by the kind's ``score``."""
+        rows = np.sort(np.random.default_rng(seed).permutation(len(self.train_ids))[:CALIBRATION_TEXTS])
+        task = PreparedTask(
+            kind=kind, metric=metric, metric_reason=reason, output=self.output,
+            input_ids=self.test_ids, attention_mask=self.test_mask,
+            calibration_ids=self.train_ids[rows], calibration_mask=self.train_mask[rows],
+            train_ids=self.train_ids, train_mask=self.train_mask, train_targets=self.train_outputs, **specific,
+        )
+        return dataclasses.replace(task, reference={m.name: m.value for m in score(task, self.test_outputs)})
 
 
-def encode_split(wrapped: nn.Module, tokenizer, texts: tuple[str, ...], train: np.ndarray, test: np.ndarray,
-                 max_length: int, progress: Progress | None = None) -> EncodedSplit:
+def encode_split(loaded: LoadedModel, output: OutputSpec, texts: tuple[str, ...], train: np.ndarray,
+                 test: np.ndarray, max_length: int, progress: Progress | None = None) -> EncodedSplit:
     """Tokenize both parts and run the uncompressed model over them once (training texts first)."""
-    train_ids, train_mask = tokenize(tokenizer, [texts[i] for i in train], max_length)
-    test_ids, test_mask = tokenize(tokenizer, [texts[i] for i in test], max_length)
-    outputs = run_batches(torch_run(wrapped.eval()), np.concatenate([train_ids, test_ids]),
+    train_ids, train_mask = tokenize(loaded.tokenizer, [texts[i] for i in train], max_length)
+    test_ids, test_mask = tokenize(loaded.tokenizer, [texts[i] for i in test], max_length)
+    outputs = run_batches(torch_run(wrap_output(loaded.module, output).eval()), np.concatenate([train_ids, test_ids]),
                           np.concatenate([train_mask, test_mask]), batch_size=32, progress=progress)
-    return EncodedSplit(train_ids, train_mask, outputs[: len(train)], test_ids, test_mask, outputs[len(train):])
+    return EncodedSplit(output, train_ids, train_mask, outputs[: len(train)], test_ids, test_mask, outputs[len(train):])
 
 
 def classification_metrics(predicted: np.ndarray, labels: np.ndarray, scorer: str) -> tuple[Metric, ...]:

@@ -7,14 +7,12 @@ id written as a number (``0``, ``1``, ...); a label the model does not know is a
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from slimtune.config import TaskConfig
-from slimtune.model import LoadedModel, ModelLoadError, OutputSpec, wrap_output
+from slimtune.model import LoadedModel, ModelLoadError, OutputSpec
 from slimtune.tasks.base import Metric, PreparedTask, Progress, classification_metrics, encode_split
-from slimtune.tasks.data import DataError, TextData, limit_rows, require_labels, split_indices
+from slimtune.tasks.data import DataError, TextData, require_labels, task_split
 
 
 def model_labels(config) -> tuple[str, ...]:
@@ -51,19 +49,9 @@ def prepare(loaded: LoadedModel, output: OutputSpec, max_length: int, cfg: TaskC
     labels = require_labels(data, cfg, "classifier")
     names = single_label_classes(loaded.module.config)
     label_ids = map_labels(labels, names, data.origin)
-    train, test = split_indices(len(labels), cfg.test_fraction, cfg.seed, labels)
-    test = limit_rows(test, cfg.eval_limit, cfg.seed)
-    encoded = encode_split(wrap_output(loaded.module, output), loaded.tokenizer, data.texts, train, test,
-                           max_length, progress)
-    calibration = encoded.calibration_rows(cfg.seed)
-    task = PreparedTask(
-        kind="classifier", metric=metric, metric_reason=reason, output=output,
-        input_ids=encoded.test_ids, attention_mask=encoded.test_mask,
-        calibration_ids=encoded.train_ids[calibration], calibration_mask=encoded.train_mask[calibration],
-        train_ids=encoded.train_ids, train_mask=encoded.train_mask, train_targets=encoded.train_outputs,
-        labels=label_ids[test], label_names=names,
-    )
-    return dataclasses.replace(task, reference={m.name: m.value for m in score(task, encoded.test_outputs)})
+    train, test = task_split(cfg, len(labels), labels)
+    encoded = encode_split(loaded, output, data.texts, train, test, max_length, progress)
+    return encoded.prepared("classifier", metric, reason, cfg.seed, score, labels=label_ids[test], label_names=names)
 
 
 def score(task: PreparedTask, outputs: np.ndarray) -> tuple[Metric, ...]:

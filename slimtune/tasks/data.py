@@ -186,11 +186,13 @@ def split_indices(count: int, test_fraction: float, seed: int,
     return np.sort(train), np.sort(test)
 
 
-def limit_rows(rows: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
-    """At most ``limit`` of ``rows``, a seeded random choice, in their original order."""
-    if limit is None:
-        return rows
-    return np.sort(rows[np.random.default_rng(seed).permutation(len(rows))[:limit]])
+def task_split(cfg: TaskConfig, count: int, labels: tuple[str, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The task's (train, held-out) rows: ``split_indices`` by ``cfg``, the held-out part cut to at most
+    ``cfg.eval_limit`` texts by a seeded choice, kept in their original order."""
+    train, test = split_indices(count, cfg.test_fraction, cfg.seed, labels)
+    if cfg.eval_limit is not None:
+        test = np.sort(test[np.random.default_rng(cfg.seed).permutation(len(test))[: cfg.eval_limit]])
+    return train, test
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:

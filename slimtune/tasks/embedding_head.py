@@ -7,14 +7,12 @@ same held-out split, so differences come from the compression alone.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from slimtune.config import TaskConfig
-from slimtune.model import LoadedModel, OutputSpec, wrap_output
+from slimtune.model import LoadedModel, OutputSpec
 from slimtune.tasks.base import Metric, PreparedTask, Progress, classification_metrics, encode_split
-from slimtune.tasks.data import TextData, limit_rows, require_labels, split_indices
+from slimtune.tasks.data import TextData, require_labels, task_split
 
 
 def prepare(loaded: LoadedModel, output: OutputSpec, max_length: int, cfg: TaskConfig, data: TextData,
@@ -24,24 +22,15 @@ def prepare(loaded: LoadedModel, output: OutputSpec, max_length: int, cfg: TaskC
     labels = require_labels(data, cfg, "embedding-head")
     label_names = tuple(sorted(set(labels)))
     label_ids = np.array([label_names.index(lbl) for lbl in labels])
-    train, test = split_indices(len(labels), cfg.test_fraction, cfg.seed, labels)
-    test = limit_rows(test, cfg.eval_limit, cfg.seed)
-    encoded = encode_split(wrap_output(loaded.module, output), loaded.tokenizer, data.texts, train, test,
-                           max_length, progress)
+    train, test = task_split(cfg, len(labels), labels)
+    encoded = encode_split(loaded, output, data.texts, train, test, max_length, progress)
     head = LogisticRegression(max_iter=2000, random_state=cfg.seed).fit(encoded.train_outputs, label_ids[train])
     weight, bias = head.coef_, head.intercept_
     if weight.shape[0] == 1:  # binary: sklearn keeps one score; two rows make argmax work for any class count
         weight, bias = np.vstack([-weight, weight]), np.concatenate([-bias, bias])
-    calibration = encoded.calibration_rows(cfg.seed)
-    task = PreparedTask(
-        kind="embedding-head", metric=metric, metric_reason=reason, output=output,
-        input_ids=encoded.test_ids, attention_mask=encoded.test_mask,
-        calibration_ids=encoded.train_ids[calibration], calibration_mask=encoded.train_mask[calibration],
-        train_ids=encoded.train_ids, train_mask=encoded.train_mask, train_targets=encoded.train_outputs,
-        labels=label_ids[test], label_names=label_names,
-        head_weight=weight.astype(np.float32), head_bias=bias.astype(np.float32),
-    )
-    return dataclasses.replace(task, reference={m.name: m.value for m in score(task, encoded.test_outputs)})
+    return encoded.prepared("embedding-head", metric, reason, cfg.seed, score, labels=label_ids[test],
+                            label_names=label_names, head_weight=weight.astype(np.float32),
+                            head_bias=bias.astype(np.float32))
 
 
 def score(task: PreparedTask, outputs: np.ndarray) -> tuple[Metric, ...]:

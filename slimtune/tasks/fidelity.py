@@ -10,36 +10,25 @@ held-out texts, against the uncompressed model's embeddings of the same texts:
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from slimtune.config import TaskConfig
-from slimtune.model import LoadedModel, OutputSpec, wrap_output
+from slimtune.model import LoadedModel, OutputSpec
 from slimtune.tasks.base import Metric, PreparedTask, Progress, encode_split
-from slimtune.tasks.data import DataError, TextData, limit_rows, split_indices
+from slimtune.tasks.data import DataError, TextData, task_split
 
 NEIGHBOURS = 10
 
 
 def prepare(loaded: LoadedModel, output: OutputSpec, max_length: int, cfg: TaskConfig, data: TextData,
             metric: str, reason: str, progress: Progress | None = None) -> PreparedTask:
-    train, test = split_indices(len(data.texts), cfg.test_fraction, cfg.seed)
-    test = limit_rows(test, cfg.eval_limit, cfg.seed)
+    train, test = task_split(cfg, len(data.texts))
     if len(test) <= NEIGHBOURS:
         raise DataError(f"{data.origin} leaves {len(test)} held-out texts; top-{NEIGHBOURS} neighbours need at least "
                         f"{NEIGHBOURS + 1}: give more texts or raise task.test_fraction")
-    encoded = encode_split(wrap_output(loaded.module, output), loaded.tokenizer, data.texts, train, test,
-                           max_length, progress)
-    calibration = encoded.calibration_rows(cfg.seed)
-    task = PreparedTask(
-        kind="embedding-fidelity", metric=metric, metric_reason=reason, output=output,
-        input_ids=encoded.test_ids, attention_mask=encoded.test_mask,
-        calibration_ids=encoded.train_ids[calibration], calibration_mask=encoded.train_mask[calibration],
-        train_ids=encoded.train_ids, train_mask=encoded.train_mask, train_targets=encoded.train_outputs,
-        reference_outputs=encoded.test_outputs,
-    )
-    return dataclasses.replace(task, reference={m.name: m.value for m in score(task, encoded.test_outputs)})
+    encoded = encode_split(loaded, output, data.texts, train, test, max_length, progress)
+    return encoded.prepared("embedding-fidelity", metric, reason, cfg.seed, score,
+                            reference_outputs=encoded.test_outputs)
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:

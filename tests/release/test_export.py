@@ -17,16 +17,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, tiny_model_dir, tiny_csv):
+def finished(tmp_path_factory, tiny_config):
     folder = tmp_path_factory.mktemp("export")
-    config = {
-        "model": {"name": str(tiny_model_dir), "max_length": 32},
-        "task": {"data": str(tiny_csv), "text_column": "body", "label_column": "topic"},
-        "space": {"group_size": 1},
-        "recovery": {"steps": 5, "front_points": 2},
-        "latency": {"batch_size": 2, "sequence_length": 32, "threads": 1, "warmup_runs": 2, "timed_runs": 20},
-        "search": {"trials": 6, "workers": 2, "seed": 2},
-    }
+    config = tiny_config(space={"group_size": 1}, recovery={"steps": 5, "front_points": 2},
+                         latency={"warmup_runs": 2, "timed_runs": 20}, search={"trials": 6, "workers": 2, "seed": 2})
     (folder / "s.yaml").write_text(yaml.safe_dump(config))
     done = subprocess.run([sys.executable, "-m", "slimtune", "search", "--config", "s.yaml", "--name", "night",
                            "--results-dir", "results"], capture_output=True, text=True, timeout=900, cwd=folder,
@@ -40,7 +34,7 @@ def _export(folder, *args):
                            "--latency-tolerance", "1.0", *args], capture_output=True, text=True, timeout=900, cwd=folder)
 
 
-def test_every_front_point_rebuilds_to_the_measured_bytes_and_ships(finished, tiny_csv):
+def test_every_front_point_rebuilds_to_the_measured_bytes_and_ships(finished):
     front = list(csv.DictReader((finished / "results" / "night" / "pareto.csv").open()))
     for row in front:
         done = _export(finished, "--trial", row["trial"], "--out", f"ship-{row['trial']}")

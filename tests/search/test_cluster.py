@@ -54,15 +54,9 @@ def two_nodes(tmp_path_factory):
         assert session and not session_processes(session), "processes of the test cluster are still running"
 
 
-def test_a_search_on_a_two_node_cluster_runs_trials_on_both(two_nodes, tiny_model_dir, tiny_csv, tmp_path):
-    config = {
-        "model": {"name": str(tiny_model_dir), "max_length": 32},
-        "task": {"data": str(tiny_csv), "text_column": "body", "label_column": "topic"},
-        "space": {"group_size": 1},
-        "recovery": {"mode": "off"},
-        "latency": {"batch_size": 2, "sequence_length": 32, "threads": 1, "warmup_runs": 1, "timed_runs": 10},
-        "search": {"trials": 8, "workers": 2, "cpus_per_trial": 1},
-    }
+def test_a_search_on_a_two_node_cluster_runs_trials_on_both(two_nodes, tiny_config, tmp_path):
+    config = tiny_config(space={"group_size": 1}, recovery={"mode": "off"}, latency={"timed_runs": 10},
+                         search={"trials": 8, "workers": 2, "cpus_per_trial": 1})
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "slimtune", "search", "--config", "c.yaml", "--address", two_nodes,

@@ -79,18 +79,14 @@ class FlakyStore:
         return self.method(*args, **kwargs)
 
 
-def test_every_fault_is_a_failed_trial_everywhere_and_the_search_goes_on(tiny_model_dir, tiny_csv, tmp_path):
+def test_every_fault_is_a_failed_trial_everywhere_and_the_search_goes_on(tiny_model_dir, tiny_config, tmp_path):
     import sys
 
     from ray.tune.search.optuna import OptunaSearch
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    config = Config.model_validate({
-        "model": {"name": str(tiny_model_dir), "max_length": 32},
-        "task": {"data": str(tiny_csv), "text_column": "body", "label_column": "topic"},
-        "latency": {"batch_size": 2, "sequence_length": 32, "threads": 1, "warmup_runs": 1, "timed_runs": 5},
-        "search": {"trials": len(FAULTS), "workers": 1, "trial_timeout_s": 30, "trial_memory_mb": 2500},
-    })
+    config = Config.model_validate(tiny_config(search={"trials": len(FAULTS), "workers": 1, "trial_timeout_s": 30,
+                                                       "trial_memory_mb": 2500}))
     prepared = prepare(config, tmp_path, Console(quiet=True))
     space = SearchSpace(prepared.layout, prepared.config.space)
     ctx = TrialContext(config=prepared.config, model_source=str(tiny_model_dir), task_path=str(prepared.task_path),

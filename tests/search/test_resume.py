@@ -22,26 +22,16 @@ pytestmark = pytest.mark.slow
 TRIALS = 10
 
 
-def _config(folder, model_dir, data):
-    config = {
-        "model": {"name": str(model_dir), "max_length": 32},
-        "task": {"data": str(data), "text_column": "body", "label_column": "topic"},
-        "space": {"group_size": 1},
-        "recovery": {"mode": "off"},
-        "latency": {"batch_size": 2, "sequence_length": 32, "threads": 1, "warmup_runs": 1, "timed_runs": 20},
-        "search": {"trials": TRIALS, "workers": 1, "seed": 5},
-    }
-    path = folder / "search.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def test_a_search_killed_with_sigkill_resumes_without_loss_or_duplicates(tiny_model_dir, tiny_csv, tmp_path):
+def test_a_search_killed_with_sigkill_resumes_without_loss_or_duplicates(tiny_config, tmp_path):
     results = tmp_path / "results"
     work = results / ".work" / "night"
     env = {**os.environ, "RAY_ADDRESS": ""}
     command = [sys.executable, "-m", "slimtune", "search", "--results-dir", str(results)]
-    driver = subprocess.Popen(command + ["--config", str(_config(tmp_path, tiny_model_dir, tiny_csv)), "--name", "night"],
+    config = tmp_path / "search.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(space={"group_size": 1}, recovery={"mode": "off"},
+                                                 latency={"timed_runs": 20},
+                                                 search={"trials": TRIALS, "workers": 1, "seed": 5})))
+    driver = subprocess.Popen(command + ["--config", str(config), "--name", "night"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)
     journal = work / JOURNAL_FILE
     deadline = time.monotonic() + 600

@@ -60,13 +60,8 @@ def test_trials_that_raise_are_failed_in_ray_optuna_and_mlflow(local_ray, tiny_m
     assert not Path(tmp_path / "work" / "measured").exists()
 
 
-def test_a_time_budget_ends_the_search_with_no_trial_left_running(local_ray, tiny_model_dir, tiny_csv, tmp_path):
-    config = Config.model_validate({
-        "model": {"name": str(tiny_model_dir), "max_length": 32},
-        "task": {"data": str(tiny_csv), "text_column": "body", "label_column": "topic"},
-        "latency": {"batch_size": 2, "sequence_length": 32, "threads": 1, "warmup_runs": 1, "timed_runs": 5},
-        "search": {"trials": 2000, "workers": 2, "time_budget_s": 30},
-    })
+def test_a_time_budget_ends_the_search_with_no_trial_left_running(local_ray, tiny_model_dir, tiny_config, tmp_path):
+    config = Config.model_validate(tiny_config(search={"trials": 2000, "workers": 2, "time_budget_s": 30}))
     prepared = prepare(config, tmp_path, Console(quiet=True))
     config = prepared.config
     space = SearchSpace(prepared.layout, config.space)
@@ -82,17 +77,13 @@ def test_a_time_budget_ends_the_search_with_no_trial_left_running(local_ray, tin
     assert "RUNNING" not in {r.info.status for r in _children(uri, "budget")}
 
 
-def test_patience_ends_a_search_that_stops_improving(local_ray, tiny_model_dir, tiny_csv, tmp_path):
+def test_patience_ends_a_search_that_stops_improving(local_ray, tiny_model_dir, tiny_config, tmp_path):
     from slimtune.search.front_progress import FrontProgress
 
-    config = Config.model_validate({
-        "model": {"name": str(tiny_model_dir), "max_length": 32},
-        "task": {"data": str(tiny_csv), "text_column": "body", "label_column": "topic"},
-        "space": {"weight_formats": ["fp32", "int8"], "ffn_sparsities": [0.0], "head_fractions": [0.0],
-                  "depth_fractions": [0.0], "rank_fractions": [1.0], "embedding_formats": ["fp32"]},
-        "latency": {"batch_size": 2, "sequence_length": 32, "threads": 1, "warmup_runs": 1, "timed_runs": 5},
-        "search": {"trials": 200, "workers": 1, "patience": 3},
-    })
+    config = Config.model_validate(tiny_config(
+        space={"weight_formats": ["fp32", "int8"], "ffn_sparsities": [0.0], "head_fractions": [0.0],
+               "depth_fractions": [0.0], "rank_fractions": [1.0], "embedding_formats": ["fp32"]},
+        search={"trials": 200, "workers": 1, "patience": 3}))
     prepared = prepare(config, tmp_path, Console(quiet=True))
     space = SearchSpace(prepared.layout, prepared.config.space)
     ctx = TrialContext(config=prepared.config, model_source=str(tiny_model_dir), task_path=str(prepared.task_path),
