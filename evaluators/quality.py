@@ -6,13 +6,16 @@ its outputs into named metrics (accuracy and macro-F1, or embedding cosine and t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from slimtune.evaluators import Metric
-from slimtune.tasks import PreparedTask, score_task
+from slimtune.tasks import KINDS, PreparedTask, score_task
+from slimtune.tasks.base import run_batches
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
@@ -35,3 +38,42 @@ def session_run(sess: ort.InferenceSession):
 def measure_quality(path: Path, task: PreparedTask, threads: int = 1) -> tuple[Metric, ...]:
     """Every metric of the task's kind for the artifact at ``path`` (``task.metric`` is the searched one)."""
     return score_task(task, session_run(session(path, threads)))
+
+
+class StagedQuality:
+    """Scores an artifact on a sample of the held-out texts first and on the rest only when asked,
+    in one ONNX Runtime session: candidates a measured point already dominates stop after the sample.
+
+    ``first``: the sampled rows (``PreparedTask.sample_rows``); all rows means no second stage.
+    """
+
+    def __init__(self, path: Path, task: PreparedTask, threads: int, first: np.ndarray,
+                 hold: Callable[[], AbstractContextManager] = nullcontext) -> None:
+        """``hold``: entered around each batch (a shared node lock: a waiting latency measurement
+        gets the cores after one batch, not after the whole scoring)."""
+        self.task, self.first = task, np.asarray(first)
+        self.rest = np.setdiff1d(np.arange(len(task.input_ids)), self.first)
+        run = session_run(session(path, threads))
+
+        def held_run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+            with hold():
+                return run(feeds)
+
+        self.run = held_run
+        self._first_outputs: np.ndarray | None = None
+
+    def first_stage(self) -> tuple[Metric, ...]:
+        """Every metric of the task's kind on the sampled texts."""
+        part = self.task.held_out_rows(self.first)
+        self._first_outputs = run_batches(self.run, part.input_ids, part.attention_mask)
+        return KINDS[self.task.kind].score(part, self._first_outputs)
+
+    def full(self) -> tuple[Metric, ...]:
+        """Every metric on all held-out texts (the sample's outputs reused)."""
+        if self._first_outputs is None:
+            self.first_stage()
+        outputs = np.empty((len(self.task.input_ids), *self._first_outputs.shape[1:]), np.float32)
+        outputs[self.first] = self._first_outputs
+        if len(self.rest):
+            outputs[self.rest] = run_batches(self.run, self.task.input_ids[self.rest], self.task.attention_mask[self.rest])
+        return KINDS[self.task.kind].score(self.task, outputs)

@@ -23,6 +23,9 @@ def hardware_targets(records: list[TrialRecord]) -> list[str]:
 def pareto_numbers(records: list[TrialRecord], objectives: Objectives) -> set[int]:
     """Numbers of the completed, first-of-their-plan trials that no other trial dominates.
 
+    Screened trials (staged scoring stopped them: a measured point dominates them for sure) are not
+    candidates; their quality figures are a sample's.
+
     Latencies of different hardware targets are not comparable: with several targets, the front is
     computed per target and the fronts are joined.
     """
@@ -33,7 +36,8 @@ def pareto_numbers(records: list[TrialRecord], objectives: Objectives) -> set[in
         study = optuna.create_study(directions=[_DIRECTION[mode] for _, mode in objectives])
         for record in records:
             digest = record.metrics.get("plan_digest")
-            if record.status != "completed" or digest in seen or str(record.metrics.get("hardware", "")) != target:
+            if (record.status != "completed" or digest in seen or record.metrics.get("screened")
+                    or str(record.metrics.get("hardware", "")) != target):
                 continue
             seen.add(digest)
             study.add_trial(optuna.trial.create_trial(values=list(record.values(objectives)),

@@ -1,6 +1,6 @@
 """Trial records: what each trial ended with, observed from Ray's callback hooks.
 
-``TrialLog`` is the one Ray callback of a search. It numbers trials in start order, turns Ray's
+``TrialLog`` is the one Ray callback of a search. It numbers trials in the order they were proposed, turns Ray's
 trial objects into plain ``TrialRecord`` values and tells listeners (progress display, MLflow)
 when a trial starts and when it ends. Every trial ends in exactly one of: completed, failed,
 stopped; ``close_open_trials`` guarantees that even when the driver is interrupted.
@@ -71,14 +71,14 @@ def _error_text(trial: Any) -> str:
 
 class TrialLog(Callback):
     def __init__(self, space: SearchSpace, objectives: Objectives,
-                 listeners: tuple[TrialListener, ...] | list = (), first_number: int = 0) -> None:
-        """``first_number``: the number of the first trial (after a resumed search's earlier ones)."""
+                 listeners: tuple[TrialListener, ...] | list = (), first_number: int = 0,
+                 seeds: dict[str, dict[str, Any]] | None = None) -> None:
+        """``first_number``: the number of the first trial (after a resumed search's earlier ones);
+        ``seeds``: other enqueued plans by name (they are labelled like the reference points)."""
         self.first_number = first_number
         self.listeners = tuple(listeners)
         self.objectives = objectives
-        self._references = {
-            name: {k: v for k, v in params.items()} for name, params in space.reference_points().items()
-        }
+        self._references = {**space.reference_points(), **(seeds or {})}
         self._by_id: dict[str, TrialRecord] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -115,7 +115,10 @@ class TrialLog(Callback):
         if trial.trial_id in self._by_id:
             return
         params = dict(trial.config)
-        record = TrialRecord(number=self.first_number + len(self._by_id), trial_id=trial.trial_id, params=params,
+        # Numbered in the order the searcher proposed them (``trials`` is in creation order), not the
+        # order they happened to start in: the same seed gives the same trial-007.
+        created = next((i for i, t in enumerate(trials) if t.trial_id == trial.trial_id), len(self._by_id))
+        record = TrialRecord(number=self.first_number + created, trial_id=trial.trial_id, params=params,
                              reference=self._reference_of(params))
         self._by_id[trial.trial_id] = record
         self._tell("trial_started", record)

@@ -4,7 +4,8 @@ Ray runs locally unless ``search.address`` names a cluster. Objectives: the task
 (``task.metric``, e.g. accuracy or macro_f1, maximised), latency_ms and size_mb (minimised). The
 reference points (uncompressed fp32, uniform int8, uniform int8 with FFN pruning) are enqueued
 first so every front is read against them. A failing trial ends as ERROR in Ray, FAIL in Optuna,
-and the search goes on.
+and the search goes on. Optuna learns of finished trials in trial order (``ordered.py``), so the
+same seed, configuration and number of workers propose the same plans.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from slimtune.config import Config
 from slimtune.search.front_progress import FrontProgress
+from slimtune.search.ordered import OrderedOptunaSearch
 from slimtune.search.records import TrialListener, TrialLog, TrialRecord
 from slimtune.search.shipping import report_fault
 from slimtune.search.trial import TrialContext, objectives, run_trial
@@ -44,6 +46,8 @@ def make_sampler(config: Config):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     search = config.search
+    if search.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=search.seed)
     if search.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=search.seed, multivariate=True, n_startup_trials=max(4, search.trials // 4))
     # A generation small enough that short searches still evolve (several generations per search).
@@ -136,16 +140,18 @@ class Continuation:
 def run_search(config: Config, ctx: TrialContext, space: SearchSpace, storage: Path,
                name: str, listeners: Sequence[TrialListener] = (),
                front: FrontProgress | None = None, measure: Measure = run_trial,
-               continuation: Continuation | None = None) -> list[TrialRecord]:
+               continuation: Continuation | None = None,
+               seeds: dict[str, dict[str, Any]] | None = None) -> list[TrialRecord]:
     """Run all trials; returns one record per trial, in start order, none left running.
 
+    ``seeds``: plans (params by name) enqueued after the reference points, e.g. the sensitivity
+    profile's (``sensitivity.py``).
     ``front`` (a listener too) tracks the hypervolume; with ``search.patience`` it stops the search.
     ``measure`` is what a trial runs (``run_trial``; tests give functions that fail on purpose).
     ``continuation``: a study kept on disk (resumable), and where a resumed search picks up.
     """
     import optuna
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
     search = config.search
     if config.task.metric is None:
@@ -154,17 +160,19 @@ def run_search(config: Config, ctx: TrialContext, space: SearchSpace, storage: P
     go_on = continuation or Continuation("", "")
     study = {"storage": optuna.storages.RDBStorage(go_on.study_uri), "study_name": go_on.study_name} \
         if go_on.study_uri else {}
-    searcher = OptunaSearch(
+    searcher = OrderedOptunaSearch(
+        lag=search.workers,
         space=DefineByRun(space),
         metric=[m for m, _ in goals],
         mode=[mode for _, mode in goals],
         sampler=make_sampler(config),
-        points_to_evaluate=None if go_on.resumed else list(space.reference_points().values()) or None,
+        points_to_evaluate=None if go_on.resumed else enqueued_points(space, seeds) or None,
         **study,
     )
     trainable = tune.with_resources(tune.with_parameters(_trainable, ctx=ctx, measure=measure),
                                     {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial})
-    trial_log = TrialLog(space, goals, ([front] if front else []) + list(listeners), first_number=go_on.first_number)
+    trial_log = TrialLog(space, goals, ([front] if front else []) + list(listeners), first_number=go_on.first_number,
+                         seeds=seeds)
     trials = go_on.trials_left if go_on.trials_left is not None else search.trials
     budget = go_on.time_left_s if go_on.resumed else search.time_budget_s
     tuner = tune.Tuner(
@@ -182,8 +190,19 @@ def run_search(config: Config, ctx: TrialContext, space: SearchSpace, storage: P
     try:
         tuner.fit()
     finally:
+        searcher.flush()  # the last trials' results, told after Tune's last save of the searcher: save it again
+        for state_file in (storage / name).glob("searcher-state-*.pkl"):
+            searcher.save(str(state_file))
         trial_log.close_open_trials()
     return trial_log.records
+
+
+def enqueued_points(space: SearchSpace, seeds: dict[str, dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """The plans every search evaluates first: fp32 and uniform int8 (what fronts are read against),
+    then the seeds, then the other reference points (a short budget reaches the seeds)."""
+    references = space.reference_points()
+    first = [references.pop(name) for name in ("fp32", "uniform-int8") if name in references]
+    return [*first, *(seeds or {}).values(), *references.values()]
 
 
 def _trial_dirname(trial) -> str:

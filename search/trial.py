@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from slimtune.config import METRIC_GOALS, Config, LatencyConfig
+from slimtune.config import METRIC_GOALS, Config, LatencyConfig, SearchConfig
 from slimtune.evaluators import as_dict
 from slimtune.evaluators.hardware import HardwareTarget, current_target, fingerprint
 from slimtune.evaluators.latency import latency_inputs, measure_latency
 from slimtune.evaluators.node_lock import NodeLock
-from slimtune.evaluators.quality import measure_quality
+from slimtune.evaluators.quality import StagedQuality
 from slimtune.evaluators.size import measure_size
 from slimtune.export import build_artifact
 from slimtune.export.size import file_sha256
@@ -43,6 +43,7 @@ from slimtune.tasks import PreparedTask
 from slimtune.transforms import Calibration, collect_calibration
 from slimtune.transforms.heads import head_groups
 
+SCREEN_MIN_TEXTS = 50  # staged scoring needs a sample that says something: smaller held-out sets are scored whole
 Objectives = tuple[tuple[str, str], ...]  # (metric name, "max" or "min"), the task's metric first
 
 
@@ -68,6 +69,7 @@ class TrialContext:
     work_dir: str
     lock_path: str
     shipment: Shipment | None = None
+    excluded: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # options the sensitivity profile narrowed away
 
     @property
     def trial_dir(self) -> Path:
@@ -115,11 +117,13 @@ def task_calibration(model: torch.nn.Module, task: PreparedTask) -> Calibration:
                                training_targets=task.train_targets)
 
 
-def make_space(config: Config, model: torch.nn.Module, calibration: Calibration) -> SearchSpace:
-    """The search space of ``model``: what its layout, block importance and attention allow."""
+def make_space(config: Config, model: torch.nn.Module, calibration: Calibration,
+               excluded: tuple[tuple[str, tuple[Any, ...]], ...] = ()) -> SearchSpace:
+    """The search space of ``model``: what its layout, block importance and attention allow, less
+    the ``excluded`` options."""
     return SearchSpace(discover_layout(model), config.space, block_order=calibration.blocks_by_importance(),
                        head_groups=head_groups(model), recovery=recovery_spec(config),
-                       recover_in_trials=config.recovery.mode == "trials")
+                       recover_in_trials=config.recovery.mode == "trials", excluded=dict(excluded))
 
 
 @functools.lru_cache(maxsize=2)
@@ -133,7 +137,7 @@ def worker_state(ctx: TrialContext) -> WorkerState:
                          else inputs_fingerprints(source, task_path.read_bytes()))
     return WorkerState(
         model=model,
-        space=make_space(ctx.config, model, calibration),
+        space=make_space(ctx.config, model, calibration, ctx.excluded),
         task=task,
         feeds=latency_inputs(task.input_ids, task.attention_mask, ctx.config.latency),
         calibration=calibration,
@@ -155,28 +159,91 @@ def write_atomically(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def dominating_point(measured_dir: Path, goal: str, screen_score: float, texts: int, latency_ms: float,
+                     size_mb: float, margin: float, hardware: str) -> str | None:
+    """The measured result (file stem) in ``measured_dir`` that dominates a candidate for sure, if any:
+    on the same hardware, at most as slow and as large, and better on the same sampled texts by more
+    than ``margin`` (a fraction of its score). None when no measured point does."""
+    for path in sorted(measured_dir.glob("*.json")):
+        try:
+            other = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if other.get("hardware") != hardware or other.get("screen_texts") != texts:
+            continue
+        theirs = float(other["screen_score"])
+        better = screen_score < theirs - margin * abs(theirs) if goal == "max" else \
+            screen_score > theirs + margin * abs(theirs)
+        if better and other["latency_ms"] <= latency_ms and other["size_mb"] <= size_mb:
+            return path.stem
+    return None
+
+
 def measure_plan(state: WorkerState, plan: CompressionPlan, path: Path, latency_cfg: LatencyConfig,
-                 threads: int, lock: NodeLock) -> dict[str, Any]:
+                 threads: int, lock: NodeLock, search: SearchConfig | None = None,
+                 measured_dir: Path | None = None) -> dict[str, Any]:
     """Build the artifact for ``plan`` at ``path`` and measure it: metrics, timings (s), kernels.
 
-    Export and scoring (``threads`` ORT threads) hold ``lock`` shared; latency holds it exclusively.
+    Staged scoring (``search.screen_fraction`` below 1 and a ``measured_dir`` of this search's
+    results): the task's metric on a seeded sample of the held-out texts first (``screen_score``),
+    then latency and size; the remaining texts are scored unless a measured point already
+    dominates the candidate (``dominating_point``), in which case the sample's figures are its
+    quality figures, ``quality_texts`` says how many texts, ``screened`` is 1 and ``screened_by``
+    is that point's measurement key.
+    Export holds ``lock`` shared, scoring (``threads`` ORT threads) batch by batch; latency holds it
+    exclusively. Timings: ``compress_s``, ``export_s``, ``quantize_s``, ``recover_s`` (the
+    artifact's build), ``quality_s`` (scoring), ``latency_s`` (timing), ``wait_s`` (waiting for the lock).
     """
-    timings: dict[str, float] = {}
-    with lock.shared():
-        artifact = build_artifact(state.model, plan, path, state.calibration, state.task.output)
-        started = time.perf_counter()
-        quality = as_dict(measure_quality(path, state.task, threads))
-        timings["quality_s"] = time.perf_counter() - started
+    task = state.task
+    total = len(task.input_ids)
+    fraction = search.screen_fraction if search is not None and measured_dir is not None else 1.0
+    first = task.sample_rows(max(SCREEN_MIN_TEXTS, math.ceil(fraction * total)), seed=0)
+    timings = {"wait_s": 0.0, "quality_s": 0.0}
+
+    def phase(exclusive: bool = False):
+        waiting = time.perf_counter()
+        held = lock.exclusive() if exclusive else lock.shared()
+        held.__enter__()
+        timings["wait_s"] += time.perf_counter() - waiting
+        return held
+
+    held = phase()
+    try:
+        artifact = build_artifact(state.model, plan, path, state.calibration, task.output)
+    finally:
+        held.__exit__(None, None, None)
     started = time.perf_counter()
-    latency = as_dict(measure_latency(path, state.feeds, latency_cfg, lock))
-    timings["latency_s"] = time.perf_counter() - started
-    metrics = {**quality, **latency, **as_dict(measure_size(path))}
+    quality = StagedQuality(path, task, threads, first, hold=lock.shared)  # held batch by batch
+    sampled = as_dict(quality.first_stage())
+    timings["quality_s"] += time.perf_counter() - started
+    held = phase(exclusive=True)
+    try:
+        started = time.perf_counter()
+        latency = as_dict(measure_latency(path, state.feeds, latency_cfg))
+        timings["latency_s"] = time.perf_counter() - started
+    finally:
+        held.__exit__(None, None, None)
+    size = as_dict(measure_size(path))
+    screened = None
+    if len(first) < total:
+        screened = dominating_point(measured_dir, METRIC_GOALS[task.metric], sampled[task.metric], len(first),
+                                    latency["latency_ms"], size["size_mb"], search.screen_margin, state.hardware.key)
+    if screened is None:
+        started = time.perf_counter()
+        scored = as_dict(quality.full())
+        timings["quality_s"] += time.perf_counter() - started
+    else:
+        scored = sampled
+    metrics = {**scored, **latency, **size}
     bad = [name for name, value in metrics.items() if not math.isfinite(value)]
     if bad:
         raise NonFiniteMetricError(f"non-finite {', '.join(bad)} for plan {plan.digest}")
     return {
-        **metrics, "export_s": artifact.export_s, "quantize_s": artifact.quantize_s,
-        "recover_s": artifact.recover_s, **timings,
+        **metrics, "compress_s": artifact.compress_s, "export_s": artifact.export_s,
+        "quantize_s": artifact.quantize_s, "recover_s": artifact.recover_s, **timings,
+        "screen_score": sampled[task.metric], "screen_texts": len(first),
+        "quality_texts": len(first) if screened else total, "screened": int(screened is not None),
+        "screened_by": screened or "",
         "kernels": json.dumps(artifact.matmul_kernels, sort_keys=True), "artifact": str(path),
         "hardware": state.hardware.key, "node": state.hardware.node,
     }
@@ -184,7 +251,7 @@ def measure_plan(state: WorkerState, plan: CompressionPlan, path: Path, latency_
 
 def run_trial(params: dict[str, Any], ctx: TrialContext) -> dict[str, Any]:
     """Measure the plan that ``params`` (sampled by Optuna) describe; cached by ``measurement_key``."""
-    started = time.perf_counter()
+    began, started = time.time(), time.perf_counter()
     torch.set_num_threads(max(1, int(ctx.config.search.cpus_per_trial)))
     lock = NodeLock(Path(ctx.lock_path))
     with lock.shared():  # loading and calibrating is heavy work too
@@ -197,10 +264,13 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> dict[str, Any]:
         result = {**json.loads(cached.read_text()), "cached": 1}
     else:
         building = ctx.artifacts_dir / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.onnx"
-        result = {**measure_plan(state, plan, building, ctx.config.latency, threads, lock), "cached": 0}
+        result = {**measure_plan(state, plan, building, ctx.config.latency, threads, lock, ctx.config.search,
+                                 ctx.cache_dir), "cached": 0}
         path = building.with_name(f"{key}.onnx")
         building.replace(path)
         result["artifact"] = str(path)
         result["artifact_sha256"] = file_sha256(path)
         write_atomically(cached, json.dumps(result))
-    return {**result, "plan_digest": plan.digest, "measurement_key": key, "trial_s": time.perf_counter() - started}
+    # Wall-clock bounds (epoch s) of the trial: a search's throughput and idle time are read from them.
+    return {**result, "plan_digest": plan.digest, "measurement_key": key, "trial_s": time.perf_counter() - started,
+            "started_at": began, "finished_at": time.time()}

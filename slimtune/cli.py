@@ -57,7 +57,7 @@ def search(
     name: Annotated[str | None, typer.Option("--name", help="search name: results/<name>/ and the MLflow run")] = None,
     tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow store; default sqlite under results/")] = None,
     address: Annotated[str | None, typer.Option("--address", help="Ray cluster address; default a local Ray")] = None,
-    sampler: Annotated[str | None, typer.Option("--sampler", help="nsga2 (default) or tpe")] = None,
+    sampler: Annotated[str | None, typer.Option("--sampler", help="nsga2 (default), tpe, or random (a baseline)")] = None,
     patience: Annotated[int | None, typer.Option("--patience", help="stop after N trials without hypervolume gain")] = None,
     resume: Annotated[str | None, typer.Option("--resume", help="continue the search NAME whose driver died")] = None,
     results: ResultsOpt = Path("results"),

@@ -169,7 +169,7 @@ class SearchConfig(_Frozen):
     trials: int = Field(24, ge=1)
     workers: int = Field(2, ge=1, description="trials evaluated at once")
     seed: int = 0
-    sampler: Literal["nsga2", "tpe"] = "nsga2"
+    sampler: Literal["nsga2", "tpe", "random"] = Field("nsga2", description="random: Optuna's RandomSampler, a baseline")
     time_budget_s: float | None = Field(None, gt=0)
     patience: int | None = Field(None, ge=1, description="stop after this many trials without hypervolume gain")
     trial_timeout_s: float | None = Field(None, gt=0, description="a trial running longer is ended and failed")
@@ -178,6 +178,17 @@ class SearchConfig(_Frozen):
     cpus_per_trial: float = Field(1.0, gt=0, description="CPUs Ray reserves per trial (and torch / ONNX Runtime threads)")
     gpus_per_trial: float = Field(0.0, ge=0, description="GPUs Ray reserves per trial (for GPU targets; 0 on CPU)")
     address: str | None = Field(None, description="Ray cluster address; None starts a local Ray")
+    quality_floor: float = Field(0.9, gt=0, lt=1, description="share of the uncompressed model's metric below which "
+                                 "a candidate is of no use: the hypervolume's reference point; choices that alone "
+                                 "fall below it are not offered (with sensitivity)")
+    sensitivity: bool = Field(True, description="profile each choice alone before the search (cached with the task): "
+                                                "narrows the space and seeds the sampler")
+    seed_plans: int = Field(4, ge=0, description="plans along the sensitivity profile's greedy path enqueued after the "
+                                                 "reference points")
+    screen_fraction: float = Field(0.25, gt=0, le=1, description="staged scoring: share of the held-out texts scored "
+                                   "first; the rest only if a measured point does not already dominate the candidate")
+    screen_margin: float = Field(0.02, ge=0, description="staged scoring: how far (fraction of the metric) below a "
+                                 "dominating point's score on the same texts a candidate must be to stop early")
 
 
 class TrackingConfig(_Frozen):

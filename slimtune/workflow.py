@@ -68,7 +68,8 @@ def prepare(config: Config, results: Path, console: Console) -> Prepared:
     return Prepared(resolved, loaded, layout, task, task_path)
 
 
-def _summary(records: list[TrialRecord], pareto: set[int], task: PreparedTask) -> dict[str, float]:
+def _summary(records: list[TrialRecord], pareto: set[int], task: PreparedTask,
+             quality_floor: float) -> dict[str, float]:
     """Counts, the best figure of each objective, and the uncompressed model's figures (``reference_*``)."""
     from slimtune.config import METRIC_GOALS
     from slimtune.search.front_progress import hypervolume
@@ -79,7 +80,7 @@ def _summary(records: list[TrialRecord], pareto: set[int], task: PreparedTask) -
     summary["pareto_size"] = float(len(pareto))
     summary.update({f"reference_{name}": value for name, value in task.reference.items()})
     summary["hardware_targets"] = float(len({r.metrics.get("hardware") for r in done}))
-    summary["final_hypervolume"] = hypervolume(records, objectives(task.metric))  # recovered points included
+    summary["final_hypervolume"] = hypervolume(records, objectives(task.metric), quality_floor)  # recovered points included
     if done:
         best = max if METRIC_GOALS[task.metric] == "max" else min
         summary[f"best_{task.metric}"] = best(float(r.metrics[task.metric]) for r in done)
@@ -105,6 +106,29 @@ def _keep_front_artifacts(records: list[TrialRecord], pareto: set[int], models_d
             shutil.copy2(artifact, models_dir / f"{record.name}.onnx")
         elif ray.is_initialized() and node:
             (models_dir / f"{record.name}.onnx").write_bytes(on_node(node, read_bytes, artifact))
+
+
+def sensitivity_guidance(prepared: Prepared, space, calibration, results: Path, console: Console):
+    """The sensitivity profile of ``space`` (measured once, cached with the task), and what it changes:
+    options below ``search.quality_floor`` not offered, seed plans along its greedy path."""
+    from rich.progress import Progress
+
+    from slimtune.search.sensitivity import PROFILE_TEXTS, cached_profile, guide, measure_profile, profile_key
+
+    config = prepared.config
+    key = profile_key(prepared.loaded.source, prepared.task_path, space, PROFILE_TEXTS, config.task.seed)
+    with Progress(console=console, transient=True) as progress:
+        bar = progress.add_task("sensitivity: each choice alone, once (then cached)")
+        profile, cached = cached_profile(results / ".cache", key, lambda: measure_profile(
+            prepared.loaded.module, space, prepared.task, calibration, PROFILE_TEXTS, config.task.seed,
+            lambda done, total: progress.update(bar, completed=done, total=total)))
+    guidance = guide(space, profile, config.search.quality_floor, config.search.seed_plans)
+    removed = "; ".join(f"{dim} {list(options)}" for dim, options in guidance.excluded) or "none"
+    console.print(f"sensitivity: {len(profile.effects)} choices on {profile.texts} texts "
+                  f"({'cached' if cached else f'{profile.seconds:.0f} s'}); below {config.search.quality_floor:.0%} "
+                  f"of the uncompressed {profile.metric_name} alone, not offered: {removed}; "
+                  f"{len(guidance.seeds)} seed plans")
+    return guidance
 
 
 def _recover_front(records: list[TrialRecord], ctx, tracker, console: Console) -> list[TrialRecord]:
@@ -216,7 +240,11 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
     prepared = prepare(config, results, console)
     config, task = prepared.config, prepared.task
     with console.status("measuring block and head importance on calibration texts"):
-        space = make_space(config, prepared.loaded.module, task_calibration(prepared.loaded.module, task))
+        calibration = task_calibration(prepared.loaded.module, task)
+        space = make_space(config, prepared.loaded.module, calibration)
+    guidance = sensitivity_guidance(prepared, space, calibration, results, console) if config.search.sensitivity \
+        else None
+    space = guidance.space if guidance else space
     console.print(f"space: {len(prepared.layout.blocks)} blocks in {len(space.groups)} groups, "
                   f"{sum(len(v) > 1 for v in space.dimensions().values())} open dimensions; "
                   f"references: {', '.join(space.reference_points()) or 'none in this space'}")
@@ -251,17 +279,20 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
         ctx = TrialContext(config=config, model_source=prepared.loaded.source,
                            task_path=str(prepared.task_path.resolve()), work_dir=str(work.resolve()),
                            lock_path=str(default_lock_path()),
-                           shipment=ship(search_id, prepared.loaded.source, prepared.task_path))
+                           shipment=ship(search_id, prepared.loaded.source, prepared.task_path),
+                           excluded=guidance.excluded if guidance else ())
         goals = objectives(task.metric)
         front = FrontProgress(goals, config.search.patience,
-                              on_change=lambda value, step: tracker.log_search_metric("hypervolume", value, step))
+                              on_change=lambda value, step: tracker.log_search_metric("hypervolume", value, step),
+                              quality_floor=config.search.quality_floor)
         front.records = list(earlier)
         left = continuation.trials_left if continuation.trials_left is not None else config.search.trials
         with ProgressDisplay(left, goals[0], console, front, continuation.time_left_s or config.search.time_budget_s) \
                 as progress:
             records = earlier + (run_search(config, ctx, space, work / "ray", name,
                                             listeners=(TrialJournal(work), progress, tracker), front=front,
-                                            continuation=continuation) if left > 0 else [])
+                                            continuation=continuation, seeds=guidance.seeds if guidance else None)
+                                 if left > 0 else [])
         if front.should_stop:
             console.print(f"stopped: no hypervolume gain in the last {config.search.patience} trials "
                           f"(hypervolume {front.hypervolume:.4f})")
@@ -273,7 +304,7 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
         write_results(partial, records, pareto, space, config_to_yaml(config), task.metric, not_faster_numbers(records))
         _keep_front_artifacts(records, pareto, partial / "models")
         partial.rename(out)
-        tracker.finish(records, pareto, out, _summary(records, pareto, task), not_faster_numbers(records), task.metric)
+        tracker.finish(records, pareto, out, _summary(records, pareto, task, config.search.quality_floor), not_faster_numbers(records), task.metric)
         shutil.rmtree(work, ignore_errors=True)  # finished: nothing left to resume
         for node in alive_nodes():  # and every node's trial files
             on_node(node, remove_tree, str(node_work_dir(search_id)))

@@ -58,7 +58,8 @@ class SearchSpace:
     pruning is offered only for groups of blocks that all have two or more. ``recovery`` is the
     distillation recipe: with ``recover_in_trials`` every plan that changes shapes carries it (the
     fixed param ``recovery.steps``); otherwise only choices that name ``recovery.steps`` (points of
-    the final front, recovered after the search) do.
+    the final front, recovered after the search) do. ``excluded``: options not offered per
+    dimension (the sensitivity profile's narrowing; a dimension keeps at least its first option).
     """
 
     layout: ModelLayout
@@ -67,6 +68,7 @@ class SearchSpace:
     head_groups: Mapping[str, int] = field(default_factory=dict)
     recovery: RecoverySpec | None = None
     recover_in_trials: bool = False
+    excluded: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
 
     @property
     def groups(self) -> tuple[BlockGroup, ...]:
@@ -124,6 +126,9 @@ class SearchSpace:
             dims["low_rank.method"] = cfg.low_rank_methods
         if self.recover_in_trials and self.recovery is not None:
             dims["recovery.steps"] = (self.recovery.steps,)
+        for name, options in self.excluded.items():
+            if name in dims:
+                dims[name] = tuple(o for o in dims[name] if o not in options) or dims[name][:1]
         return dims
 
     def suggest(self, trial) -> CompressionPlan:

@@ -73,6 +73,17 @@ class PreparedTask:
     def train_size(self) -> int:
         return len(self.train_ids)
 
+    def held_out_rows(self, rows: np.ndarray) -> PreparedTask:
+        """The same task scored on the held-out texts at ``rows`` only; ``reference`` is left empty
+        (it was the full set's)."""
+        per_text = {name: getattr(self, name)[rows] for name in ("input_ids", "attention_mask", "labels",
+                                                                 "reference_outputs") if getattr(self, name) is not None}
+        return dataclasses.replace(self, reference={}, **per_text)
+
+    def sample_rows(self, count: int, seed: int = 0) -> np.ndarray:
+        """A seeded random ``count`` of the held-out rows (all when there are no more), in order."""
+        return np.sort(np.random.default_rng(seed).permutation(len(self.input_ids))[:count])
+
     def save(self, path: Path) -> None:
         arrays: dict[str, np.ndarray] = {}
         for f in dataclasses.fields(self):

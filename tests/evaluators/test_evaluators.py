@@ -89,3 +89,16 @@ def test_measurement_never_overlaps_other_work(tmp_path):
     shared_times = [(t, k) for m, k, t in events if m == "shared"]
     assert all(t <= ex_in or t >= ex_out for t, _ in shared_times)
     assert sum(k == "in" for _, k in shared_times) == 2
+
+
+def test_staged_scoring_gives_the_full_figures_and_the_sample_first(scored):
+    from slimtune.evaluators.quality import StagedQuality
+
+    _, task, path = scored
+    rows = task.sample_rows(5, seed=0)
+    staged = StagedQuality(path, task, 1, rows)
+    sample = {m.name: m.value for m in staged.first_stage()}
+    expected_sample = {m.name: m.value for m in measure_quality(path, task.held_out_rows(rows))}
+    assert sample == pytest.approx(expected_sample)
+    assert {m.name: m.value for m in staged.full()} == pytest.approx({m.name: m.value for m in measure_quality(path, task)})
+    assert len(rows) == 5 and list(rows) == sorted(rows)

@@ -57,12 +57,19 @@ def faulty_measure(params, ctx):
     if fault == "worker dies":
         os._exit(3)
     if fault == "non-finite":
-        real = trial.measure_quality
-        trial.measure_quality = lambda *a, **k: (Metric("accuracy", math.nan, "fraction"),)
+        real = trial.StagedQuality
+
+        class NonFinite(real):
+            def first_stage(self):
+                return (Metric("accuracy", math.nan, "fraction"),)
+
+            full = first_stage
+
+        trial.StagedQuality = NonFinite
         try:
             return trial.run_trial(params, ctx)
         finally:
-            trial.measure_quality = real
+            trial.StagedQuality = real
     return trial.run_trial(params, ctx)
 
 

@@ -1,0 +1,236 @@
+"""Search methods side by side on the default model and task: one-click tools, greedy, random, slimtune's samplers.
+
+Runs on this machine, in one go: the one-click baselines by the real tools (Optimum's int8 from
+its own venv, ONNX Runtime's dynamic int8 per channel and its 4-bit MatMulNBits), the greedy
+per-layer baseline (sensitivity path), then real slimtune searches (Ray, Optuna, MLflow) with
+random sampling and each of slimtune's samplers at budgets N and 3N trials, each with several seeds.
+Every search has the same enqueued reference points; front recovery is off for all. Random at N is
+the first N trials of random at 3N (its proposals do not depend on the total). The default sampler
+(NSGA-II with the sensitivity profile) is charged for the profile: its trial budget is N minus the
+profile's time in trials.
+
+Reported per method and budget: hypervolume in one box for all (quality floor ``--floor`` of
+fp32's metric, fp32's latency and size; fp32 = the median of every search's fp32 reference), the
+lowest latency and smallest size within 1 point of fp32, trials per hour, and where a trial's
+time goes. The best points within 1 point and the one-click baselines are then timed side by side
+(interleaved) for the dominance check. Writes ``search-methods.md`` and ``search-methods.png``.
+
+    .venv/bin/python benchmarks/search_methods.py --budget 10 --seeds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import onnxruntime as ort
+from rich.console import Console
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import greedy_run, one_click  # noqa: E402
+from search_runs import TIME_PARTS, Point, Reference, Run, run_search  # noqa: E402
+from toolbox import _time_interleaved  # noqa: E402
+
+from slimtune.config import load_config  # noqa: E402
+from slimtune.evaluators.quality import session  # noqa: E402
+from slimtune.search.trial import make_space, task_calibration  # noqa: E402
+from slimtune.workflow import prepare  # noqa: E402
+
+SAMPLER_LABELS = {"nsga2": "slimtune nsga2 (default: sensitivity-seeded)", "tpe": "slimtune tpe",
+                  "random": "random search"}
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def _fmt(value: float, digits: int = 1) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _model_file(run: Run, point: Point) -> Path | None:
+    """The front model a search kept for ``point`` (results/<name>/models/<trial>.onnx), if any."""
+    trial = point.label.split(" ")[0]
+    path = Path(run.notes.get("folder", "")) / "models" / f"{trial}.onnx"
+    return path if path.is_file() else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=int, default=10, help="N: trials of the small budget (3N the large)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--samplers", default="random,tpe,nsga2",
+                        help="in run order: nsga2 is charged for the profile at the pace of the searches before it")
+    parser.add_argument("--floor", type=float, default=0.9, help="hypervolume quality floor, fraction of fp32's metric")
+    parser.add_argument("--no-optimum", action="store_true")
+    parser.add_argument("--runs", type=int, default=30, help="timed runs per artifact in the side-by-side timing")
+    parser.add_argument("--out", type=Path, default=Path("results/benchmarks"))
+    args = parser.parse_args(argv)
+    console = Console()
+    began = time.perf_counter()
+    work = args.out / "search-methods"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "runs").mkdir(parents=True)
+    (work / "runs" / ".cache").symlink_to(Path("results/.cache").resolve())  # prepared task and profile: once
+    config = load_config(None)
+    prepared = prepare(config, Path("results"), console)
+    config, task = prepared.config, prepared.task
+    threads = config.latency.threads
+    n = args.budget
+
+    console.rule("one-click baselines (real tools)")
+    clicks = one_click(prepared, work / "one-click", threads, not args.no_optimum)
+    for label, (point, _) in clicks.items():
+        console.print(f"{label}: {task.metric} {point.quality:.4f}, {point.size_mb:.2f} MB")
+
+    console.rule("greedy per-layer baseline")
+    space = make_space(config, prepared.loaded.module, task_calibration(prepared.loaded.module, task))
+    greedy = greedy_run(prepared, space, work / "greedy", n, 1.0, Path("results"))
+    profile_s = greedy.notes["profile_s"]
+    console.print(f"greedy: {len(greedy.points)} steps, sensitivity profile {profile_s:.0f} s")
+
+    runs: list[Run] = []
+    samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    for sampler in samplers:
+        for seed in range(args.seeds):
+            for budget in ((3 * n,) if sampler == "random" else (n, 3 * n)):
+                trials = budget
+                if sampler == "nsga2":  # charged for the profile, in trials of the last search's pace
+                    pace = runs[-1].search_wall_s / max(1, len(runs[-1].points)) if runs else 4.0
+                    trials = max(2, budget - math.ceil(profile_s / pace))
+                console.rule(f"{SAMPLER_LABELS[sampler]}, seed {seed}, budget {budget} ({trials} trials)")
+                run = run_search(SAMPLER_LABELS[sampler], sampler, seed, trials, work / "runs",
+                                 {"search": {"sensitivity": sampler == "nsga2"}}, task.metric)
+                run.budget = budget
+                run.extra_cost_trials = budget - trials
+                runs.append(run)
+                if sampler == "random":
+                    runs.append(run.prefix(n))
+                console.print(f"{len(run.points)} trials in {run.search_wall_s:.0f} s ({run.trials_per_hour():.0f}/h)")
+
+    fp32_points = [p for r in runs for p in r.points if p.label.endswith("(fp32)")]
+    fp32 = Point(_median([p.quality for p in fp32_points]), _median([p.latency_ms for p in fp32_points]),
+                 _median([p.size_mb for p in fp32_points]), "fp32")
+    ref = Reference(fp32, args.floor)
+    methods = [greedy, *runs]
+
+    # Side by side: the one-click artifacts and each method's fastest and smallest point within 1 point.
+    console.rule("timing side by side")
+    contenders: dict[str, tuple] = {label: (session(Path(p.artifact), threads), feeds) for label, (p, feeds)
+                                    in clicks.items()}
+    points_of: dict[str, Point] = {label: p for label, (p, _) in clicks.items()}
+    feeds = next(iter(clicks.values()))[1]
+    for run in methods:
+        if run.budget != 3 * n and run is not greedy:
+            continue
+        for kind, pick in (("fastest", lambda p: p.latency_ms), ("smallest", lambda p: p.size_mb)):
+            near = ref.within(run.points)
+            if not near:
+                continue
+            best = min(near, key=pick)
+            path = Path(best.artifact) if run is greedy else _model_file(run, best)
+            label = f"{run.method} s{run.seed} {kind} ({best.label})"
+            if path is None or not path.is_file() or label in contenders:
+                continue
+            contenders[label] = (session(path, threads), feeds)
+            points_of[label] = best
+    medians = _time_interleaved(contenders, args.runs)
+
+    lines = ["# Search methods on the default model and task",
+             "",
+             f"`{' '.join(['.venv/bin/python', 'benchmarks/search_methods.py'] + (argv or sys.argv[1:]))}`; "
+             f"{platform.processor() or platform.machine()}, {ort.get_device()} onnxruntime {ort.__version__}, "
+             f"{time.strftime('%Y-%m-%d')}; N = {n}, {args.seeds} seeds; {config.latency.batch_size}x"
+             f"{config.latency.sequence_length} tokens, {threads} threads; whole benchmark "
+             f"{(time.perf_counter() - began) / 60:.0f} min",
+             "",
+             f"fp32 (median of the searches' fp32 references): {task.metric} {fp32.quality:.4f}, "
+             f"{fp32.latency_ms:.1f} ms, {fp32.size_mb:.2f} MB. Hypervolume box: {args.floor:.0%} of fp32's "
+             f"{task.metric}, fp32's latency and size (1.0 would be a perfect, free model).",
+             "",
+             "| method | budget | trials run | hypervolume median [min, max] | lowest ms within 1 pt | smallest MB "
+             "within 1 pt | trials/h |",
+             "|---|---|---|---|---|---|---|"]
+    groups: dict[tuple[str, int], list[Run]] = {}
+    for run in methods:
+        groups.setdefault((run.method, run.budget), []).append(run)
+    summary: dict[tuple[str, int], float] = {}
+    for (method, budget), group in groups.items():
+        hvs = [ref.hypervolume(r.points) for r in group]
+        summary[(method, budget)] = _median(hvs)
+        fastest = [min(p.latency_ms for p in ref.within(r.points)) for r in group if ref.within(r.points)]
+        smallest = [min(p.size_mb for p in ref.within(r.points)) for r in group if ref.within(r.points)]
+        charged = f" (+{group[0].extra_cost_trials:.0f} profile)" if group[0].extra_cost_trials else ""
+        lines.append(f"| {method} | {budget} | {_median([len(r.points) for r in group]):.0f}{charged} | "
+                     f"{_median(hvs):.4f} [{min(hvs):.4f}, {max(hvs):.4f}] | {_fmt(_median(fastest))} | "
+                     f"{_fmt(_median(smallest), 2)} | {_median([r.trials_per_hour() for r in group]):.0f} |")
+    lines += ["", "Where a trial's time goes (mean s per trial, searches at 3N; overhead = worker wall time not "
+              "spent in the parts: Ray, loading, idle slots):", "",
+              "| method | " + " | ".join(p.removesuffix("_s") for p in TIME_PARTS) + " | overhead | wall per trial "
+              "(x workers) | overhead + wait share |", "|---|" + "---|" * (len(TIME_PARTS) + 3)]
+    for (method, budget), group in groups.items():
+        if budget != 3 * n and method != greedy.method:
+            continue
+        splits = [r.time_split() for r in group]
+        mean = {k: statistics.fmean(s[k] for s in splits) for k in splits[0]}
+        share = (mean["overhead_s"] + mean["wait_s"]) / mean["wall_per_trial_s"]
+        lines.append(f"| {method} | " + " | ".join(f"{mean[p]:.2f}" for p in TIME_PARTS) +
+                     f" | {mean['overhead_s']:.2f} | {mean['wall_per_trial_s']:.2f} | {share:.0%} |")
+    lines += ["", f"Side by side (interleaved, medians of {args.runs} runs): the one-click baselines and each "
+              f"method's fastest and smallest point within 1 point of fp32 (3N searches, by seed).", "",
+              f"| artifact | {task.metric} | ms | MB |", "|---|---|---|---|"]
+    for label, point in points_of.items():
+        lines.append(f"| {label} | {point.quality:.4f} | {medians[label]:.1f} | {point.size_mb:.2f} |")
+    default, rand = SAMPLER_LABELS["nsga2"], SAMPLER_LABELS["random"]
+    if (default, n) in summary and (rand, 3 * n) in summary:
+        lines += ["", f"Target: default at N vs random at 3N: {summary[(default, n)]:.4f} vs "
+                      f"{summary[(rand, 3 * n)]:.4f} ({'met' if summary[(default, n)] >= summary[(rand, 3 * n)] else 'not met'})."]
+    optimum = points_of.get("optimum int8")
+    if optimum is not None:
+        beat = [label for label, p in points_of.items() if label.startswith(default) and
+                p.quality >= fp32.quality - 0.01 and medians[label] < medians["optimum int8"] and p.size_mb < optimum.size_mb]
+        lines.append(f"Target: a default-sampler point within 1 point, faster and smaller than Optimum int8 "
+                     f"({medians['optimum int8']:.1f} ms, {optimum.size_mb:.2f} MB): "
+                     f"{', '.join(beat) if beat else 'none'}.")
+    table = "\n".join(lines)
+    (args.out / "search-methods.md").write_text(table + "\n")
+    _plot(groups, ref, args.out / "search-methods.png", n, points_of, medians, task.metric)
+    print(table)
+    print(f"\nwritten to {args.out / 'search-methods.md'} and search-methods.png")
+
+
+def _plot(groups, ref: Reference, path: Path, n: int, points_of, medians, metric: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    methods = sorted({m for m, _ in groups})
+    for index, method in enumerate(methods):
+        for budget in (n, 3 * n):
+            hvs = [ref.hypervolume(r.points) for r in groups.get((method, budget), [])]
+            left.scatter([index + (0.15 if budget == 3 * n else -0.15)] * len(hvs), hvs,
+                         marker="o" if budget == n else "s", color=f"C{index}", label=f"{budget}" if index == 0 else None)
+    left.set_xticks(range(len(methods)), [m.replace(" (", "\n(") for m in methods], fontsize=7)
+    left.set_ylabel("hypervolume (fixed box)")
+    left.set_title(f"hypervolume per seed: circles N={n}, squares 3N={3 * n}")
+    for label, point in points_of.items():
+        right.scatter(medians[label], point.quality, s=25)
+        right.annotate(label, (medians[label], point.quality), fontsize=6)
+    right.axhline(ref.fp32.quality - 0.01, color="grey", linestyle=":", linewidth=1)
+    right.set_xlabel("latency ms (side by side)")
+    right.set_ylabel(metric)
+    right.set_title("one-click baselines and best points within 1 point")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
