@@ -9,6 +9,7 @@ measured step by step as trials are, until a step falls more than the tolerance 
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -33,7 +34,9 @@ def ort_artifacts(prepared, folder: Path) -> dict[str, Path]:
     """ONNX Runtime's own quantizers run on slimtune's fp32 export: dynamic int8 per channel, 4-bit blocks."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer, logger
+
+    logger.setLevel(logging.WARNING)  # it reports every node it skips
 
     fp32 = build_artifact(prepared.loaded.module, CompressionPlan(), folder / "fp32.onnx", None,
                           prepared.task.output).path

@@ -133,10 +133,14 @@ def main(argv: list[str] | None = None) -> None:
             near = ref.within(run.points)
             if not near:
                 continue
-            best = min(near, key=pick)
-            path = Path(best.artifact) if run is greedy else _model_file(run, best)
+            # the best one whose model the search kept (its front, after re-timing)
+            kept = [(p, Path(p.artifact) if run is greedy else _model_file(run, p)) for p in sorted(near, key=pick)]
+            kept = [(p, path) for p, path in kept if path is not None and path.is_file()]
+            if not kept:
+                continue
+            best, path = kept[0]
             label = f"{run.method} s{run.seed} {kind} ({best.label})"
-            if path is None or not path.is_file() or label in contenders:
+            if label in contenders:
                 continue
             contenders[label] = (session(path, threads), feeds)
             points_of[label] = best
