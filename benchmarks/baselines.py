@@ -9,7 +9,6 @@ measured step by step as trials are, until a step falls more than the tolerance 
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
@@ -34,9 +33,10 @@ def ort_artifacts(prepared, folder: Path) -> dict[str, Path]:
     """ONNX Runtime's own quantizers run on slimtune's fp32 export: dynamic int8 per channel, 4-bit blocks."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer, logger
 
-    logger.setLevel(logging.WARNING)  # it reports every node it skips
+    from slimtune.export.quantize import _nbits_module  # imported without its root-logger side effect
+
+    MatMulNBitsQuantizer = _nbits_module().MatMulNBitsQuantizer  # noqa: N806
 
     fp32 = build_artifact(prepared.loaded.module, CompressionPlan(), folder / "fp32.onnx", None,
                           prepared.task.output).path
@@ -91,6 +91,7 @@ def greedy_run(prepared, space, folder: Path, budget: int, tolerance_points: flo
                         calibration=calibration,
                         inputs_fingerprint=fingerprint(*inputs_fingerprints(prepared.loaded.source,
                                                                             prepared.task_path.read_bytes())))
+    folder.mkdir(parents=True, exist_ok=True)
     lock = NodeLock(folder / "greedy.lock")
     points, times = [], []
     fp32 = None

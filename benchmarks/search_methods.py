@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="in run order: nsga2 is charged for the profile at the pace of the searches before it")
     parser.add_argument("--floor", type=float, default=0.9, help="hypervolume quality floor, fraction of fp32's metric")
     parser.add_argument("--no-optimum", action="store_true")
+    parser.add_argument("--repeat", action="store_true", help="run the default sampler's seed 0 at 3N twice and "
+                                                                "compare the plans it proposed")
     parser.add_argument("--runs", type=int, default=30, help="timed runs per artifact in the side-by-side timing")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks"))
     args = parser.parse_args(argv)
@@ -114,6 +116,16 @@ def main(argv: list[str] | None = None) -> None:
                     runs.append(run.prefix(n))
                 console.print(f"{len(run.points)} trials in {run.search_wall_s:.0f} s ({run.trials_per_hour():.0f}/h)")
 
+    repeat = None
+    if args.repeat and "nsga2" in samplers:
+        first = next(r for r in runs if r.method == SAMPLER_LABELS["nsga2"] and r.seed == 0 and r.budget == 3 * n)
+        console.rule("the default sampler's seed 0 at 3N again: are the plans the same?")
+        again = run_search(SAMPLER_LABELS["nsga2"] + " (repeat)", "nsga2", 0, len(first.notes["plans"]), work / "runs",
+                           {}, task.metric)
+        a, b = first.notes["plans"], again.notes["plans"]
+        repeat = (sum(x == y for x, y in zip(a, b, strict=False)), max(len(a), len(b)),
+                  next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None))
+
     fp32_points = [p for r in runs for p in r.points if p.label.endswith("(fp32)")]
     fp32 = Point(_median([p.quality for p in fp32_points]), _median([p.latency_ms for p in fp32_points]),
                  _median([p.size_mb for p in fp32_points]), "fp32")
@@ -156,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
              "",
              f"fp32 (median of the searches' fp32 references): {task.metric} {fp32.quality:.4f}, "
              f"{fp32.latency_ms:.1f} ms, {fp32.size_mb:.2f} MB. Hypervolume box: {args.floor:.0%} of fp32's "
-             f"{task.metric}, fp32's latency and size (1.0 would be a perfect, free model).",
+             f"{task.metric}, fp32's latency and size, divided by the box's quality depth (1.0 would be a free "
+             f"model as good as fp32).",
              "",
              "| method | budget | trials run | hypervolume median [min, max] | lowest ms within 1 pt | smallest MB "
              "within 1 pt | trials/h |",
@@ -171,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         fastest = [min(p.latency_ms for p in ref.within(r.points)) for r in group if ref.within(r.points)]
         smallest = [min(p.size_mb for p in ref.within(r.points)) for r in group if ref.within(r.points)]
         charged = f" (+{group[0].extra_cost_trials:.0f} profile)" if group[0].extra_cost_trials else ""
-        lines.append(f"| {method} | {budget} | {_median([len(r.points) for r in group]):.0f}{charged} | "
+        lines.append(f"| {method} | {budget} | {_median([r.trials for r in group]):.0f}{charged} | "
                      f"{_median(hvs):.4f} [{min(hvs):.4f}, {max(hvs):.4f}] | {_fmt(_median(fastest))} | "
                      f"{_fmt(_median(smallest), 2)} | {_median([r.trials_per_hour() for r in group]):.0f} |")
     lines += ["", "Where a trial's time goes (mean s per trial, searches at 3N; overhead = worker wall time not "
@@ -202,6 +215,10 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"Target: a default-sampler point within 1 point, faster and smaller than Optimum int8 "
                      f"({medians['optimum int8']:.1f} ms, {optimum.size_mb:.2f} MB): "
                      f"{', '.join(beat) if beat else 'none'}.")
+    if repeat is not None:
+        same, total, first_diff = repeat
+        lines.append(f"Repeated search (default sampler, seed 0, 3N): {same} of {total} proposed plans the same"
+                     + (f", first difference at trial {first_diff}." if first_diff is not None else "."))
     table = "\n".join(lines)
     (args.out / "search-methods.md").write_text(table + "\n")
     _plot(groups, ref, args.out / "search-methods.png", n, points_of, medians, task.metric)

@@ -8,6 +8,7 @@ reference (``Reference``) shared by every method of a benchmark.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ class Point:
     size_mb: float
     label: str = ""
     artifact: str = ""
+    number: int = -1  # the trial's number in its search
 
 
 @dataclass(frozen=True)
@@ -74,12 +76,19 @@ class Run:
         """The first ``budget`` trials of this run: what the same seed gives at that budget when the
         sampler's proposals do not depend on the total (random sampling)."""
         share = budget / max(1, self.budget)
-        return Run(self.method, self.seed, budget, self.points[:budget], self.trial_times[:budget],
+        times = [t for t in self.trial_times if t["number"] < budget]
+        return Run(self.method, self.seed, budget, [p for p in self.points if p.number < budget], times,
                    self.search_wall_s * share, self.job_wall_s * share, self.workers,
-                   sum(1 for t in self.trial_times[:budget] if not t.get("cached")), self.extra_cost_trials, self.notes)
+                   sum(1 for t in times if not t.get("cached")), self.extra_cost_trials,
+                   {**self.notes, "plans": self.notes.get("plans", [])[:budget]})
+
+    @property
+    def trials(self) -> int:
+        """Trials proposed (screened ones included; they are not among ``points``)."""
+        return len(self.notes.get("plans", [])) or len(self.points)
 
     def trials_per_hour(self) -> float:
-        return 3600.0 * len(self.points) / self.search_wall_s if self.search_wall_s > 0 else 0.0
+        return 3600.0 * len(self.trial_times) / self.search_wall_s if self.search_wall_s > 0 else 0.0
 
     def time_split(self) -> dict[str, float]:
         """Mean seconds per trial of each part, and 'overhead': worker wall time not spent in them
@@ -96,7 +105,7 @@ def point_of(record: TrialRecord, metric: str) -> Point:
     """A trial's search-time figures (a re-timed front point keeps its search-time latency too)."""
     m = record.metrics
     return Point(float(m[metric]), float(m.get("search_latency_ms", m["latency_ms"])), float(m["size_mb"]),
-                 record.label, str(m.get("artifact", "")))
+                 record.label, str(m.get("artifact", "")), record.number)
 
 
 def run_search(method: str, sampler: str, seed: int, budget: int, results: Path, config: dict[str, Any],
@@ -110,11 +119,14 @@ def run_search(method: str, sampler: str, seed: int, budget: int, results: Path,
     job_wall = time.perf_counter() - started
     done = [r for r in result.records if r.status == "completed" and r.recovered_from is None]
     times = [{**{k: float(r.metrics.get(k, 0.0)) for k in (*TIME_PARTS, "trial_s", "started_at", "finished_at")},
-              "cached": bool(r.metrics.get("cached"))} for r in done]
+              "cached": bool(r.metrics.get("cached")), "number": r.number} for r in done]
     wall = (max(t["finished_at"] for t in times) - min(t["started_at"] for t in times)) if times else job_wall
+    notes = {"folder": str(result.folder),
+             "plans": [json.dumps(r.params, sort_keys=True) for r in result.records if r.recovered_from is None]}
     for record in result.records:
         if record.status != "completed":
             print(f"  {name}: {record.name} {record.status}: {record.error}")
     workers = int(sections["search"].get("workers", 2))
-    return Run(method, seed, budget, [point_of(r, metric) for r in done], times, wall, job_wall, workers,
-               sum(1 for t in times if not t["cached"]), notes={"folder": str(result.folder)})
+    # screened trials are dominated by a measured point for sure; their quality is a sample's
+    return Run(method, seed, budget, [point_of(r, metric) for r in done if not r.metrics.get("screened")], times, wall, job_wall, workers,
+               sum(1 for t in times if not t["cached"]), notes=notes)

@@ -21,13 +21,14 @@ from slimtune.search.trial import Objectives
 
 def normalised_hypervolume(points: list[tuple[float, float, float]], quality_floor: float = 0.0) -> float:
     """Hypervolume of points given as (quality, latency, size) fractions of fp32's (quality: higher
-    is better), against the reference point (``quality_floor``, 1, 1)."""
+    is better), against the reference point (``quality_floor``, 1, 1), divided by the box's quality
+    depth (1 - floor): a free model as good as fp32 would score 1.0."""
     from optuna._hypervolume import compute_hypervolume  # the computation behind optuna's hypervolume history
 
     reference = np.array([-quality_floor, 1.0, 1.0])  # in the minimised space: (-quality, latency, size)
     minimised = np.array([(-q, lat, size) for q, lat, size in points]).reshape(-1, 3)
     inside = minimised[np.all(minimised < reference, axis=1)]
-    return float(compute_hypervolume(inside, reference)) if len(inside) else 0.0
+    return float(compute_hypervolume(inside, reference)) / (1.0 - quality_floor) if len(inside) else 0.0
 
 
 def hypervolume(records: list[TrialRecord], objectives: Objectives, quality_floor: float = 0.0) -> float:

@@ -11,7 +11,8 @@ What it is used for (``search.sensitivity``):
 - narrowing: an option that alone keeps less than ``search.quality_floor`` of the uncompressed
   model's metric is not offered: every plan holding it is at least that bad;
 - seeding: ``greedy_path`` adds choices from the least to the most harmful, and plans spread along
-  it are enqueued after the reference points (``seed_plans``), as starting points the sampler evolves from;
+  it (from uniform int8, adding structural choices and embedding formats) are enqueued after fp32
+  and uniform int8 (``seed_plans``), as starting points the sampler evolves from;
 - the greedy baseline of the search-methods benchmark measures the same path.
 
 The profile is cached next to the prepared task, keyed by the task file, the model and the space.
@@ -198,17 +199,19 @@ def cached_profile(cache_dir: Path, key: str, measure) -> tuple[SensitivityProfi
     return profile, False
 
 
-def greedy_path(profile: SensitivityProfile, space: SearchSpace,
-                quality_floor: float = 0.0) -> list[tuple[dict[str, Any], float]]:
+def greedy_path(profile: SensitivityProfile, space: SearchSpace, quality_floor: float = 0.0,
+                start: dict[str, Any] | None = None, fixed: frozenset[str] = frozenset()) -> list[tuple[dict[str, Any], float]]:
     """Choices taken one at a time from the least harmful on, each replacing the dimension's earlier
     choice only when it compresses more: one (params of the open dimensions, summed solo losses)
-    per step, starting from the uncompressed model. Options below ``quality_floor`` are skipped.
+    per step, from ``start`` (default: the uncompressed model). Options below ``quality_floor`` and
+    the ``fixed`` dimensions are skipped.
     """
-    choices = fp32_choices(space)
+    choices = {**fp32_choices(space), **(start or {})}
     losses: dict[str, float] = {}
     path = []
     for effect in profile.ranked():
-        if profile.kept_fraction(effect) < quality_floor or effect.dimension not in choices:
+        if (profile.kept_fraction(effect) < quality_floor or effect.dimension not in choices
+                or effect.dimension in fixed):
             continue
         if _compression_rank(effect.dimension, effect.option) <= _compression_rank(effect.dimension,
                                                                                    choices[effect.dimension]):
@@ -225,11 +228,12 @@ def _compression_rank(dim: str, option: Any) -> float:
 
 
 def seed_plans(path: list[tuple[dict[str, Any], float]], count: int) -> list[dict[str, Any]]:
-    """``count`` plans spread evenly along the greedy path (the i-th of ``count`` at i/count of its length),
-    from the mildest to the most compressed."""
+    """``count`` plans along the greedy path at 1/2^(count-1), ..., 1/4, 1/2 and all of its length: dense
+    where it is mild (near the uncompressed figures, where a front is most often read), from the
+    mildest to the most compressed."""
     if count <= 0 or not path:
         return []
-    picks = sorted({max(0, math.ceil(len(path) * (i + 1) / count) - 1) for i in range(count)})
+    picks = sorted({max(0, math.ceil(len(path) / 2 ** (count - 1 - i)) - 1) for i in range(count)})
     return [path[i][0] for i in picks]
 
 
@@ -243,16 +247,22 @@ class Guidance:
 
 
 def guide(space: SearchSpace, profile: SensitivityProfile, quality_floor: float, seed_count: int) -> Guidance:
-    """Narrow ``space`` by ``quality_floor`` and pick ``seed_count`` plans along the greedy path (named
-    ``sensitivity-<loss budget>``), leaving out those equal to a reference point."""
+    """Narrow ``space`` by ``quality_floor`` and pick ``seed_count`` plans along the greedy path from
+    uniform int8 (named ``sensitivity-1`` ...), leaving out those equal to a reference point."""
     import dataclasses
 
     excluded = profile.excluded(quality_floor)
     narrowed = dataclasses.replace(space, excluded={**space.excluded, **excluded})
-    open_dims = {dim for dim, options in narrowed.dimensions().items() if len(options) > 1}
-    references = list(narrowed.reference_points().values())
+    dims = narrowed.dimensions()
+    open_dims = {dim for dim, options in dims.items() if len(options) > 1}
+    reference_points = narrowed.reference_points()
+    references = list(reference_points.values())
+    # Seeds build on the uniform-int8 reference (a format every search measures first) and add the
+    # profile's structural choices and embedding formats; the sampler explores the layers' formats.
+    start = reference_points.get("uniform-int8")
+    fixed = frozenset(d for d in dims if d.endswith((".attention.bits", ".ffn.bits"))) if start else frozenset()
     seeds: dict[str, dict[str, Any]] = {}
-    for params in seed_plans(greedy_path(profile, narrowed, quality_floor), seed_count):
+    for params in seed_plans(greedy_path(profile, narrowed, quality_floor, start, fixed), seed_count):
         params = {k: v for k, v in params.items() if k in open_dims}
         if params not in references and params not in seeds.values():
             seeds[f"sensitivity-{len(seeds) + 1}"] = params

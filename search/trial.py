@@ -70,6 +70,9 @@ class TrialContext:
     lock_path: str
     shipment: Shipment | None = None
     excluded: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # options the sensitivity profile narrowed away
+    # The driver's activation statistics (``task_calibration`` less its training texts, which every
+    # worker has in the task): workers skip measuring them again. Not part of the context's identity.
+    calibration: Calibration | None = field(default=None, compare=False, hash=False)
 
     @property
     def trial_dir(self) -> Path:
@@ -131,7 +134,9 @@ def worker_state(ctx: TrialContext) -> WorkerState:
     source, task_path = ctx.inputs()
     task = PreparedTask.load(task_path)
     model = load_model(source, classification_head=task.output.kind == "logits").module
-    calibration = task_calibration(model, task)
+    calibration = (dataclasses.replace(ctx.calibration, training_ids=task.train_ids, training_mask=task.train_mask,
+                                       training_targets=task.train_targets)
+                   if ctx.calibration is not None else task_calibration(model, task))
     shipped = ctx.shipment
     model_fp, task_fp = ((shipped.model_fingerprint, shipped.task_fingerprint) if shipped
                          else inputs_fingerprints(source, task_path.read_bytes()))

@@ -280,7 +280,9 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
                            task_path=str(prepared.task_path.resolve()), work_dir=str(work.resolve()),
                            lock_path=str(default_lock_path()),
                            shipment=ship(search_id, prepared.loaded.source, prepared.task_path),
-                           excluded=guidance.excluded if guidance else ())
+                           excluded=guidance.excluded if guidance else (),
+                           calibration=dataclasses.replace(calibration, training_ids=None, training_mask=None,
+                                                           training_targets=None))
         goals = objectives(task.metric)
         front = FrontProgress(goals, config.search.patience,
                               on_change=lambda value, step: tracker.log_search_metric("hypervolume", value, step),

@@ -65,8 +65,9 @@ def test_ruinous_choices_are_not_offered_and_the_path_adds_the_least_harmful_fir
     assert dict(guidance.excluded) == {sparsity: (0.5,)}
     assert 0.5 not in guidance.space.dimensions()[sparsity]
     assert len(guidance.seeds) <= 3 and guidance.seeds
-    for params in guidance.seeds.values():
+    for params in guidance.seeds.values():  # built on uniform int8: the layers' formats are the sampler's to explore
         assert params.get(sparsity, 0.0) != 0.5
+        assert all(value == 8 for dim, value in params.items() if dim.endswith((".attention.bits", ".ffn.bits")))
         guidance.space.plan_from_choices(params)  # every seed is a plan of the narrowed space
 
     path = greedy_path(profile, space, quality_floor=0.9)
