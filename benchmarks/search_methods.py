@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
                 runs.append(run)
                 if sampler == "random":
                     runs.append(run.prefix(n))
-                console.print(f"{len(run.points)} trials in {run.search_wall_s:.0f} s ({run.trials_per_hour():.0f}/h)")
+                console.print(f"{run.trials} trials ({run.trials - len(run.points)} screened) in {run.search_wall_s:.0f} s "
+                              f"({run.trials_per_hour():.0f}/h)")
 
     repeat = None
     if args.repeat and "nsga2" in samplers:

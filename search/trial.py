@@ -195,8 +195,8 @@ def measure_plan(state: WorkerState, plan: CompressionPlan, path: Path, latency_
     dominates the candidate (``dominating_point``), in which case the sample's figures are its
     quality figures, ``quality_texts`` says how many texts, ``screened`` is 1 and ``screened_by``
     is that point's measurement key.
-    Export holds ``lock`` shared, scoring (``threads`` ORT threads) batch by batch; latency holds it
-    exclusively. Timings: ``compress_s``, ``export_s``, ``quantize_s``, ``recover_s`` (the
+    Building holds ``lock`` shared stage by stage, scoring (``threads`` ORT threads) batch by batch;
+    latency holds it exclusively. Timings: ``compress_s``, ``export_s``, ``quantize_s``, ``recover_s`` (the
     artifact's build), ``quality_s`` (scoring), ``latency_s`` (timing), ``wait_s`` (waiting for the lock).
     """
     task = state.task
@@ -204,30 +204,19 @@ def measure_plan(state: WorkerState, plan: CompressionPlan, path: Path, latency_
     fraction = search.screen_fraction if search is not None and measured_dir is not None else 1.0
     first = task.sample_rows(max(SCREEN_MIN_TEXTS, math.ceil(fraction * total)), seed=0)
     timings = {"wait_s": 0.0, "quality_s": 0.0}
-
-    def phase(exclusive: bool = False):
-        waiting = time.perf_counter()
-        held = lock.exclusive() if exclusive else lock.shared()
-        held.__enter__()
-        timings["wait_s"] += time.perf_counter() - waiting
-        return held
-
-    held = phase()
-    try:
-        artifact = build_artifact(state.model, plan, path, state.calibration, task.output)
-    finally:
-        held.__exit__(None, None, None)
+    waited = time.perf_counter()
+    artifact = build_artifact(state.model, plan, path, state.calibration, task.output, hold=lock.shared)
+    timings["wait_s"] += time.perf_counter() - waited - artifact.build_s  # stage by stage, under the lock
     started = time.perf_counter()
     quality = StagedQuality(path, task, threads, first, hold=lock.shared)  # held batch by batch
     sampled = as_dict(quality.first_stage())
     timings["quality_s"] += time.perf_counter() - started
-    held = phase(exclusive=True)
-    try:
+    waited = time.perf_counter()
+    with lock.exclusive():
+        timings["wait_s"] += time.perf_counter() - waited
         started = time.perf_counter()
         latency = as_dict(measure_latency(path, state.feeds, latency_cfg))
         timings["latency_s"] = time.perf_counter() - started
-    finally:
-        held.__exit__(None, None, None)
     size = as_dict(measure_size(path))
     screened = None
     if len(first) < total:

@@ -7,9 +7,11 @@ error, never a silently uncompressed layer.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +50,11 @@ class Artifact:
     def matmul_kernels(self) -> dict[str, int]:
         """Counts of the matrix-multiply kernels: MatMul (fp32), MatMulInteger (int8), MatMulNBits (4/2-bit)."""
         return {k: v for k, v in self.kernels.items() if k in ("MatMul", "MatMulInteger", "MatMulNBits")}
+
+    @property
+    def build_s(self) -> float:
+        """Seconds spent building (transforms, recovery, export, quantization), waits excluded."""
+        return self.compress_s + self.recover_s + self.export_s + self.quantize_s
 
     @property
     def size_bytes(self) -> int:
@@ -108,33 +115,42 @@ def strip_debug_info(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def build_artifact(model: nn.Module, plan: CompressionPlan, path: Path, calibration: Calibration | None = None,
-                   output: OutputSpec = OutputSpec()) -> Artifact:
+                   output: OutputSpec = OutputSpec(), hold: Callable[[], AbstractContextManager] = nullcontext) -> Artifact:
     """Transform ``model`` by ``plan`` and write the deployable ONNX file at ``path``, returning ``output``
     (pooled embeddings by default, or the model's class logits).
 
+    ``hold`` is entered around each stage (transforms, recovery, export, quantization): a trial
+    passes its shared node lock, so a waiting latency measurement gets the cores between stages.
     Timings (s): ``compress_s`` the structural transforms, ``recover_s`` the distillation recovery,
-    ``export_s`` the fp32 export, ``quantize_s`` the graph passes.
+    ``export_s`` the fp32 export, ``quantize_s`` the graph passes; waits for ``hold`` not included.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    transformed = apply_structural(model, plan, calibration)
-    compress_s = time.perf_counter() - started
-    recover_s = 0.0
+    seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(name: str) -> Iterator[None]:
+        with hold():
+            started = time.perf_counter()
+            yield
+            seconds[name] = time.perf_counter() - started
+
+    with stage("compress"):
+        transformed = apply_structural(model, plan, calibration)
     if plan.recovery is not None:
-        recovering = time.perf_counter()
-        transformed = recover(model, transformed, plan, calibration, output)
-        recover_s = time.perf_counter() - recovering
+        with stage("recover"):
+            transformed = recover(model, transformed, plan, calibration, output)
     fp32_path = path.with_name(path.stem + ".fp32.onnx")
-    export_fp32(transformed, fp32_path, output)
-    exported = time.perf_counter()
     try:
-        proto = _quantize(onnx.load(str(fp32_path)), model, plan, calibration)
-        onnx.save_model(strip_debug_info(proto), str(path))
+        with stage("export"):
+            export_fp32(transformed, fp32_path, output)
+        with stage("quantize"):
+            proto = _quantize(onnx.load(str(fp32_path)), model, plan, calibration)
+            onnx.save_model(strip_debug_info(proto), str(path))
     finally:
         fp32_path.unlink(missing_ok=True)
-    return Artifact(path=path, plan=plan, kernels=kernel_counts(proto),
-                    export_s=exported - started - recover_s - compress_s, quantize_s=time.perf_counter() - exported,
-                    recover_s=recover_s, compress_s=compress_s)
+    return Artifact(path=path, plan=plan, kernels=kernel_counts(proto), export_s=seconds["export"],
+                    quantize_s=seconds["quantize"], recover_s=seconds.get("recover", 0.0),
+                    compress_s=seconds["compress"])
 
 
 __all__ = ["Artifact", "ExportError", "build_artifact", "kernel_counts", "predict_size_bytes"]
