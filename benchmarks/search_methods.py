@@ -222,12 +222,14 @@ def main(argv: list[str] | None = None) -> None:
                      + (f", first difference at trial {first_diff}." if first_diff is not None else "."))
     table = "\n".join(lines)
     (args.out / "search-methods.md").write_text(table + "\n")
-    _plot(groups, ref, args.out / "search-methods.png", n, points_of, medians, task.metric)
+    _plot(groups, ref, args.out / "search-methods.png", n, points_of, medians, task.metric, clicks)
     print(table)
     print(f"\nwritten to {args.out / 'search-methods.md'} and search-methods.png")
 
 
-def _plot(groups, ref: Reference, path: Path, n: int, points_of, medians, metric: str) -> None:
+def _plot(groups, ref: Reference, path: Path, n: int, points_of, medians, metric: str, clicks) -> None:
+    """Left: hypervolume per seed and budget. Right: the side-by-side points, latency against size,
+    one colour per method, the one-click baselines in black and named."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,20 +238,27 @@ def _plot(groups, ref: Reference, path: Path, n: int, points_of, medians, metric
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     methods = sorted({m for m, _ in groups})
     for index, method in enumerate(methods):
-        for budget in (n, 3 * n):
+        for budget, marker in ((n, "o"), (3 * n, "s")):
             hvs = [ref.hypervolume(r.points) for r in groups.get((method, budget), [])]
-            left.scatter([index + (0.15 if budget == 3 * n else -0.15)] * len(hvs), hvs,
-                         marker="o" if budget == n else "s", color=f"C{index}", label=f"{budget}" if index == 0 else None)
+            left.scatter([index + (0.15 if budget == 3 * n else -0.15)] * len(hvs), hvs, marker=marker,
+                         color=f"C{index}")
     left.set_xticks(range(len(methods)), [m.replace(" (", "\n(") for m in methods], fontsize=7)
     left.set_ylabel("hypervolume (fixed box)")
     left.set_title(f"hypervolume per seed: circles N={n}, squares 3N={3 * n}")
     for label, point in points_of.items():
-        right.scatter(medians[label], point.quality, s=25)
-        right.annotate(label, (medians[label], point.quality), fontsize=6)
-    right.axhline(ref.fp32.quality - 0.01, color="grey", linestyle=":", linewidth=1)
-    right.set_xlabel("latency ms (side by side)")
-    right.set_ylabel(metric)
-    right.set_title("one-click baselines and best points within 1 point")
+        if label in clicks:
+            right.scatter(medians[label], point.size_mb, color="black", marker="x")
+            right.annotate(f"{label} ({point.quality:.4f})", (medians[label], point.size_mb), fontsize=7,
+                           xytext=(4, 4), textcoords="offset points")
+            continue
+        index = next(i for i, m in enumerate(methods) if label.startswith(m))
+        right.scatter(medians[label], point.size_mb, color=f"C{index}", alpha=0.7,
+                      label=methods[index] if not any(methods[index] == h for h in right.get_legend_handles_labels()[1])
+                      else None)
+    right.set_xlabel("latency ms (timed side by side)")
+    right.set_ylabel("size MB")
+    right.set_title(f"fastest and smallest points within 1 point of fp32's {metric}")
+    right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
