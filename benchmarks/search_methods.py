@@ -247,7 +247,7 @@ def _plot(groups, ref: Reference, path: Path, n: int, points_of, medians, metric
             left.scatter([index + (0.15 if budget == 3 * n else -0.15)] * len(hvs), hvs, marker=marker,
                          color=f"C{index}")
     left.set_xticks(range(len(methods)), [m.replace(" (", "\n(") for m in methods], fontsize=7)
-    left.set_ylabel("hypervolume (fixed box)")
+    left.set_ylabel("hypervolume (box relative to each search's own fp32)")
     left.set_title(f"hypervolume per seed: circles N={n}, squares 3N={3 * n}")
     for label, point in points_of.items():
         if label in clicks:
