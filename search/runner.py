@@ -144,8 +144,8 @@ def run_search(config: Config, ctx: TrialContext, space: SearchSpace, storage: P
                seeds: dict[str, dict[str, Any]] | None = None) -> list[TrialRecord]:
     """Run all trials; returns one record per trial, in start order, none left running.
 
-    ``seeds``: plans (params by name) enqueued after the reference points, e.g. the sensitivity
-    profile's (``sensitivity.py``).
+    ``seeds``: plans (params by name) enqueued after fp32 and uniform int8, before the other
+    reference points (``enqueued_points``), e.g. the sensitivity profile's (``sensitivity.py``).
     ``front`` (a listener too) tracks the hypervolume; with ``search.patience`` it stops the search.
     ``measure`` is what a trial runs (``run_trial``; tests give functions that fail on purpose).
     ``continuation``: a study kept on disk (resumable), and where a resumed search picks up.

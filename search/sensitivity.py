@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -159,8 +160,6 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 def measure_profile(model: nn.Module, space: SearchSpace, task: PreparedTask, calibration: Calibration | None,
                     texts: int = PROFILE_TEXTS, seed: int = 0, progress=None) -> SensitivityProfile:
     """Score every compressing option alone (``compressing_options``) on ``texts`` held-out texts."""
-    import time
-
     started = time.perf_counter()
     subset = task.held_out_rows(task.sample_rows(texts, seed))
     base_choices = fp32_choices(space)
