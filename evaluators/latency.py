@@ -1,8 +1,12 @@
 """Latency of the exported file: one ONNX Runtime session, fixed threads, warm-up, timed runs.
 
-Reports the median, the 90th percentile and the spread (p90 - p10, relative to the median) in
-milliseconds per batch. The timed section runs under the machine-wide exclusive lock, so no other
-trial's work shares the cores while it is measured.
+Encoders: the median, the 90th percentile and the spread (p90 - p10, relative to the median) in
+milliseconds per batch. Causal LMs (a graph with a KV cache): generation as a user feels it, at
+batch 1: a prompt of ``sequence_length`` real tokens gives the time to first token (``ttft_ms``,
+the prefill), then ``new_tokens`` greedy steps, each feeding the last token and the cache back,
+give the time per generated token (``latency_ms``, the searched latency, with its p90 and
+spread over every timed step) and ``tokens_per_s``. The timed section runs under the
+machine-wide exclusive lock, so no other trial's work shares the cores while it is measured.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from slimtune.config import LatencyConfig
 from slimtune.evaluators import Metric
 from slimtune.evaluators.node_lock import NodeLock
 from slimtune.evaluators.quality import session
+from slimtune.export.decoder import is_decoder, with_empty_past
 
 
 def latency_inputs(input_ids: np.ndarray, attention_mask: np.ndarray, cfg: LatencyConfig) -> dict[str, np.ndarray]:
@@ -31,7 +36,11 @@ def latency_inputs(input_ids: np.ndarray, attention_mask: np.ndarray, cfg: Laten
 
 
 def time_runs_ms(path: Path, feeds: dict[str, np.ndarray], cfg: LatencyConfig) -> np.ndarray:
-    sess = session(path, cfg.threads)
+    return time_batches_ms(session(path, cfg.threads), feeds, cfg)
+
+
+def time_batches_ms(sess, feeds: dict[str, np.ndarray], cfg: LatencyConfig) -> np.ndarray:
+    """Wall times (ms) of ``timed_runs`` runs of ``sess`` on ``feeds`` after ``warmup_runs``."""
     for _ in range(cfg.warmup_runs):
         sess.run(None, feeds)
     times = np.empty(cfg.timed_runs)
@@ -52,9 +61,59 @@ def summarize_ms(times: np.ndarray) -> tuple[Metric, ...]:
     )
 
 
+def time_generation_ms(sess, prompt: np.ndarray, cfg: LatencyConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(prefill ms per run, decode ms per step over all runs) of greedy generation at batch 1 with the
+    decoder session ``sess`` from ``prompt`` (1, tokens): ``warmup_runs`` untimed generations, then
+    ``timed_runs`` timed ones."""
+    inputs = sess.get_inputs()
+    outputs = [o.name for o in sess.get_outputs()]
+    ttft, steps = [], []
+    for run in range(cfg.warmup_runs + cfg.timed_runs):
+        feeds = with_empty_past(inputs, {"input_ids": prompt, "attention_mask": np.ones_like(prompt)})
+        start = time.perf_counter()
+        logits, *cache = sess.run(outputs, feeds)
+        prefill_ms = (time.perf_counter() - start) * 1e3
+        step_ms = []
+        for step in range(cfg.new_tokens):
+            token = logits[:, -1:].argmax(axis=-1).astype(np.int64)
+            feeds = {"input_ids": token, "attention_mask": np.ones((1, prompt.shape[1] + step + 1), np.int64),
+                     **{name.replace("present.", "past_key_values.", 1): value
+                        for name, value in zip(outputs[1:], cache, strict=True)}}
+            start = time.perf_counter()
+            logits, *cache = sess.run(outputs, feeds)
+            step_ms.append((time.perf_counter() - start) * 1e3)
+        if run >= cfg.warmup_runs:
+            ttft.append(prefill_ms)
+            steps.extend(step_ms)
+    return np.asarray(ttft), np.asarray(steps)
+
+
+def summarize_generation_ms(ttft: np.ndarray, steps: np.ndarray) -> tuple[Metric, ...]:
+    per_token = summarize_ms(steps)
+    median = per_token[0].value
+    return (
+        Metric("latency_ms", median, "ms", "median time per generated token (batch 1, KV cache)"),
+        Metric("latency_p90_ms", per_token[1].value, "ms", "90th percentile time per generated token"),
+        per_token[2],
+        Metric("ttft_ms", float(np.median(ttft)), "ms", "median time to first token (the prompt's prefill)"),
+        Metric("tokens_per_s", 1e3 / median, "tokens/s", "generated tokens per second at the median step time"),
+    )
+
+
+def generation_prompt(feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The first text of a latency batch as a batch-1 prompt, its padding cut off."""
+    length = int(feeds["attention_mask"][0].sum()) if "attention_mask" in feeds else feeds["input_ids"].shape[1]
+    return feeds["input_ids"][:1, :max(1, length)].astype(np.int64)
+
+
 def measure_latency(path: Path, feeds: dict[str, np.ndarray], cfg: LatencyConfig,
                     lock: NodeLock | None = None) -> tuple[Metric, ...]:
-    """Time ``path`` on ``feeds``; under ``lock`` held exclusively when given (callers that hold it already pass None)."""
+    """Time ``path`` on ``feeds`` (a decoder with a KV cache: generation from the first text of
+    ``feeds``, module docstring); under ``lock`` held exclusively when given (callers that hold it
+    already pass None)."""
     with lock.exclusive() if lock is not None else contextlib.nullcontext():
-        times = time_runs_ms(path, feeds, cfg)
+        sess = session(path, cfg.threads)
+        if is_decoder(sess.get_inputs()):
+            return summarize_generation_ms(*time_generation_ms(sess, generation_prompt(feeds), cfg))
+        times = time_batches_ms(sess, feeds, cfg)
     return summarize_ms(times)

@@ -1,7 +1,8 @@
 """Quality of the exported file: its outputs on the held-out texts, in ONNX Runtime, scored by the task kind.
 
 The artifact runs exactly as it would ship (one ONNX Runtime session, CPU); the task kind turns
-its outputs into named metrics (accuracy and macro-F1, or embedding cosine and top-10 overlap).
+its outputs into named metrics (accuracy and macro-F1, embedding cosine and top-10 overlap, or
+perplexity and next-token agreement).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import numpy as np
 import onnxruntime as ort
 
 from slimtune.evaluators import Metric
-from slimtune.tasks import KINDS, PreparedTask, score_task
+from slimtune.export.decoder import with_empty_past
+from slimtune.tasks import KINDS, PreparedTask, score_task, scoring_run
 from slimtune.tasks.base import run_batches
 
 
@@ -27,10 +29,13 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
 
 
 def session_run(sess: ort.InferenceSession):
-    """The task kinds' ``Run``: feeds -> the graph's (only) output."""
+    """The task kinds' ``Run``: feeds -> the graph's first output. A decoder with a KV cache runs
+    whole sequences with an empty past and returns only its logits."""
+    inputs = sess.get_inputs()
+    first = [sess.get_outputs()[0].name]
 
     def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return sess.run(None, feeds)[0]
+        return sess.run(first, with_empty_past(inputs, feeds))[0]
 
     return run
 
@@ -53,7 +58,7 @@ class StagedQuality:
         gets the cores after one batch, not after the whole scoring)."""
         self.task, self.first = task, np.asarray(first)
         self.rest = np.setdiff1d(np.arange(len(task.input_ids)), self.first)
-        run = session_run(session(path, threads))
+        run = scoring_run(task.kind, session_run(session(path, threads)))
 
         def held_run(feeds: dict[str, np.ndarray]) -> np.ndarray:
             with hold():

@@ -36,7 +36,7 @@ from slimtune.evaluators.hardware import fingerprint
 from slimtune.model import wrap_output
 from slimtune.plan import CompressionPlan
 from slimtune.spaces import BITS_OF_FORMAT, SearchSpace
-from slimtune.tasks import KINDS, PreparedTask
+from slimtune.tasks import KINDS, PreparedTask, scoring_run
 from slimtune.tasks.base import run_batches, torch_run
 from slimtune.transforms import Calibration, apply_structural
 
@@ -146,12 +146,14 @@ def rounded_model(model: nn.Module, plan: CompressionPlan, calibration: Calibrat
 
 
 def _score(model: nn.Module, task: PreparedTask) -> tuple[float, np.ndarray]:
-    outputs = run_batches(torch_run(wrap_output(model, task.output).eval()), task.input_ids, task.attention_mask)
+    outputs = run_batches(scoring_run(task.kind, torch_run(wrap_output(model, task.output).eval())), task.input_ids,
+                          task.attention_mask)
     metric = {m.name: m.value for m in KINDS[task.kind].score(task, outputs)}[task.metric]
     return metric, outputs
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)  # one vector per text (a window's per-token figures)
     num = (a * b).sum(axis=1)
     den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     return float(np.mean(num / np.maximum(den, 1e-12)))

@@ -133,7 +133,7 @@ def make_space(config: Config, model: torch.nn.Module, calibration: Calibration,
 def worker_state(ctx: TrialContext) -> WorkerState:
     source, task_path = ctx.inputs()
     task = PreparedTask.load(task_path)
-    model = load_model(source, classification_head=task.output.kind == "logits").module
+    model = load_model(source, classification_head=task.output.kind == "logits", causal_lm=task.output.kind == "lm").module
     calibration = (dataclasses.replace(ctx.calibration, training_ids=task.train_ids, training_mask=task.train_mask,
                                        training_targets=task.train_targets)
                    if ctx.calibration is not None else task_calibration(model, task))

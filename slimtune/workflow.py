@@ -16,14 +16,14 @@ from pathlib import Path
 
 from rich.console import Console
 
-from slimtune.config import Config, ConfigError, config_to_yaml
+from slimtune.config import BUILTIN_LLM, Config, ConfigError, config_to_yaml
 from slimtune.layout import LayoutError, ModelLayout, discover_layout
 from slimtune.model import LoadedModel, ModelLoadError, load_model, resolve_model_source
 from slimtune.plan import PlanError
 from slimtune.search.records import TrialRecord
 from slimtune.search.runner import ClusterError
 from slimtune.search.session import ResumeError
-from slimtune.tasks import DataError, PreparedTask, choose_task, load_texts, prepare_task
+from slimtune.tasks import DataError, PreparedTask, choose_task, default_data, load_texts, prepare_task
 from slimtune.tracking import TrackingError
 
 BAD_INPUT = (ConfigError, ModelLoadError, LayoutError, DataError, PlanError, TrackingError, ClusterError, ResumeError)
@@ -45,15 +45,22 @@ def prepare(config: Config, results: Path, console: Console) -> Prepared:
     """Read the data, choose the task kind, load the model, and prepare (or reuse) the scored task."""
     from rich.progress import Progress
 
-    data = load_texts(config.task)
-    choice = choose_task(config.model, config.task, resolve_model_source(config.model.name), data)
+    with console.status(f"finding {config.model.name}"):
+        source = resolve_model_source(config.model.name)  # a GGUF is dequantized once here
+    data_source = default_data(config.task, source)
+    data = load_texts(config.task, data_source)
+    choice = choose_task(config.model, config.task, source, data)
     with console.status(f"loading {config.model.name}"):
-        loaded = load_model(config.model.name, classification_head=choice.needs_classification_head)
+        loaded = load_model(config.model.name, classification_head=choice.needs_classification_head,
+                            causal_lm=choice.needs_causal_lm)
         layout = discover_layout(loaded.module)
     with Progress(console=console, transient=True) as progress:
         bar = progress.add_task("running the uncompressed model over the texts (once, then cached)")
         task, task_path = prepare_task(config.model, config.task, choice, loaded, data, results / ".cache",
                                        progress=lambda done, total: progress.update(bar, completed=done, total=total))
+    if config.model.name.endswith(".gguf") or config.model.name == BUILTIN_LLM:
+        console.print(f"model: {config.model.name} is a quantized GGUF file; its \"uncompressed\" fp32 reference is "
+                      "the dequantized GGUF, not the original full-precision weights")
     console.print(f"task: {task.kind} ({choice.kind_reason}); output: {choice.output_reason}")
     console.print(f"metric: {task.metric} ({task.metric_reason})")
     labels = f", {len(set(task.labels.tolist()))} labels" if task.labels is not None else ""
@@ -62,7 +69,7 @@ def prepare(config: Config, results: Path, console: Console) -> Prepared:
                   f"uncompressed torch model: {figures}")
     pooling = task.output.pooling if task.output.kind == "embedding" else config.model.pooling
     resolved = config.model_copy(update={
-        "task": config.task.model_copy(update={"kind": task.kind, "metric": task.metric}),
+        "task": config.task.model_copy(update={"kind": task.kind, "metric": task.metric, "data": data_source}),
         "model": config.model.model_copy(update={"pooling": pooling}),
     })
     return Prepared(resolved, loaded, layout, task, task_path)

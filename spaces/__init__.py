@@ -4,7 +4,8 @@ The space is define-by-run: ``SearchSpace.suggest(trial)`` asks the trial for a 
 choices per group of transformer blocks and expands them to per-module entries of a plan. Param
 names are what people read in MLflow, e.g. ``encoder.layer.3.ffn.bits`` (32 means unquantized),
 ``encoder.layer.3.ffn.sparsity`` (fraction of FFN neurons removed), ``encoder.layer.3.ffn.rank``
-(fraction of full rank kept), and ``embeddings.bits``. A dimension with a single choice is fixed
+(fraction of full rank kept), ``embeddings.bits`` and, for a language model, ``lm_head.bits`` (its
+output projection, stored apart from a tied input table once quantized). A dimension with a single choice is fixed
 and asks the trial nothing. Ranks that would not remove parameters for a role's shapes are not
 offered. Test it with ``optuna.trial.FixedTrial``; no study is needed.
 """
@@ -104,6 +105,10 @@ class SearchSpace:
             dims["embeddings.bits"] = tuple(BITS_OF_FORMAT[f] for f in cfg.embedding_formats)
             if "int4" in cfg.embedding_formats:
                 dims["embeddings.block"] = cfg.embedding_block_sizes
+        if self.layout.output_head is not None:
+            dims["lm_head.bits"] = bits
+            if blockwise:
+                dims["lm_head.block"] = cfg.block_sizes
         if self.block_order and len(self.layout.blocks) > 1:
             dims["blocks.dropped"] = depth_counts(len(self.layout.blocks), cfg.depth_fractions)
         if blockwise:
@@ -157,6 +162,9 @@ class SearchSpace:
             # lossless (MiniLM: pooled cosine 0.9975 with every table int8), where 4-bit positions are not (0.975).
             for other in self.layout.other_tables:
                 quantize[other] = QuantSpec("int8" if table.format != "fp32" else "fp32")
+        if self.layout.output_head is not None:
+            quantize[self.layout.output_head] = QuantSpec(FORMAT_OF_BITS[int(pick("lm_head.bits"))],
+                                                          int(pick("lm_head.block") or 32), method)
         for group in self.groups:
             for block in group.blocks:
                 for role, names in (("attention", block.attention), ("ffn", block.ffn)):

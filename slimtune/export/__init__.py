@@ -18,6 +18,7 @@ from pathlib import Path
 import onnx
 from torch import nn
 
+from slimtune.export.decoder import export_decoder, input_table_name, share_tied_lm_head
 from slimtune.export.onnx_export import ExportError, export_fp32, weight_matmuls
 from slimtune.export.quantize import (
     BLOCKWISE_BITS,
@@ -117,7 +118,8 @@ def strip_debug_info(model: onnx.ModelProto) -> onnx.ModelProto:
 def build_artifact(model: nn.Module, plan: CompressionPlan, path: Path, calibration: Calibration | None = None,
                    output: OutputSpec = OutputSpec(), hold: Callable[[], AbstractContextManager] = nullcontext) -> Artifact:
     """Transform ``model`` by ``plan`` and write the deployable ONNX file at ``path``, returning ``output``
-    (pooled embeddings by default, or the model's class logits).
+    (pooled embeddings by default, the model's class logits, or a causal LM's next-token logits
+    with a KV cache: ``slimtune.export.decoder``).
 
     ``hold`` is entered around each stage (transforms, recovery, export, quantization): a trial
     passes its shared node lock, so a waiting latency measurement gets the cores between stages.
@@ -142,9 +144,15 @@ def build_artifact(model: nn.Module, plan: CompressionPlan, path: Path, calibrat
     fp32_path = path.with_name(path.stem + ".fp32.onnx")
     try:
         with stage("export"):
-            export_fp32(transformed, fp32_path, output)
+            if output.kind == "lm":
+                export_decoder(transformed, fp32_path)
+            else:
+                export_fp32(transformed, fp32_path, output)
         with stage("quantize"):
             proto = _quantize(onnx.load(str(fp32_path)), model, plan, calibration)
+            table = input_table_name(model) if output.kind == "lm" else None
+            if table is not None:
+                proto = share_tied_lm_head(proto, table)
             onnx.save_model(strip_debug_info(proto), str(path))
     finally:
         fp32_path.unlink(missing_ok=True)

@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, version_converter
 
+from slimtune.export.decoder import with_empty_past
 from slimtune.export.onnx_export import ExportError
 
 # MatMulNBits with fp32 activations. Measured on MiniLM, 8x128 tokens, 2 threads
@@ -167,6 +168,7 @@ def _hessians(model: onnx.ModelProto, tensors: set[str], feeds: Feeds) -> dict[s
     sums: dict[str, np.ndarray] = {}
     rows: dict[str, int] = {}
     for feed in feeds:
+        feed = with_empty_past(session.get_inputs(), feed)  # a decoder's cache inputs, empty
         outputs = session.run(sorted(tensors), {k: v for k, v in feed.items() if k in inputs})
         keep = np.asarray(feed["attention_mask"]).astype(bool)  # drop padding tokens
         for name, value in zip(sorted(tensors), outputs, strict=True):

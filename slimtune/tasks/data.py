@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slimtune.config import BUILTIN_DATA, TaskConfig
+from slimtune.config import BUILTIN_DATA, BUILTIN_TEXT, TaskConfig
 
 
 class DataError(ValueError):
@@ -139,14 +139,26 @@ def _load_hub_dataset(spec: str, cfg: TaskConfig) -> TextData:
     return _rows_to_texts(rows, cfg, spec)
 
 
-def load_texts(cfg: TaskConfig) -> TextData:
-    if cfg.data == BUILTIN_DATA:
+def _load_pydoc_topics() -> TextData:
+    """Python's own documentation topics (79 documents, 465K characters), shipped with CPython."""
+    from pydoc_data.topics import topics
+
+    return TextData(tuple(topics[name] for name in sorted(topics)), None, BUILTIN_TEXT)
+
+
+def load_texts(cfg: TaskConfig, default: str = BUILTIN_DATA) -> TextData:
+    """The texts of ``cfg.data``, or of ``default`` when it is unset (the kind's built-in data)."""
+    source = cfg.data or default
+    if source == BUILTIN_DATA:
         return _load_bbc_news()
-    if cfg.data.startswith("builtin:"):
-        raise DataError(f"unknown built-in data {cfg.data!r}; the built-in data set is {BUILTIN_DATA}")
-    if cfg.data.startswith("hf:"):
-        return _load_hub_dataset(cfg.data, cfg)
-    return _load_file(Path(cfg.data), cfg)
+    if source == BUILTIN_TEXT:
+        return _load_pydoc_topics()
+    if source.startswith("builtin:"):
+        raise DataError(f"unknown built-in data {source!r}; the built-in data sets are {BUILTIN_DATA} "
+                        f"(labelled news) and {BUILTIN_TEXT} (plain text for language models)")
+    if source.startswith("hf:"):
+        return _load_hub_dataset(source, cfg)
+    return _load_file(Path(source), cfg)
 
 
 def require_labels(data: TextData, cfg: TaskConfig, kind: str) -> tuple[str, ...]:

@@ -3,7 +3,8 @@
 The recipe of DistilBERT and NVIDIA's Minitron: prune, then distill from the original. The
 teacher is the uncompressed model, the student the pruned / factorised model in torch, before
 export and quantization. The loss matches what ships: the pooled sentence embedding (MSE +
-1 - cosine), or a classifier's logits (KL divergence of the softened class distributions), plus
+1 - cosine), a classifier's logits (KL divergence of the softened class distributions), or a
+language model's next-token logits at every position (the same KL, per token), plus
 ``hidden_weight`` x MSE of the last hidden states where the user asks for it. It trains on the
 task's training texts, no labels: ``steps`` AdamW steps of ``batch_size`` texts, in an order fixed
 by ``seed``; each batch is cut to its longest text.
@@ -62,7 +63,13 @@ def logits_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
                                 nn.functional.softmax(teacher / t, dim=-1), reduction="batchmean") * t * t
 
 
-LOSSES = {"embedding": embedding_loss, "logits": logits_loss}
+def next_token_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``logits_loss`` over every position of every window: (batch, positions, vocab) -> one mean (Minitron's
+    logit distillation of a language model)."""
+    return logits_loss(student.flatten(0, -2), teacher.flatten(0, -2))
+
+
+LOSSES = {"embedding": embedding_loss, "logits": logits_loss, "lm": next_token_loss}
 
 
 def distill(student: nn.Module, teacher: nn.Module, input_ids: np.ndarray, attention_mask: np.ndarray,
@@ -71,8 +78,11 @@ def distill(student: nn.Module, teacher: nn.Module, input_ids: np.ndarray, atten
 
     ``output``: what is matched (pooled embeddings, or class logits), the function that ships.
     ``targets``: the teacher's outputs for ``input_ids`` (float32, one row per text), when already
-    known; the teacher then runs only if hidden states are matched too.
+    known; the teacher then runs only if hidden states are matched too. A language model's task
+    keeps none (an empty last axis: a window's logits are tens of MB): its teacher runs every step.
     """
+    if targets is not None and targets.size == 0:
+        targets = None
     torch.manual_seed(spec.seed)
     wrapped_student, wrapped_teacher = wrap_output(student, output), wrap_output(teacher, output).eval()
     output_loss = LOSSES[output.kind]
