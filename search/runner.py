@@ -198,10 +198,11 @@ def run_search(config: Config, ctx: TrialContext, space: SearchSpace, storage: P
 
 
 def enqueued_points(space: SearchSpace, seeds: dict[str, dict[str, Any]] | None) -> list[dict[str, Any]]:
-    """The plans every search evaluates first: fp32 and uniform int8 (what fronts are read against),
-    then the seeds, then the other reference points (a short budget reaches the seeds)."""
+    """The plans every search evaluates first: fp32, uniform int8 and (language models) uniform 4-bit,
+    what fronts are read against, then the seeds, then the other reference points (a short budget
+    reaches the seeds)."""
     references = space.reference_points()
-    first = [references.pop(name) for name in ("fp32", "uniform-int8") if name in references]
+    first = [references.pop(name) for name in ("fp32", "uniform-int8", "uniform-int4") if name in references]
     return [*first, *(seeds or {}).values(), *references.values()]
 
 

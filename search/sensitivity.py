@@ -249,18 +249,27 @@ class Guidance:
 
 def guide(space: SearchSpace, profile: SensitivityProfile, quality_floor: float, seed_count: int) -> Guidance:
     """Narrow ``space`` by ``quality_floor`` and pick ``seed_count`` plans along the greedy path from
-    uniform int8 (named ``sensitivity-1`` ...), leaving out those equal to a reference point."""
+    uniform 4-bit (language models) or uniform int8 (named ``sensitivity-1`` ...), leaving out those
+    equal to a reference point."""
     import dataclasses
 
-    excluded = profile.excluded(quality_floor)
+    # Reference points are always measured: their options stay on offer, whatever the profile says.
+    needed: dict[str, set[Any]] = {}
+    for params in space.reference_points().values():
+        for dim, value in params.items():
+            needed.setdefault(dim, set()).add(value)
+    excluded = {dim: kept for dim, options in profile.excluded(quality_floor).items()
+                if (kept := tuple(o for o in options if o not in needed.get(dim, ())))}
     narrowed = dataclasses.replace(space, excluded={**space.excluded, **excluded})
     dims = narrowed.dimensions()
     open_dims = {dim for dim, options in dims.items() if len(options) > 1}
     reference_points = narrowed.reference_points()
     references = list(reference_points.values())
-    # Seeds build on the uniform-int8 reference (a format every search measures first) and add the
-    # profile's structural choices and embedding formats; the sampler explores the layers' formats.
-    start = reference_points.get("uniform-int8")
+    # Seeds build on a uniform reference (a format every search measures first) and add the profile's
+    # structural choices and embedding formats; the sampler explores the layers' formats. The base is
+    # uniform 4-bit for a language model (its one-command format, weight-only: int8's on-the-fly
+    # activation quantization, which the profile does not model, costs LMs perplexity), else int8.
+    start = reference_points.get("uniform-int4", reference_points.get("uniform-int8"))
     fixed = frozenset(d for d in dims if d.endswith((".attention.bits", ".ffn.bits"))) if start else frozenset()
     seeds: dict[str, dict[str, Any]] = {}
     for params in seed_plans(greedy_path(profile, narrowed, quality_floor, start, fixed), seed_count):

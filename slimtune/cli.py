@@ -105,8 +105,10 @@ def export(
     trial: Annotated[str | None, typer.Option("--trial", help="this front point, e.g. trial-007")] = None,
     max_latency_ms: Annotated[float | None, typer.Option("--max-latency-ms")] = None,
     max_size_mb: Annotated[float | None, typer.Option("--max-size-mb")] = None,
-    min_accuracy: Annotated[float | None, typer.Option("--min-accuracy", help="floor on the search's metric")] = None,
-    max_drop: Annotated[float | None, typer.Option("--max-drop", help="points below fp32 at most")] = None,
+    min_accuracy: Annotated[float | None, typer.Option("--min-accuracy", help="floor on the search's metric "
+                                                       "(perplexity: ceiling)")] = None,
+    max_drop: Annotated[float | None, typer.Option("--max-drop", help="points below fp32 at most (perplexity: "
+                                                   "percent above fp32)")] = None,
     prefer: Annotated[str | None, typer.Option("--prefer", help="best, fastest or smallest among those that qualify")] = None,
     knee: Annotated[bool, typer.Option("--knee", help="the knee of the front")] = False,
     latency_tolerance: Annotated[float, typer.Option("--latency-tolerance", help="same-hardware latency check")] = 0.25,

@@ -276,7 +276,12 @@ def ensure_padding(tokenizer, module: nn.Module) -> None:
 def load_model(name: str, classification_head: bool = False, causal_lm: bool = False) -> LoadedModel:
     """Load the fp32 model and its tokenizer: the base encoder, the sequence classifier with its head,
     or the causal LM with its LM head (eager attention: plain ops that trace and export)."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -21,6 +21,12 @@ from slimtune.search.records import TrialRecord
 from slimtune.spaces import SearchSpace
 
 SPEED_AND_SIZE = ("latency_ms", "latency_p90_ms", "latency_spread", "size_mb", "search_latency_ms")
+GENERATION = ("ttft_ms", "tokens_per_s")  # causal LMs: latency_ms is then the time per generated token
+
+
+def speed_names(metrics: list[dict[str, Any]]) -> tuple[str, ...]:
+    """Latency and size columns, with the generation figures where the trials measured them."""
+    return SPEED_AND_SIZE + tuple(name for name in GENERATION if any(name in m for m in metrics))
 
 
 def quality_names(metrics: list[dict[str, Any]], metric: str) -> tuple[str, ...]:
@@ -70,7 +76,7 @@ def write_results(out: Path, records: list[TrialRecord], pareto: set[int], space
     out.mkdir(parents=True, exist_ok=True)
     (out / "plans").mkdir(exist_ok=True)
     best = front(records, pareto, metric)
-    figures = quality_names([r.metrics for r in records], metric) + SPEED_AND_SIZE
+    figures = quality_names([r.metrics for r in records], metric) + speed_names([r.metrics for r in records])
     _write_csv(out / "pareto.csv", [_row(r, pareto, not_faster, figures) for r in best])
     _write_csv(out / "trials.csv", [_row(r, pareto, not_faster, figures) for r in records])
     for record in best:
@@ -166,13 +172,15 @@ def figures_table(title: str, first_column: str, rows: list[tuple[str, dict[str,
     """One row per measured artifact: the task's metrics (``metric`` first), latency median (p90),
     size and quantized kernels."""
     quality = quality_names([m for _, m in rows], metric)
+    generation = all("ttft_ms" in m for _, m in rows) and bool(rows)
+    latency = ("ms per token (p90)", "TTFT ms") if generation else ("latency ms (p90)",)
     table = Table(title=title)
-    for column in (first_column, *quality, "latency ms (p90)", "size MB", "quantized kernels"):
+    for column in (first_column, *quality, *latency, "size MB", "quantized kernels"):
         table.add_column(column, justify="left" if column in (first_column, "quantized kernels") else "right",
                          overflow="fold")
     for label, m in rows:
-        table.add_row(label, *(f"{m[name]:.4f}" for name in quality),
-                      f"{m['latency_ms']:.1f} ({m['latency_p90_ms']:.1f})",
+        timing = [f"{m['latency_ms']:.1f} ({m['latency_p90_ms']:.1f})"] + ([f"{m['ttft_ms']:.1f}"] if generation else [])
+        table.add_row(label, *(f"{m[name]:.4f}" for name in quality), *timing,
                       f"{m['size_mb']:.2f}", kernel_summary(m.get("kernels", "")))
     return table
 

@@ -63,10 +63,14 @@ def prepare(config: Config, results: Path, console: Console) -> Prepared:
                       "the dequantized GGUF, not the original full-precision weights")
     console.print(f"task: {task.kind} ({choice.kind_reason}); output: {choice.output_reason}")
     console.print(f"metric: {task.metric} ({task.metric_reason})")
-    labels = f", {len(set(task.labels.tolist()))} labels" if task.labels is not None else ""
     figures = ", ".join(f"{k} {v:.4f}" for k, v in task.reference.items())
-    console.print(f"data: {len(task.input_ids)} held-out texts{labels}, {task.train_size} training texts; "
-                  f"uncompressed torch model: {figures}")
+    if task.kind == "causal-lm":
+        held_out = (f"{len(task.input_ids)} held-out windows of {task.input_ids.shape[1]} tokens "
+                    f"({int((task.labels >= 0).sum())} scored), {task.train_size} training windows")
+    else:
+        labels = f", {len(set(task.labels.tolist()))} labels" if task.labels is not None else ""
+        held_out = f"{len(task.input_ids)} held-out texts{labels}, {task.train_size} training texts"
+    console.print(f"data: {held_out}; uncompressed torch model: {figures}")
     pooling = task.output.pooling if task.output.kind == "embedding" else config.model.pooling
     resolved = config.model_copy(update={
         "task": config.task.model_copy(update={"kind": task.kind, "metric": task.metric, "data": data_source}),

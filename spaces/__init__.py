@@ -192,9 +192,10 @@ class SearchSpace:
     def reference_points(self) -> dict[str, dict[str, Any]]:
         """Plans every search evaluates first, as params for the open dimensions.
 
-        The uncompressed model and uniform int8 (the figures every front is read against), then
-        uniform int8 with each FFN sparsity of the space (width pruning on top of the fast int8
-        kernels): measured starting points that the sampler evolves from. A point is left out
+        The uncompressed model and uniform int8 (the figures every front is read against), for a
+        language model (a model with an LM head) uniform 4-bit as well, then uniform int8 with each
+        FFN sparsity of the space (width pruning on top of the fast int8 kernels): measured starting
+        points that the sampler evolves from. A point is left out
         when the configured space cannot express it (e.g. no fp32 choice). Dimensions a target
         does not name take their first choice.
         """
@@ -202,6 +203,10 @@ class SearchSpace:
             "fp32": {"bits": 32, "sparsity": 0.0, "rank": 1.0, "heads": 0.0, "dropped": 0},
             "uniform-int8": {"bits": 8, "sparsity": 0.0, "rank": 1.0, "heads": 0.0, "dropped": 0},
         }
+        if self.layout.output_head is not None:
+            # A language model's one-command compression: 4-bit weights everywhere (round-to-nearest
+            # at the first block size), which batch-1 decoding, bound by reading weights, rewards.
+            targets["uniform-int4"] = {**targets["uniform-int8"], "bits": 4, "method": "rtn"}
         for sparsity in sorted(s for s in self.config.ffn_sparsities if s > 0):
             targets[f"uniform-int8-ffn{round(sparsity * 100)}"] = {**targets["uniform-int8"], "sparsity": sparsity}
         dims = self.dimensions()

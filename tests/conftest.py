@@ -139,3 +139,25 @@ def search_config(tiny_config):
         return path
 
     return write
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 3):
+    """A random Llama-architecture causal LM: grouped-query attention (4 query heads on 2 key/value
+    heads), a gated MLP, tied input and output embeddings."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                         tie_word_embeddings=True, architectures=["LlamaForCausalLM"])
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 3-block random Llama with MiniLM's real tokenizer, saved as a normal Hugging Face folder."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(BUILTIN_MODEL))
+    tiny_llama(tokenizer.vocab_size).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -4,12 +4,18 @@ Rules: an explicit ``trial``; limits (``max_latency_ms``, ``max_size_mb``, ``min
 search's metric, ``max_drop`` in points below the search's fp32); then, among the points that meet
 them, the best in the metric, or (when a quality floor is given) the fastest or the smallest as
 ``prefer`` says; or the ``knee`` of the front. Points are the rows of ``pareto.csv``.
+
+For a metric that is minimised (perplexity), the limits turn round: ``min_score`` is the highest
+value allowed and ``max_drop`` the percent above fp32's figure allowed (perplexity within +5%:
+``max_drop=5``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+
+from slimtune.config import METRIC_GOALS
 
 Row = dict[str, str]
 
@@ -42,10 +48,12 @@ class Rule:
             limits.append(f"latency <= {self.max_latency_ms:g} ms")
         if self.max_size_mb is not None:
             limits.append(f"size <= {self.max_size_mb:g} MB")
+        minimised = _minimised(metric)
         if self.min_score is not None:
-            limits.append(f"{metric} >= {self.min_score:g}")
+            limits.append(f"{metric} {'<=' if minimised else '>='} {self.min_score:g}")
         if self.max_drop is not None:
-            limits.append(f"{metric} at most {self.max_drop:g} points below fp32")
+            limits.append(f"{metric} at most {self.max_drop:g}% above fp32" if minimised
+                          else f"{metric} at most {self.max_drop:g} points below fp32")
         return limits
 
     @property
@@ -59,6 +67,15 @@ def _f(row: Row, key: str) -> float:
     return float(row[key])
 
 
+def _minimised(metric: str) -> bool:
+    return METRIC_GOALS.get(metric) == "min"
+
+
+def _quality(row: Row, metric: str) -> float:
+    """The metric with higher meaning better (a minimised metric negated)."""
+    return -_f(row, metric) if _minimised(metric) else _f(row, metric)
+
+
 def _shortfalls(row: Row, rule: Rule, metric: str, fp32_score: float | None) -> dict[str, float]:
     """How far ``row`` is from each limit it misses, in the limit's unit."""
     missed = {}
@@ -66,6 +83,13 @@ def _shortfalls(row: Row, rule: Rule, metric: str, fp32_score: float | None) -> 
         missed["latency_ms"] = _f(row, "latency_ms") - rule.max_latency_ms
     if rule.max_size_mb is not None and _f(row, "size_mb") > rule.max_size_mb:
         missed["size_mb"] = _f(row, "size_mb") - rule.max_size_mb
+    if _minimised(metric):
+        ceiling = rule.min_score
+        if rule.max_drop is not None and fp32_score is not None:
+            ceiling = min(ceiling if ceiling is not None else 1e300, fp32_score * (1 + rule.max_drop / 100))
+        if ceiling is not None and _f(row, metric) > ceiling:
+            missed[metric] = _f(row, metric) - ceiling
+        return missed
     floor = rule.min_score
     if rule.max_drop is not None and fp32_score is not None:
         floor = max(floor if floor is not None else -1e9, fp32_score - rule.max_drop / 100)
@@ -79,7 +103,7 @@ def knee(rows: list[Row], metric: str) -> Row:
     in the front's (latency, metric) ranges normalised to [0, 1]: where giving up more quality
     stops buying much speed."""
     lat = [_f(r, "latency_ms") for r in rows]
-    score = [_f(r, metric) for r in rows]
+    score = [_quality(r, metric) for r in rows]
     span_l, span_s = (max(lat) - min(lat)) or 1.0, (max(score) - min(score)) or 1.0
     points = [((x - min(lat)) / span_l, (y - min(score)) / span_s) for x, y in zip(lat, score, strict=True)]
     best, fastest = points[score.index(max(score))], points[lat.index(min(lat))]
@@ -104,9 +128,9 @@ def choose(rows: list[Row], rule: Rule, metric: str, fp32_score: float | None) -
         raise ChoiceError("--max-drop needs the search's fp32 reference, which did not complete: use --min-accuracy")
     meeting = [r for r in rows if not _shortfalls(r, rule, metric, fp32_score)]
     if meeting:
-        key = {"best": lambda r: (-_f(r, metric), _f(r, "latency_ms")),
-               "fastest": lambda r: (_f(r, "latency_ms"), -_f(r, metric)),
-               "smallest": lambda r: (_f(r, "size_mb"), -_f(r, metric))}[rule.preference]
+        key = {"best": lambda r: (-_quality(r, metric), _f(r, "latency_ms")),
+               "fastest": lambda r: (_f(r, "latency_ms"), -_quality(r, metric)),
+               "smallest": lambda r: (_f(r, "size_mb"), -_quality(r, metric))}[rule.preference]
         return min(meeting, key=key)
     scale = {"latency_ms": max(_f(r, "latency_ms") for r in rows), "size_mb": max(_f(r, "size_mb") for r in rows),
              metric: 1.0}

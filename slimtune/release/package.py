@@ -2,7 +2,9 @@
 
 ``model.onnx`` is the verified artifact with the task's reading appended in the graph: the frozen
 head's class probabilities after the pooled embedding (``embedding-head``), softmax probabilities
-after a classifier's logits (``classifier``); a fidelity task ships the embedding alone. Beside it:
+after a classifier's logits (``classifier``); a fidelity task ships the embedding alone, a causal
+LM its decoder with a KV cache (``logits`` and ``present.*`` from ``input_ids``, ``attention_mask``
+and ``past_key_values.*``). Beside it:
 the tokenizer files, ``labels.json``, ``plan.json``, ``metrics.json`` and a model card.
 """
 
@@ -22,6 +24,8 @@ from slimtune.tasks import PreparedTask
 def with_probabilities(model: onnx.ModelProto, task: PreparedTask) -> onnx.ModelProto:
     """Append the task's reading to the graph: ``probabilities`` (batch, classes) for the classification kinds."""
     graph = model.graph
+    if task.kind not in ("embedding-head", "classifier"):
+        return model  # embeddings and language models ship their outputs as they are
     (output,) = [o.name for o in graph.output]
     if task.kind == "embedding-head":
         graph.initializer.extend([numpy_helper.from_array(task.head_weight.T.astype(np.float32), "head.weight"),
@@ -43,13 +47,7 @@ def model_card(name: str, trial: str, task: PreparedTask, figures: dict[str, Any
     """A short Markdown card: what was compressed how, figures against fp32, how to run it."""
     rows = [f"| {k} | {v['value']:.4f} {v['unit']} | " + (f"{fp32[k]:.4f}" if k in fp32 else "-") + " |"
             for k, v in figures.items()]
-    return "\n".join([
-        f"# {name} / {trial}", "",
-        f"Compressed with slimtune: task kind `{task.kind}`, searched metric `{task.metric}`.", "",
-        "## What was compressed, how", "", plan_summary, "",
-        "## Figures (re-measured at export) against the uncompressed model in the same search", "",
-        "| figure | this model | fp32 |", "|---|---|---|", *rows, "",
-        "## Run it", "",
+    run = GENERATE_SNIPPET if task.kind == "causal-lm" else [
         "Inputs `input_ids` and `attention_mask` (int64, batch x tokens) from `tokenizer.json`; outputs "
         + ", ".join(f"`{o}`" for o in outputs) + ". See `metrics.json` for the hardware the figures come from.",
         "", "```python",
@@ -62,7 +60,38 @@ def model_card(name: str, trial: str, task: PreparedTask, figures: dict[str, Any
         "feeds = {'input_ids': np.array([e.ids for e in enc], np.int64),",
         "         'attention_mask': np.array([e.attention_mask for e in enc], np.int64)}",
         "outputs = ort.InferenceSession('model.onnx').run(None, feeds)",
-        "```", ""])
+        "```"]
+    return "\n".join([
+        f"# {name} / {trial}", "",
+        f"Compressed with slimtune: task kind `{task.kind}`, searched metric `{task.metric}`.", "",
+        "## What was compressed, how", "", plan_summary, "",
+        "## Figures (re-measured at export) against the uncompressed model in the same search", "",
+        "| figure | this model | fp32 |", "|---|---|---|", *rows, "",
+        "## Run it", "", *run, ""])
+
+
+GENERATE_SNIPPET = [
+    "A decoder with a KV cache: `input_ids`, `attention_mask` (int64) and `past_key_values.<block>.key/value` "
+    "(float32, batch x kv heads x past tokens x head size; zero past tokens for the prompt) in; `logits` and "
+    "`present.<block>.key/value` out. Greedy generation:",
+    "", "```python",
+    "import numpy as np, onnxruntime as ort",
+    "from tokenizers import Tokenizer",
+    "tok, sess = Tokenizer.from_file('tokenizer.json'), ort.InferenceSession('model.onnx')",
+    "names = [o.name for o in sess.get_outputs()]",
+    "ids = np.array([tok.encode('def fibonacci(n):').ids], np.int64)",
+    "feeds = {'input_ids': ids, 'attention_mask': np.ones_like(ids)}",
+    "feeds.update({i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)",
+    "              for i in sess.get_inputs() if i.name.startswith('past_key_values.')})",
+    "generated = []",
+    "for _ in range(32):",
+    "    logits, *cache = sess.run(names, feeds)",
+    "    generated.append(int(logits[0, -1].argmax()))",
+    "    total = feeds['attention_mask'].shape[1] + 1",
+    "    feeds = {'input_ids': np.array([[generated[-1]]], np.int64), 'attention_mask': np.ones((1, total), np.int64),",
+    "             **{n.replace('present.', 'past_key_values.', 1): c for n, c in zip(names[1:], cache)}}",
+    "print(tok.decode(generated))",
+    "```"]
 
 
 def write_json(path: Path, value: Any) -> None:
