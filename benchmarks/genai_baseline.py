@@ -55,8 +55,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / "results" / ".genai-venv"
 OUT = ROOT / "results" / "genai"
-HF_DIR = Path("/tmp/smollm2-hf")
-PYTHON311 = "/root/.pyenv/versions/3.11.7/bin/python"
+PYTHON = sys.executable  # the venv is made by the interpreter running this (slimtune's: Python 3.11+)
 REQS = ["onnxruntime-genai==0.18.0", "transformers==5.24.0", "onnx==1.23.2", "onnx_ir==1.1.0"]
 STAMP = ".slimtune-genai-stamp"
 PROMPT_TEXT = ("The history of computing is a story of abstraction. Early machines were programmed by "
@@ -80,20 +79,21 @@ def ensure_genai_venv(path: Path = VENV) -> Path:
     if (path / STAMP).is_file() and (path / STAMP).read_text().strip() == want:
         return path
     pip = [path / "bin" / "python", "-m", "pip", "install", "--quiet"]
-    _run([PYTHON311, "-m", "venv", "--clear", path], "create venv")
+    _run([PYTHON, "-m", "venv", "--clear", path], "create venv")
     _run([*pip, "torch==2.13.0"], "install torch (CPU wheel)")
     _run([*pip, "-c", ROOT / "constraints.txt", *REQS], "install onnxruntime-genai + builder deps")
     (path / STAMP).write_text(want + "\n")
     return path
 
 
-def builder_args(precision: str, hf_dir: Path = HF_DIR, out: Path | None = None) -> list[str]:
-    """The model builder's flags for ``precision`` (int4 | fp32) on CPU, default options."""
+def builder_args(precision: str, hf_dir: Path | None, out: Path | None = None) -> list[str]:
+    """The model builder's flags for ``precision`` (int4 | fp32) on CPU, default options (``hf_dir``
+    None: an output built before)."""
     out = Path(out or OUT / precision)
-    return ["-i", str(hf_dir), "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(OUT / ".cache")]
+    return ["-i", str(hf_dir or "<built before>"), "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(OUT / ".cache")]
 
 
-def build_genai(precision: str = "int4", hf_dir: Path = HF_DIR, out: Path | None = None) -> Path:
+def build_genai(precision: str, hf_dir: Path, out: Path | None = None) -> Path:
     """Build ``out`` (default results/genai/<precision>) unless it has model.onnx and
     genai_config.json already; builds into ``<out>.partial`` and renames. Returns the folder."""
     out = Path(out or OUT / precision)
@@ -181,7 +181,8 @@ def measure(model_dir: Path, prompt_tokens: int = 128, gen_tokens: int = 64, rep
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--precision", choices=["int4", "fp32"], default="int4")
-    ap.add_argument("--model", type=Path, default=HF_DIR, help="Hugging Face model folder")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="Hugging Face model folder (default: slimtune's dequantized built-in SmolLM2-135M)")
     ap.add_argument("--out", type=Path, default=None, help="output folder (results/genai/<precision>)")
     ap.add_argument("--prompt", type=int, default=128, help="prompt length P, tokens")
     ap.add_argument("--tokens", type=int, default=64, help="generated tokens T")
@@ -189,6 +190,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads")
     ap.add_argument("--build-only", action="store_true")
     args = ap.parse_args(argv)
+    if args.model is None:
+        out = Path(args.out or OUT / args.precision)
+        if not (out / "model.onnx").is_file():
+            from slimtune.config import BUILTIN_LLM
+            from slimtune.model import resolve_model_source
+
+            args.model = Path(resolve_model_source(BUILTIN_LLM))
     out = build_genai(args.precision, args.model, args.out)
     result = {"precision": args.precision, "model_dir": str(out), "size_mb": size_mb(out),
               "builder_args": builder_args(args.precision, args.model, out)}

@@ -61,15 +61,16 @@ def summarize_ms(times: np.ndarray) -> tuple[Metric, ...]:
     )
 
 
-def time_generation_ms(sess, prompt: np.ndarray, cfg: LatencyConfig) -> tuple[np.ndarray, np.ndarray]:
+def time_generation_ms(sess, prompt: np.ndarray, cfg: LatencyConfig,
+                       head_dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(prefill ms per run, decode ms per step over all runs) of greedy generation at batch 1 with the
     decoder session ``sess`` from ``prompt`` (1, tokens): ``warmup_runs`` untimed generations, then
-    ``timed_runs`` timed ones."""
+    ``timed_runs`` timed ones. ``head_dim``: for other tools' graphs that leave it symbolic."""
     inputs = sess.get_inputs()
     outputs = [o.name for o in sess.get_outputs()]
     ttft, steps = [], []
     for run in range(cfg.warmup_runs + cfg.timed_runs):
-        feeds = with_empty_past(inputs, {"input_ids": prompt, "attention_mask": np.ones_like(prompt)})
+        feeds = with_empty_past(inputs, {"input_ids": prompt, "attention_mask": np.ones_like(prompt)}, head_dim)
         start = time.perf_counter()
         logits, *cache = sess.run(outputs, feeds)
         prefill_ms = (time.perf_counter() - start) * 1e3

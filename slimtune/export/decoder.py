@@ -131,11 +131,20 @@ def is_decoder(model_inputs: list) -> bool:
     return any(i.name.startswith("past_key_values.") for i in model_inputs)
 
 
-def with_empty_past(model_inputs: list, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def with_empty_past(model_inputs: list, feeds: dict[str, np.ndarray], head_dim: int | None = None) -> dict[str, np.ndarray]:
     """``feeds`` plus a zero-length past for every cache input of the graph that it lacks: a plain
-    forward over whole sequences. ``model_inputs``: an ONNX Runtime session's ``get_inputs()``."""
+    forward over whole sequences. ``model_inputs``: an ONNX Runtime session's ``get_inputs()``;
+    ``head_dim``: the head size for graphs that leave it symbolic (slimtune's graphs fix it)."""
     batch = len(feeds["input_ids"])
-    extra = {i.name: np.zeros((batch, int(i.shape[1]), 0, int(i.shape[3])), np.float32)
+
+    def size(dim) -> int:
+        if isinstance(dim, int):
+            return dim
+        if head_dim is None:
+            raise ValueError(f"the graph leaves the cache's head size symbolic ({dim!r}): pass head_dim")
+        return head_dim
+
+    extra = {i.name: np.zeros((batch, int(i.shape[1]), 0, size(i.shape[3])), np.float32)
              for i in model_inputs if i.name.startswith("past_key_values.") and i.name not in feeds}
     return {**feeds, **extra}
 
