@@ -3,6 +3,7 @@
 
     python3 dev.py demo [slimtune search options]   # set up, then a real search on the default
     python3 dev.py test [pytest options]            # set up, then the test suite
+    python3 dev.py llm [slimtune search options]    # set up, then search SmolLM2-135M and export its knee point
 
 Setup is skipped when .venv is already installed from the current pyproject.toml and
 constraints. torch is installed first, pinned by the constraints file (the CPU build by default);
@@ -57,16 +58,40 @@ def setup() -> None:
     STAMP.write_text(fingerprint)
 
 
+def llm_flow(options: list[str]) -> int:
+    """The whole causal-LM flow on the built-in SmolLM2-135M: search (examples/smollm2.yaml), then
+    export the knee of its front to results/<name>-shipped; the MLflow review command is printed."""
+    os.chdir(ROOT)
+    name = next((options[i + 1] for i, o in enumerate(options[:-1]) if o == "--name"), None)
+    if name is None:
+        import time
+
+        name = time.strftime("smollm2-%Y%m%d-%H%M%S")
+        options = [*options, "--name", name]
+    slimtune = str(BIN / "slimtune")
+    for step in ([slimtune, "search", "--config", "examples/smollm2.yaml", *options],
+                 [slimtune, "export", name, "--out", f"results/{name}-shipped", "--knee"]):
+        print("+", " ".join(step), flush=True)
+        code = subprocess.run(step).returncode
+        if code:
+            return code
+    print(f"review: {slimtune} ui   (then open the experiment 'slimtune', run '{name}')")
+    return 0
+
+
 def main() -> None:
     jobs = {
         "demo": [str(BIN / "slimtune"), "search"],
         "test": [str(BIN / "python"), "-m", "pytest"],
+        "llm": [],
         "setup": None,
     }
     if len(sys.argv) < 2 or sys.argv[1] not in jobs:
         sys.exit(f"usage: python3 dev.py {{{'|'.join(jobs)}}} [options]")
     setup()
     command = jobs[sys.argv[1]]
+    if sys.argv[1] == "llm":
+        sys.exit(llm_flow(sys.argv[2:]))
     if command is not None:
         os.chdir(ROOT)
         completed = subprocess.run([*command, *sys.argv[2:]])
