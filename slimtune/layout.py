@@ -75,6 +75,9 @@ def _block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if n_linear and (best is None or (len(module), n_linear) > (len(best[2]), best[0])):
             best = (n_linear, name, module)
     if best is None:
+        if any(type(m).__name__ == "Conv1D" for m in model.modules()):
+            raise LayoutError("the model's layers are Conv1D with fused projections (GPT-2 style), which slimtune "
+                              "does not compress: it reads nn.Linear layers (Llama, Qwen2, Mistral, BERT-style models)")
         raise LayoutError("model has no list of transformer blocks with Linear layers; slimtune compresses transformers")
     return best[1], best[2]
 

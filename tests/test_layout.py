@@ -35,3 +35,12 @@ def test_other_architectures_are_found_from_their_modules():
 def test_a_model_without_blocks_is_refused():
     with pytest.raises(LayoutError, match="transformer"):
         discover_layout(torch.nn.Sequential(torch.nn.Linear(3, 3)))
+
+
+def test_a_gpt2_style_model_is_refused_naming_its_conv1d_layers():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, eos_token_id=0,
+                                       bos_token_id=0))
+    with pytest.raises(LayoutError, match="Conv1D"):
+        discover_layout(model)
