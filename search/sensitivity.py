@@ -253,9 +253,11 @@ def guide(space: SearchSpace, profile: SensitivityProfile, quality_floor: float,
     equal to a reference point."""
     import dataclasses
 
-    # Reference points are always measured: their options stay on offer, whatever the profile says.
+    # The uniform references every front is read against are always measured: their options stay on
+    # offer, whatever the profile says (the int8 + FFN starting points may be narrowed away).
     needed: dict[str, set[Any]] = {}
-    for params in space.reference_points().values():
+    uniform = ("fp32", "uniform-int8", "uniform-int4")
+    for params in (p for name, p in space.reference_points().items() if name in uniform):
         for dim, value in params.items():
             needed.setdefault(dim, set()).add(value)
     excluded = {dim: kept for dim, options in profile.excluded(quality_floor).items()

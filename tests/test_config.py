@@ -8,7 +8,7 @@ from slimtune.config import Config, ConfigError, config_to_yaml, load_config, pa
 def test_defaults_are_the_builtin_model_and_task():
     config = load_config(None)
     assert config.model.name == "builtin:all-MiniLM-L6-v2"
-    assert config.task.data == "builtin:bbc-news"
+    assert config.task.data is None  # the kind's built-in: BBC News, or Python's docs for a causal LM
     assert config.search.sampler == "nsga2"
 
 

@@ -135,6 +135,9 @@ def with_empty_past(model_inputs: list, feeds: dict[str, np.ndarray], head_dim: 
     """``feeds`` plus a zero-length past for every cache input of the graph that it lacks: a plain
     forward over whole sequences. ``model_inputs``: an ONNX Runtime session's ``get_inputs()``;
     ``head_dim``: the head size for graphs that leave it symbolic (slimtune's graphs fix it)."""
+    missing = [i for i in model_inputs if i.name.startswith("past_key_values.") and i.name not in feeds]
+    if not missing:
+        return feeds
     batch = len(feeds["input_ids"])
 
     def size(dim) -> int:
@@ -144,8 +147,7 @@ def with_empty_past(model_inputs: list, feeds: dict[str, np.ndarray], head_dim: 
             raise ValueError(f"the graph leaves the cache's head size symbolic ({dim!r}): pass head_dim")
         return head_dim
 
-    extra = {i.name: np.zeros((batch, int(i.shape[1]), 0, size(i.shape[3])), np.float32)
-             for i in model_inputs if i.name.startswith("past_key_values.") and i.name not in feeds}
+    extra = {i.name: np.zeros((batch, int(i.shape[1]), 0, size(i.shape[3])), np.float32) for i in missing}
     return {**feeds, **extra}
 
 

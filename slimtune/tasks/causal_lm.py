@@ -21,6 +21,8 @@ logits are held at once.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from slimtune.config import TaskConfig
@@ -119,8 +121,6 @@ def prepare(loaded: LoadedModel, output: OutputSpec, max_length: int, cfg: TaskC
 
 
 def _with_reference(task: PreparedTask, outputs: np.ndarray) -> PreparedTask:
-    import dataclasses
-
     return dataclasses.replace(task, reference={m.name: m.value for m in score(task, outputs)})
 
 
