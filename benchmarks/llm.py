@@ -44,6 +44,7 @@ import genai_baseline  # noqa: E402
 from slimtune import api  # noqa: E402
 from slimtune.config import BUILTIN_LLM, Config, LatencyConfig  # noqa: E402
 from slimtune.evaluators.latency import generation_prompt, latency_inputs, time_generation_ms  # noqa: E402
+from slimtune.evaluators.quality import session  # noqa: E402
 from slimtune.export import build_artifact  # noqa: E402
 from slimtune.export.decoder import with_empty_past  # noqa: E402
 from slimtune.model import resolve_model_source  # noqa: E402
@@ -56,9 +57,7 @@ from slimtune.workflow import prepare  # noqa: E402
 
 def score(path: Path, task, head_dim: int | None, threads: int) -> dict[str, float]:
     """Perplexity and agreement of any decoder graph on the task's windows (an empty cache)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    sess = session(path, threads)
     inputs = sess.get_inputs()
 
     def run(feeds):
@@ -66,13 +65,6 @@ def score(path: Path, task, head_dim: int | None, threads: int) -> dict[str, flo
 
     outputs = run_batches(scoring_run(task.kind, run), task.input_ids, task.attention_mask)
     return {m.name: m.value for m in KINDS[task.kind].score(task, outputs)}
-
-
-def session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def artifacts_of(name: str, results: Path) -> tuple[dict[str, Path], dict[str, int | None], object, Config]:

@@ -161,18 +161,12 @@ class ClassifierLogits(nn.Module):
         return self.read(self.model(input_ids=input_ids, attention_mask=attention_mask), attention_mask)
 
 
-class NextTokenLogits(nn.Module):
+class NextTokenLogits(ClassifierLogits):
     """A causal LM over whole windows, no cache: (input_ids, attention_mask) -> (batch, positions, vocab).
 
     What quality, calibration and distillation run; the exported graph adds the KV cache
-    (``slimtune.export.decoder``)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def read(self, outputs, attention_mask: torch.Tensor) -> torch.Tensor:
-        return outputs.logits
+    (``slimtune.export.decoder``). No cache is built: nothing reads it, and it would hold every
+    block's keys and values per step of a distillation."""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits

@@ -23,10 +23,6 @@ holds the table once, as the original model does.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +31,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from slimtune.export.onnx_export import OPSET, ExportError, _eager_attention
+from slimtune.export.onnx_export import OPSET, ExportError, first_line, quiet_export
 from slimtune.layout import block_list
 from slimtune.model import WRAPPED
 
@@ -108,20 +104,12 @@ def export_decoder(model: nn.Module, path: Path, past_length: int = 3, new_lengt
             "logits": {0: "batch", 1: "sequence"}}
     axes.update({name: {0: "batch", 2: "past_sequence"} for name in inputs[2:]})
     axes.update({name: {0: "batch", 2: "total_sequence"} for name in outputs[1:]})
-    sink = io.StringIO()
-    with (_eager_attention(model), warnings.catch_warnings(), contextlib.redirect_stdout(sink),
-          contextlib.redirect_stderr(sink)):
-        warnings.simplefilter("ignore")
-        logger = logging.getLogger("torch.onnx")
-        level, logger.level = logger.level, logging.ERROR
-        try:
+    try:
+        with quiet_export(model):
             torch.onnx.export(wrapper, sample, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
                               opset_version=OPSET, do_constant_folding=True, dynamo=False)
-        except Exception as exc:  # the exporter raises many types; the cause is in the message
-            raise ExportError(f"ONNX export of the causal LM with a KV cache failed "
-                              f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from exc
-        finally:
-            logger.setLevel(level)
+    except Exception as exc:  # the exporter raises many types; the cause is in the message
+        raise ExportError(f"ONNX export of the causal LM with a KV cache failed ({first_line(exc)})") from exc
     return path
 
 

@@ -60,6 +60,27 @@ def _eager_attention(model: nn.Module) -> Iterator[None]:
         model.set_attn_implementation(before)
 
 
+@contextlib.contextmanager
+def quiet_export(model: nn.Module) -> Iterator[None]:
+    """Around one export of ``model``: eager attention (``_eager_attention``), the exporters' warnings,
+    prints and ``torch.onnx`` log messages below errors kept out of the caller's output, all restored."""
+    sink = io.StringIO()
+    with (_eager_attention(model), warnings.catch_warnings(), contextlib.redirect_stdout(sink),
+          contextlib.redirect_stderr(sink)):
+        warnings.simplefilter("ignore")
+        logger = logging.getLogger("torch.onnx")
+        level, logger.level = logger.level, logging.ERROR
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
+
+
+def first_line(exc: Exception) -> str:
+    """An exception's first message line (at most 200 characters), else its type: what export errors quote."""
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
 def _torchscript_export(wrapper: nn.Module, sample: tuple[torch.Tensor, ...], path: Path, output_name: str) -> None:
     axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
     torch.onnx.export(
@@ -90,21 +111,14 @@ def export_fp32(model: nn.Module, path: Path, output: OutputSpec = OutputSpec(),
     """
     wrapper = wrap_output(model, output).eval()
     sample = (torch.ones((2, sample_length), dtype=torch.long), torch.ones((2, sample_length), dtype=torch.long))
-    sink = io.StringIO()
     errors = []
     for name, exporter in EXPORTERS.items():
-        with (_eager_attention(model), warnings.catch_warnings(), contextlib.redirect_stdout(sink),
-              contextlib.redirect_stderr(sink)):
-            warnings.simplefilter("ignore")
-            logger = logging.getLogger("torch.onnx")
-            level, logger.level = logger.level, logging.ERROR
-            try:
+        try:
+            with quiet_export(model):
                 exporter(wrapper, sample, path, output.name)
-                return path
-            except Exception as exc:  # the exporters raise many types; the cause is in the message
-                errors.append(f"{name}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}")
-            finally:
-                logger.setLevel(level)
+            return path
+        except Exception as exc:  # the exporters raise many types; the cause is in the message
+            errors.append(f"{name}: {first_line(exc)}")
     raise ExportError(f"ONNX export failed ({'; '.join(errors)})")
 
 

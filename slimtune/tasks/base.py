@@ -61,7 +61,7 @@ class PreparedTask:
     calibration_mask: np.ndarray
     train_ids: np.ndarray
     train_mask: np.ndarray
-    train_targets: np.ndarray
+    train_targets: np.ndarray | None  # None: none kept (a causal LM's logits are tens of MB per window)
     reference: dict[str, float] = dataclasses.field(default_factory=dict)
     labels: np.ndarray | None = None
     label_names: tuple[str, ...] = ()
@@ -106,6 +106,7 @@ class PreparedTask:
         values["output"] = OutputSpec(**json.loads(str(values["output"])))
         values["reference"] = json.loads(str(values["reference"]))
         values["label_names"] = tuple(str(x) for x in values.get("label_names", ()))
+        values.setdefault("train_targets", None)  # saved only when kept
         for name in ("kind", "metric", "metric_reason"):
             values[name] = str(values[name])
         return cls(**values)

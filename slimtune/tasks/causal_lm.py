@@ -114,7 +114,7 @@ def prepare(loaded: LoadedModel, output: OutputSpec, max_length: int, cfg: TaskC
         calibration_ids=train_ids[calibration], calibration_mask=np.ones_like(train_ids[calibration]),
         train_ids=train_ids, train_mask=np.ones_like(train_ids),
         # No stored teacher outputs: a window's logits are tens of MB; recovery runs the teacher per step.
-        train_targets=np.zeros((len(train_ids), 0), np.float32),
+        train_targets=None,
         labels=targets, reference_outputs=outputs[..., 1].copy(),
     )
     return _with_reference(task, outputs)

@@ -79,10 +79,8 @@ def distill(student: nn.Module, teacher: nn.Module, input_ids: np.ndarray, atten
     ``output``: what is matched (pooled embeddings, or class logits), the function that ships.
     ``targets``: the teacher's outputs for ``input_ids`` (float32, one row per text), when already
     known; the teacher then runs only if hidden states are matched too. A language model's task
-    keeps none (an empty last axis: a window's logits are tens of MB): its teacher runs every step.
+    keeps none (a window's logits are tens of MB): its teacher runs every step.
     """
-    if targets is not None and targets.size == 0:
-        targets = None
     torch.manual_seed(spec.seed)
     wrapped_student, wrapped_teacher = wrap_output(student, output), wrap_output(teacher, output).eval()
     output_loss = LOSSES[output.kind]
