@@ -21,7 +21,7 @@ from slimtune.config import LatencyConfig
 from slimtune.evaluators import Metric
 from slimtune.evaluators.node_lock import NodeLock
 from slimtune.evaluators.quality import session
-from slimtune.export.decoder import is_decoder, with_empty_past
+from slimtune.export.decoder import is_decoder
 
 
 def latency_inputs(input_ids: np.ndarray, attention_mask: np.ndarray, cfg: LatencyConfig) -> dict[str, np.ndarray]:
@@ -61,31 +61,82 @@ def summarize_ms(times: np.ndarray) -> tuple[Metric, ...]:
     )
 
 
-def time_generation_ms(sess, prompt: np.ndarray, cfg: LatencyConfig,
-                       head_dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(prefill ms per run, decode ms per step over all runs) of greedy generation at batch 1 with the
-    decoder session ``sess`` from ``prompt`` (1, tokens): ``warmup_runs`` untimed generations, then
-    ``timed_runs`` timed ones. ``head_dim``: for other tools' graphs that leave it symbolic."""
-    inputs = sess.get_inputs()
-    outputs = [o.name for o in sess.get_outputs()]
+def shares_kv_buffer(path: Path) -> bool:
+    """True when every cache input of the decoder at ``path`` feeds a GroupQueryAttention node, whose
+    CPU kernel then writes each step into the past buffer itself when past and present are bound to
+    the same memory (a fused decoder's and ONNX Runtime GenAI's graphs; not a traced graph, which
+    concatenates the cache with Concat nodes)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    past = {i.name for i in graph.input if i.name.startswith("past_key_values.")}
+    fed = {name for n in graph.node if n.op_type == "GroupQueryAttention" for name in n.input[3:5]}
+    return bool(past) and past <= fed
+
+
+def _past_shape(value_info, length: int, head_dim: int | None) -> tuple[int, ...]:
+    batch, heads, _, dim = value_info.shape
+    if not isinstance(dim, int):
+        if head_dim is None:
+            raise ValueError(f"the graph leaves the cache's head size symbolic ({dim!r}): pass head_dim")
+        dim = head_dim
+    return (1, int(heads), length, int(dim))
+
+
+def greedy_generation(sess, prompt: np.ndarray, new_tokens: int, head_dim: int | None = None,
+                      share_buffer: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(the ``new_tokens`` greedy tokens, ms of the prefill then of each step) of one generation at
+    batch 1 from ``prompt`` (1, tokens) with the decoder session ``sess``.
+
+    The cache stays in ONNX Runtime's memory as a server keeps it (IOBinding, no copies through
+    numpy). ``share_buffer`` (``shares_kv_buffer``): past and present are bound to one buffer per
+    block, sized for the whole generation, which the attention kernel appends to in place; without
+    it each step's presents are bound as the next step's pasts. ``head_dim``: for other tools'
+    graphs that leave it symbolic."""
+    import onnxruntime as ort
+
+    pasts = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+    present_of = {p.name: p.name.replace("past_key_values.", "present.", 1) for p in pasts}
+    binding = sess.io_binding()
+    binding.bind_output("logits", "cpu")  # bound first: the outputs come back in binding order
+    for p in pasts:
+        buffer = ort.OrtValue.ortvalue_from_numpy(
+            np.zeros(_past_shape(p, prompt.shape[1] + new_tokens if share_buffer else 0, head_dim), np.float32))
+        binding.bind_ortvalue_input(p.name, buffer)
+        if share_buffer:
+            binding.bind_ortvalue_output(present_of[p.name], buffer)
+        else:
+            binding.bind_output(present_of[p.name], "cpu")
+    times, tokens = [], []
+    ids = prompt
+    for step in range(new_tokens + 1):
+        start = time.perf_counter()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", np.ones((1, prompt.shape[1] + step), np.int64))
+        binding.bind_output("logits", "cpu")  # its length changes after the prefill: allocated per step
+        sess.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        if not share_buffer:
+            for p, value in zip(pasts, values[1:], strict=True):
+                binding.bind_ortvalue_input(p.name, value)
+                binding.bind_output(present_of[p.name], "cpu")
+        ids = values[0].numpy()[:, -1:].argmax(axis=-1).astype(np.int64)
+        times.append((time.perf_counter() - start) * 1e3)
+        tokens.append(int(ids[0, 0]))
+    return np.asarray(tokens[:new_tokens]), np.asarray(times)
+
+
+def time_generation_ms(sess, prompt: np.ndarray, cfg: LatencyConfig, head_dim: int | None = None,
+                       share_buffer: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(prefill ms per run, decode ms per step over all runs) of greedy generation at batch 1
+    (``greedy_generation``) from ``prompt`` (1, tokens): ``warmup_runs`` untimed generations, then
+    ``timed_runs`` timed ones of ``cfg.new_tokens`` tokens."""
     ttft, steps = [], []
     for run in range(cfg.warmup_runs + cfg.timed_runs):
-        feeds = with_empty_past(inputs, {"input_ids": prompt, "attention_mask": np.ones_like(prompt)}, head_dim)
-        start = time.perf_counter()
-        logits, *cache = sess.run(outputs, feeds)
-        prefill_ms = (time.perf_counter() - start) * 1e3
-        step_ms = []
-        for step in range(cfg.new_tokens):
-            token = logits[:, -1:].argmax(axis=-1).astype(np.int64)
-            feeds = {"input_ids": token, "attention_mask": np.ones((1, prompt.shape[1] + step + 1), np.int64),
-                     **{name.replace("present.", "past_key_values.", 1): value
-                        for name, value in zip(outputs[1:], cache, strict=True)}}
-            start = time.perf_counter()
-            logits, *cache = sess.run(outputs, feeds)
-            step_ms.append((time.perf_counter() - start) * 1e3)
+        _, times = greedy_generation(sess, prompt, cfg.new_tokens, head_dim, share_buffer)
         if run >= cfg.warmup_runs:
-            ttft.append(prefill_ms)
-            steps.extend(step_ms)
+            ttft.append(times[0])
+            steps.extend(times[1:])
     return np.asarray(ttft), np.asarray(steps)
 
 
@@ -115,6 +166,7 @@ def measure_latency(path: Path, feeds: dict[str, np.ndarray], cfg: LatencyConfig
     with lock.exclusive() if lock is not None else contextlib.nullcontext():
         sess = session(path, cfg.threads)
         if is_decoder(sess.get_inputs()):
-            return summarize_generation_ms(*time_generation_ms(sess, generation_prompt(feeds), cfg))
+            return summarize_generation_ms(*time_generation_ms(sess, generation_prompt(feeds), cfg,
+                                                               share_buffer=shares_kv_buffer(path)))
         times = time_batches_ms(sess, feeds, cfg)
     return summarize_ms(times)

@@ -238,7 +238,8 @@ def measure_plan(state: WorkerState, plan: CompressionPlan, path: Path, latency_
         "screen_score": sampled[task.metric], "screen_texts": len(first),
         "quality_texts": len(first) if screened else total, "screened": int(screened is not None),
         "screened_by": screened or "",
-        "kernels": json.dumps(artifact.matmul_kernels, sort_keys=True), "artifact": str(path),
+        "kernels": json.dumps(artifact.matmul_kernels, sort_keys=True), "exporter": artifact.exporter,
+        "artifact": str(path),
         "hardware": state.hardware.key, "node": state.hardware.node,
     }
 

@@ -132,3 +132,63 @@ def discover_layout(model: nn.Module) -> ModelLayout:
                    and name != embedding and not name.startswith(list_name + "."))
     return ModelLayout(blocks=tuple(layouts), embedding=embedding, hidden_size=hiddens[0],
                        linear_shapes=shapes, other_tables=others, output_head=_output_head_name(model, list_name))
+
+
+# Rotary variants whose frequencies change with the sequence length: a fixed cos/sin cache cannot hold them.
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+@dataclass(frozen=True)
+class DecoderGeometry:
+    """The attention geometry of a rotary decoder (Llama, Mistral, Qwen2), read once from the model.
+
+    ``head_dim``: features per head; ``query_heads`` / ``kv_heads``: the original model's counts (a
+    pruned block has fewer: exporters read each block's counts from its weights); ``inv_freq``: the
+    rotary inverse frequencies (radians per position, ``head_dim / 2`` of them, scaling variants
+    such as llama3 or YaRN already applied); ``rotary_scale``: the factor on cos and sin;
+    ``norm_eps``: the RMS norms' epsilon; ``max_positions``: positions the cos/sin cache covers
+    (tokens); ``sliding_windows``: per block index, the attention window in tokens (None: full).
+    """
+
+    head_dim: int
+    query_heads: int
+    kv_heads: int
+    inv_freq: tuple[float, ...]
+    rotary_scale: float
+    norm_eps: float
+    max_positions: int
+    sliding_windows: tuple[int | None, ...]
+    activation: str
+
+    @property
+    def rotary_dim(self) -> int:
+        return 2 * len(self.inv_freq)
+
+
+def decoder_geometry(model: nn.Module) -> DecoderGeometry | None:
+    """The geometry of a ``...ForCausalLM`` with a rotary embedding module and RMS norms, else None
+    (no rotary module, a rotary variant that depends on the length, a partial rotary)."""
+    config = getattr(model, "config", None)
+    base = getattr(model, "model", None)
+    rotary = getattr(base, "rotary_emb", None)
+    if config is None or rotary is None or not hasattr(rotary, "inv_freq"):
+        return None
+    if getattr(rotary, "rope_type", "default") in _LENGTH_DEPENDENT_ROPE:
+        return None
+    query_heads = int(config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // query_heads
+    inv_freq = tuple(float(f) for f in rotary.inv_freq.detach().float().tolist())
+    if 2 * len(inv_freq) != head_dim:
+        return None
+    blocks = int(config.num_hidden_layers)
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * blocks
+    if getattr(config, "use_sliding_window", True) is False:
+        types = ["full_attention"] * blocks
+    windows = tuple(int(window) if kind == "sliding_attention" and window else None for kind in types)
+    return DecoderGeometry(
+        head_dim=int(head_dim), query_heads=query_heads,
+        kv_heads=int(getattr(config, "num_key_value_heads", None) or query_heads), inv_freq=inv_freq,
+        rotary_scale=float(getattr(rotary, "attention_scaling", 1.0)), norm_eps=float(config.rms_norm_eps),
+        max_positions=int(config.max_position_embeddings), sliding_windows=windows,
+        activation=str(getattr(config, "hidden_act", "")))

@@ -47,6 +47,7 @@ def _row(record: TrialRecord, pareto: set[int], not_faster: set[int], figures: t
     row["plan_digest"] = record.metrics.get("plan_digest", "")
     row["artifact_sha256"] = record.metrics.get("artifact_sha256", "")
     row["kernels"] = record.metrics.get("kernels", "")
+    row["exporter"] = record.metrics.get("exporter", "")
     row["error"] = record.error
     row.update(record.params)
     return row

@@ -19,6 +19,7 @@ import onnx
 from torch import nn
 
 from slimtune.export.decoder import export_decoder, input_table_name, share_tied_lm_head
+from slimtune.export.fused_decoder import export_fused_decoder, fusion_refusal
 from slimtune.export.onnx_export import ExportError, export_fp32, weight_matmuls
 from slimtune.export.quantize import (
     BLOCKWISE_BITS,
@@ -34,10 +35,27 @@ from slimtune.plan import CompressionPlan
 from slimtune.transforms import Calibration, apply_structural
 from slimtune.transforms.distill import recover
 
+# How a model becomes its fp32 graph, by name; ``exporter_for`` picks one (every trial records which).
+EXPORTERS: dict[str, Callable[[nn.Module, Path, OutputSpec], Path]] = {
+    "fused-decoder": lambda model, path, output: export_fused_decoder(model, path),
+    "traced-decoder": lambda model, path, output: export_decoder(model, path),
+    "traced": export_fp32,
+}
+
+
+def exporter_for(model: nn.Module, output: OutputSpec) -> str:
+    """The exporter of ``EXPORTERS`` for a (transformed) model: a causal LM of a family with a fused
+    adapter (``fused_decoder.MODEL_TYPES``) gets the fused decoder, any other causal LM its traced
+    forward with a cache, encoders and classifiers the traced export."""
+    if output.kind != "lm":
+        return "traced"
+    return "fused-decoder" if fusion_refusal(model) is None else "traced-decoder"
+
 
 @dataclass(frozen=True)
 class Artifact:
-    """One exported candidate. ``kernels`` counts op types in the final graph."""
+    """One exported candidate. ``kernels`` counts op types in the final graph; ``exporter`` names the
+    entry of ``EXPORTERS`` that wrote its fp32 graph."""
 
     path: Path
     plan: CompressionPlan
@@ -46,6 +64,7 @@ class Artifact:
     quantize_s: float
     recover_s: float = 0.0
     compress_s: float = 0.0
+    exporter: str = "traced"
 
     @property
     def matmul_kernels(self) -> dict[str, int]:
@@ -143,11 +162,9 @@ def build_artifact(model: nn.Module, plan: CompressionPlan, path: Path, calibrat
             transformed = recover(model, transformed, plan, calibration, output)
     fp32_path = path.with_name(path.stem + ".fp32.onnx")
     try:
+        exporter = exporter_for(transformed, output)
         with stage("export"):
-            if output.kind == "lm":
-                export_decoder(transformed, fp32_path)
-            else:
-                export_fp32(transformed, fp32_path, output)
+            EXPORTERS[exporter](transformed, fp32_path, output)
         with stage("quantize"):
             proto = _quantize(onnx.load(str(fp32_path)), model, plan, calibration)
             table = input_table_name(model) if output.kind == "lm" else None
@@ -158,7 +175,8 @@ def build_artifact(model: nn.Module, plan: CompressionPlan, path: Path, calibrat
         fp32_path.unlink(missing_ok=True)
     return Artifact(path=path, plan=plan, kernels=kernel_counts(proto), export_s=seconds["export"],
                     quantize_s=seconds["quantize"], recover_s=seconds.get("recover", 0.0),
-                    compress_s=seconds["compress"])
+                    compress_s=seconds["compress"], exporter=exporter)
 
 
-__all__ = ["Artifact", "ExportError", "build_artifact", "kernel_counts", "predict_size_bytes"]
+__all__ = ["EXPORTERS", "Artifact", "ExportError", "build_artifact", "exporter_for", "kernel_counts",
+           "predict_size_bytes"]

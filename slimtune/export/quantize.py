@@ -110,6 +110,9 @@ def quantize_int8_matmuls(model: onnx.ModelProto, nodes: set[str]) -> onnx.Model
         quantize_dynamic(
             model, out, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
             nodes_to_quantize=sorted(nodes), nodes_to_exclude=sorted(_names(model, "MatMul") - nodes),
+            # ONNX shape inference types nothing behind a contrib op (a fused decoder's attention):
+            # every activation here is fp32.
+            extra_options={"DefaultTensorType": TensorProto.FLOAT},
         )
         return onnx.load(str(out))
 
