@@ -28,11 +28,14 @@ import torch
 from slimtune.config import METRIC_GOALS, Config, LatencyConfig, SearchConfig
 from slimtune.evaluators import as_dict
 from slimtune.evaluators.hardware import HardwareTarget, current_target, fingerprint
+from slimtune.evaluators.kernel_modes import measured_modes
 from slimtune.evaluators.latency import latency_inputs, measure_latency
 from slimtune.evaluators.node_lock import NodeLock
 from slimtune.evaluators.quality import StagedQuality
 from slimtune.evaluators.size import measure_size
 from slimtune.export import build_artifact
+from slimtune.export.modes import EXACT, KernelModes
+from slimtune.export.quantize import BLOCKWISE_BITS
 from slimtune.export.size import file_sha256
 from slimtune.layout import discover_layout
 from slimtune.model import load_model
@@ -95,7 +98,8 @@ class TrialContext:
 
 @dataclass(frozen=True)
 class WorkerState:
-    """What a worker loads once. ``inputs_fingerprint``: the model's files and the prepared task's bytes."""
+    """What a worker loads once. ``inputs_fingerprint``: the model's files and the prepared task's bytes;
+    ``modes``: how this node runs the blockwise kernels (``trial_modes``)."""
 
     model: torch.nn.Module
     space: SearchSpace
@@ -104,6 +108,7 @@ class WorkerState:
     calibration: Calibration
     inputs_fingerprint: str = ""
     hardware: HardwareTarget = field(default_factory=current_target)
+    modes: KernelModes = EXACT
 
 
 def recovery_spec(config: Config) -> RecoverySpec:
@@ -150,10 +155,32 @@ def worker_state(ctx: TrialContext) -> WorkerState:
     )
 
 
+def search_bit_widths(config: Config) -> tuple[int, ...]:
+    """The blockwise (MatMulNBits) bit widths a search's space offers, widest first."""
+    return tuple(sorted({BLOCKWISE_BITS[f] for f in config.space.weight_formats if f in BLOCKWISE_BITS}, reverse=True))
+
+
+@functools.lru_cache(maxsize=2)
+def trial_modes(ctx: TrialContext, lock_path: str) -> tuple[KernelModes, tuple[dict, ...]]:
+    """This node's kernel modes for the search's blockwise formats (``slimtune.evaluators.kernel_modes``),
+    measured once per search and hardware target under the node's exclusive lock, and cached."""
+    state = worker_state(ctx)
+    config = ctx.config
+    widths = search_bit_widths(config)
+    # Not keyed by the trial's build threads (front recovery uses more): the modes are timed at the latency's.
+    key = fingerprint(state.hardware.key, state.inputs_fingerprint, str(widths), str(config.space.block_sizes[0]),
+                      config.latency.model_dump_json())
+    with NodeLock(Path(lock_path)).exclusive():
+        modes, figures = measured_modes(state.model, state.task, state.space.layout.linears, widths,
+                                        config.space.block_sizes[0], state.feeds, config.latency,
+                                        config.latency.threads, ctx.trial_dir / "kernel-modes" / f"{key}.json")
+    return modes, tuple(figures)
+
+
 def measurement_key(state: WorkerState, plan: CompressionPlan, latency_cfg: LatencyConfig, threads: int) -> str:
     """Everything a measurement depends on, as one digest: a cached result is reused only when all match."""
     return fingerprint(plan.digest, state.inputs_fingerprint, latency_cfg.model_dump_json(), str(threads),
-                       state.hardware.key)
+                       state.hardware.key, state.modes.dumps())
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -205,7 +232,8 @@ def measure_plan(state: WorkerState, plan: CompressionPlan, path: Path, latency_
     first = task.sample_rows(max(SCREEN_MIN_TEXTS, math.ceil(fraction * total)), seed=0)
     timings = {"wait_s": 0.0, "quality_s": 0.0}
     waited = time.perf_counter()
-    artifact = build_artifact(state.model, plan, path, state.calibration, task.output, hold=lock.shared)
+    artifact = build_artifact(state.model, plan, path, state.calibration, task.output, hold=lock.shared,
+                              modes=state.modes)
     timings["wait_s"] += time.perf_counter() - waited - artifact.build_s  # stage by stage, under the lock
     started = time.perf_counter()
     quality = StagedQuality(path, task, threads, first, hold=lock.shared)  # held batch by batch
@@ -239,6 +267,7 @@ def measure_plan(state: WorkerState, plan: CompressionPlan, path: Path, latency_
         "quality_texts": len(first) if screened else total, "screened": int(screened is not None),
         "screened_by": screened or "",
         "kernels": json.dumps(artifact.matmul_kernels, sort_keys=True), "exporter": artifact.exporter,
+        "kernel_modes": state.modes.dumps(),
         "artifact": str(path),
         "hardware": state.hardware.key, "node": state.hardware.node,
     }
@@ -251,6 +280,8 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> dict[str, Any]:
     lock = NodeLock(Path(ctx.lock_path))
     with lock.shared():  # loading and calibrating is heavy work too
         state = worker_state(ctx)
+    modes, mode_figures = trial_modes(ctx, ctx.lock_path)
+    state = dataclasses.replace(state, modes=modes)
     plan = state.space.plan_from_choices(params)
     threads = max(1, int(ctx.config.search.cpus_per_trial))
     key = measurement_key(state, plan, ctx.config.latency, threads)
@@ -268,4 +299,5 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> dict[str, Any]:
         write_atomically(cached, json.dumps(result))
     # Wall-clock bounds (epoch s) of the trial: a search's throughput and idle time are read from them.
     return {**result, "plan_digest": plan.digest, "measurement_key": key, "trial_s": time.perf_counter() - started,
+            "kernel_mode_figures": json.dumps(mode_figures),
             "started_at": began, "finished_at": time.time()}

@@ -11,12 +11,14 @@ plans/       the CompressionPlan JSON of every Pareto-optimal trial
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
 from slimtune.config import METRIC_GOALS, QUALITY_METRICS
+from slimtune.export.modes import KernelModes
 from slimtune.search.records import TrialRecord
 from slimtune.spaces import SearchSpace
 
@@ -48,6 +50,7 @@ def _row(record: TrialRecord, pareto: set[int], not_faster: set[int], figures: t
     row["artifact_sha256"] = record.metrics.get("artifact_sha256", "")
     row["kernels"] = record.metrics.get("kernels", "")
     row["exporter"] = record.metrics.get("exporter", "")
+    row["kernel_modes"] = record.metrics.get("kernel_modes", "")
     row["error"] = record.error
     row.update(record.params)
     return row
@@ -84,6 +87,9 @@ def write_results(out: Path, records: list[TrialRecord], pareto: set[int], space
         plan = space.plan_from_choices(record.params)
         (out / "plans" / f"{record.name}.json").write_text(plan.dumps() + "\n")
     (out / "search_config.yaml").write_text(config_yaml)
+    modes = kernel_modes_by_target(records)
+    if modes:
+        (out / "kernel_modes.json").write_text(json.dumps(modes, indent=1, sort_keys=True) + "\n")
     completed = [r for r in records if r.status == "completed"]
     if completed:
         write_plots(out, completed, pareto, metric, not_faster)
@@ -161,9 +167,31 @@ def write_plots(out: Path, completed: list[TrialRecord], pareto: set[int], metri
 _QUANTIZED_KERNELS = ("MatMulInteger", "MatMulNBits")
 
 
+def kernel_modes_by_target(records: list[TrialRecord]) -> dict[str, dict[str, Any]]:
+    """Per hardware target: the kernel modes its trials were built with (``modes``, ``described``) and
+    every candidate mode's measured figures (metric on the sample, latency in ms)."""
+    found: dict[str, dict[str, Any]] = {}
+    for record in records:
+        hardware, modes = record.metrics.get("hardware"), record.metrics.get("kernel_modes")
+        if hardware and modes and hardware not in found:
+            found[hardware] = {"modes": json.loads(modes), "described": KernelModes.loads(modes).describe(),
+                               "figures": json.loads(record.metrics.get("kernel_mode_figures") or "[]")}
+    return found
+
+
+def kernel_modes_lines(records: list[TrialRecord], metric: str) -> list[str]:
+    """One console line per hardware target: the chosen modes and what each candidate measured."""
+    lines = []
+    for hardware, found in kernel_modes_by_target(records).items():
+        measured = "; ".join(f"{f['bits']}-bit level {f['level']}{' sym' if f['symmetric'] else ''} "
+                             + (f"{f['latency_ms']:.2f} ms {metric} {f['metric']:.4g}" if not f["error"] else "refused")
+                             for f in found["figures"])
+        lines.append(f"kernel modes on {hardware}: {found['described']}" + (f" (measured: {measured})" if measured else ""))
+    return lines
+
+
 def kernel_summary(kernels_json: str) -> str:
     """'MatMulInteger 16, MatMulNBits 20' from the trial's op counts; '-' when nothing is quantized."""
-    import json
 
     counts = json.loads(kernels_json) if kernels_json else {}
     return ", ".join(f"{k} {counts[k]}" for k in _QUANTIZED_KERNELS if counts.get(k)) or "-"

@@ -4,7 +4,8 @@ Only the driver writes to the store (an SQLite file by default, which takes one 
 a server when ``--tracking-uri`` names one). Nested runs carry the readable search params
 (``encoder.layer.3.ffn.bits``...), the plan as ``plan.json``, the objectives and timings as
 metrics, and the tags ``slimtune.status``, ``slimtune.reference``, ``slimtune.pareto``,
-``slimtune.kernels``, ``slimtune.exporter`` (which exporter wrote its graph), ``slimtune.hardware``
+``slimtune.kernels``, ``slimtune.exporter`` (which exporter wrote its graph), ``slimtune.kernel_modes``
+(how its 4-/2-bit kernels run, measured per hardware target), ``slimtune.hardware``
 (the target its latency belongs to) and ``slimtune.node``.
 A failed trial's run ends FAILED with its error; a trial that never finished ends KILLED.
 
@@ -262,7 +263,7 @@ class MlflowSearchRun:
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
         self.client.set_tag(run_id, "slimtune.status", record.status)
-        for key in ("kernels", "exporter", "hardware", "node"):
+        for key in ("kernels", "exporter", "kernel_modes", "hardware", "node"):
             if record.metrics.get(key):
                 self.client.set_tag(run_id, f"slimtune.{key}", record.metrics[key])
         if record.error:

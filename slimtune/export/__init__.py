@@ -20,7 +20,9 @@ from torch import nn
 
 from slimtune.export.decoder import export_decoder, input_table_name, share_tied_lm_head
 from slimtune.export.fused_decoder import export_fused_decoder, fusion_refusal
+from slimtune.export.modes import EXACT, KernelModes
 from slimtune.export.onnx_export import ExportError, export_fp32, weight_matmuls
+from slimtune.export.pack import pack_attention_projections
 from slimtune.export.quantize import (
     BLOCKWISE_BITS,
     calibration_feeds,
@@ -86,12 +88,12 @@ def kernel_counts(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def _quantize(proto: onnx.ModelProto, model: nn.Module, plan: CompressionPlan,
-              calibration: Calibration | None = None) -> onnx.ModelProto:
+              calibration: Calibration | None = None, modes: KernelModes = EXACT) -> onnx.ModelProto:
     """Apply the plan's quantization passes to the fp32 graph, then verify every layer's kernel.
 
     Order: embedding tables (a 4-bit table converts the graph to opset 21 first), int8 Linears,
-    then one blockwise pass per (format, block size, method) with every other MatMul excluded.
-    GPTQ measures its Hessians on ``calibration``'s texts.
+    then one blockwise pass per (format, block size, method) with every other MatMul excluded, in
+    the kernel ``modes`` of its bit width. GPTQ measures its Hessians on ``calibration``'s texts.
     """
     embeddings = {n for n in plan.quantize if isinstance(model.get_submodule(n), nn.Embedding)}
     linears = set(plan.quantize) - embeddings
@@ -117,7 +119,9 @@ def _quantize(proto: onnx.ModelProto, model: nn.Module, plan: CompressionPlan,
                               "calibration=collect_calibration(model, ids, mask) to build_artifact")
         feeds = calibration_feeds(calibration.input_ids, calibration.attention_mask)
     for (weight_format, block, method), nodes in sorted(groups.items()):
-        proto = quantize_blockwise_matmuls(proto, nodes, BLOCKWISE_BITS[weight_format], block, method, feeds)
+        bits = BLOCKWISE_BITS[weight_format]
+        proto = quantize_blockwise_matmuls(proto, nodes, bits, block, method, feeds, accuracy_level=modes.level(bits),
+                                           symmetric=modes.is_symmetric(bits))
     verify_quantized(proto, before, {node: (name, plan.quantize[name]) for node, name in node_of.items()}, tables)
     return proto
 
@@ -135,7 +139,8 @@ def strip_debug_info(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def build_artifact(model: nn.Module, plan: CompressionPlan, path: Path, calibration: Calibration | None = None,
-                   output: OutputSpec = OutputSpec(), hold: Callable[[], AbstractContextManager] = nullcontext) -> Artifact:
+                   output: OutputSpec = OutputSpec(), hold: Callable[[], AbstractContextManager] = nullcontext,
+                   modes: KernelModes = EXACT) -> Artifact:
     """Transform ``model`` by ``plan`` and write the deployable ONNX file at ``path``, returning ``output``
     (pooled embeddings by default, the model's class logits, or a causal LM's next-token logits
     with a KV cache: ``slimtune.export.decoder``).
@@ -144,6 +149,7 @@ def build_artifact(model: nn.Module, plan: CompressionPlan, path: Path, calibrat
     passes its shared node lock, so a waiting latency measurement gets the cores between stages.
     Timings (s): ``compress_s`` the structural transforms, ``recover_s`` the distillation recovery,
     ``export_s`` the fp32 export, ``quantize_s`` the graph passes; waits for ``hold`` not included.
+    ``modes``: how the blockwise kernels run (``slimtune.export.modes``; the bytes depend on them).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -166,10 +172,12 @@ def build_artifact(model: nn.Module, plan: CompressionPlan, path: Path, calibrat
         with stage("export"):
             EXPORTERS[exporter](transformed, fp32_path, output)
         with stage("quantize"):
-            proto = _quantize(onnx.load(str(fp32_path)), model, plan, calibration)
+            proto = _quantize(onnx.load(str(fp32_path)), model, plan, calibration, modes)
             table = input_table_name(model) if output.kind == "lm" else None
             if table is not None:
                 proto = share_tied_lm_head(proto, table)
+            if exporter == "fused-decoder":
+                proto = pack_attention_projections(proto)
             onnx.save_model(strip_debug_info(proto), str(path))
     finally:
         fp32_path.unlink(missing_ok=True)
@@ -178,5 +186,5 @@ def build_artifact(model: nn.Module, plan: CompressionPlan, path: Path, calibrat
                     compress_s=seconds["compress"], exporter=exporter)
 
 
-__all__ = ["EXPORTERS", "Artifact", "ExportError", "build_artifact", "exporter_for", "kernel_counts",
+__all__ = ["EXACT", "EXPORTERS", "Artifact", "KernelModes", "ExportError", "build_artifact", "exporter_for", "kernel_counts",
            "predict_size_bytes"]

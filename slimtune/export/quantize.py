@@ -37,8 +37,8 @@ from onnx import TensorProto, helper, numpy_helper, version_converter
 from slimtune.export.decoder import with_empty_past
 from slimtune.export.onnx_export import ExportError
 
-# MatMulNBits with fp32 activations. Measured on MiniLM, 8x128 tokens, 2 threads
-# (benchmarks/int4_kernels.py): level 0 ran at 1.12x fp32 time, level 4 (int8 activations) at 1.34x.
+# MatMulNBits' accuracy level when none is given: 0, fp32 activations (exact). Searches measure the
+# modes per hardware target instead (slimtune.export.modes).
 INT4_ACCURACY_LEVEL = 0
 BLOCKWISE_BITS = {"int4": 4, "int2": 2}
 GPTQ_DAMPING = 0.01  # fraction of the mean Hessian diagonal added to it (the GPTQ paper's default)
@@ -119,10 +119,12 @@ def quantize_int8_matmuls(model: onnx.ModelProto, nodes: set[str]) -> onnx.Model
 
 def quantize_blockwise_matmuls(model: onnx.ModelProto, nodes: set[str], bits: int, block_size: int,
                                method: str = "rtn", feeds: Feeds | None = None,
-                               accuracy_level: int = INT4_ACCURACY_LEVEL) -> onnx.ModelProto:
+                               accuracy_level: int = INT4_ACCURACY_LEVEL, symmetric: bool = False) -> onnx.ModelProto:
     """``bits``-bit weights in blocks of ``block_size`` for the named MatMul nodes (MatMulNBits kernels).
 
-    ``feeds`` (graph input dicts of calibration texts) are what GPTQ measures its Hessians on.
+    ``feeds`` (graph input dicts of calibration texts) are what GPTQ measures its Hessians on;
+    ``accuracy_level`` is the kernel's mode; ``symmetric`` stores round-to-nearest codes without
+    zero points (GPTQ and HQQ always keep theirs).
     """
     if not nodes:
         return model
@@ -138,8 +140,9 @@ def quantize_blockwise_matmuls(model: onnx.ModelProto, nodes: set[str], bits: in
         raise ExportError(f"unknown blockwise quantization method {method!r}")
     config = _nbits_module().HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits) if method == "hqq" else None
     quantizer = _matmulnbits_quantizer()(
-        model, bits=bits, block_size=block_size, is_symmetric=False, accuracy_level=accuracy_level,
-        nodes_to_exclude=sorted(_names(model, "MatMul") - nodes), op_types_to_quantize=("MatMul",),
+        model, bits=bits, block_size=block_size, is_symmetric=symmetric and method == "rtn",
+        accuracy_level=accuracy_level, nodes_to_exclude=sorted(_names(model, "MatMul") - nodes),
+        op_types_to_quantize=("MatMul",),
         algo_config=config,
     )
     with _quiet(), _single_threaded():

@@ -26,7 +26,7 @@ from slimtune.config import Config
 from slimtune.evaluators.hardware import current_target
 from slimtune.evaluators.latency import latency_inputs
 from slimtune.evaluators.quality import measure_quality
-from slimtune.export import build_artifact
+from slimtune.export import KernelModes, build_artifact
 from slimtune.export.size import file_sha256
 from slimtune.plan import CompressionPlan
 from slimtune.release.choose import ChoiceError, Rule, choose
@@ -105,7 +105,8 @@ def export_search(name: str, out: Path, rule: Rule, results: Path = Path("result
         console.print(f"{row['trial']} has no recorded SHA-256 (an older search): its bytes cannot be compared")
     try:
         with console.status(f"rebuilding {row['trial']} from {config.model.name}"):
-            artifact = build_artifact(model, plan, staging / "artifact.onnx", task_calibration(model, task), task.output)
+            artifact = build_artifact(model, plan, staging / "artifact.onnx", task_calibration(model, task), task.output,
+                                      modes=KernelModes.loads(row.get("kernel_modes")))
         digest = file_sha256(artifact.path)
         if row.get("artifact_sha256") and digest != row["artifact_sha256"]:
             raise ReleaseError(f"the rebuilt {row['trial']} differs from the measured file (SHA-256 {digest[:12]} vs "

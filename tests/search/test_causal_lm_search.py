@@ -15,6 +15,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from slimtune.export.modes import KernelModes
+
 pytestmark = pytest.mark.slow
 
 
@@ -54,12 +56,23 @@ def test_a_causal_lm_search_minimises_perplexity_and_times_generation(lm_search)
         assert float(row["ttft_ms"]) > 0 and float(row["tokens_per_s"]) > 0 and float(row["perplexity"]) > 1
     fp32 = next(row for row in done if row["reference"] == "fp32")
     assert float(fp32["next_token_agreement"]) == 1.0
+    # Every trial says which exporter wrote it (the fused decoder for a Llama) and the kernel modes
+    # measured on this machine, one set for the whole search.
+    assert {row["exporter"] for row in done} == {"fused-decoder"}
+    assert len({row["kernel_modes"] for row in done}) == 1
+    measured = json.loads((results / "lm" / "kernel_modes.json").read_text())
+    (target, found), = measured.items()
+    assert target == done[0]["hardware"] and KernelModes.loads(json.dumps(found["modes"])).dumps() == done[0]["kernel_modes"]
+    assert {(f["bits"], f["level"], f["symmetric"]) for f in found["figures"]} == {
+        (4, level, symmetric) for level in (0, 4) for symmetric in (False, True)}
+    assert f"kernel modes on {target}: {found['described']}" in stdout
     front = list(csv.DictReader((results / "lm" / "pareto.csv").open()))
     assert front and list(front[0]).index("perplexity") < list(front[0]).index("latency_ms")
     client = MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("slimtune").experiment_id], max_results=100)
     child = next(r for r in runs if "fp32" in r.info.run_name)
     assert {"perplexity", "next_token_agreement", "ttft_ms", "tokens_per_s", "latency_ms"} <= set(child.data.metrics)
+    assert child.data.tags["slimtune.exporter"] == "fused-decoder" and "levels" in child.data.tags["slimtune.kernel_modes"]
 
 
 def test_the_chosen_point_ships_as_a_decoder_that_generates(lm_search, tmp_path):

@@ -1,0 +1,91 @@
+"""Kernel modes: chosen by measured speed within a quality tolerance of the exact mode, applied to the
+bytes of every blockwise layer, recorded and read back."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from slimtune.config import LatencyConfig
+from slimtune.evaluators.kernel_modes import CANDIDATES, ModeFigures, choose_modes, measured_modes
+from slimtune.export import build_artifact
+from slimtune.export.modes import EXACT, KernelModes
+from slimtune.layout import discover_layout
+from slimtune.model import OutputSpec
+from slimtune.plan import CompressionPlan, QuantSpec
+from slimtune.tasks import PreparedTask
+from slimtune.tasks.causal_lm import windows
+from tests.conftest import tiny_llama
+
+
+def _figures(bits: int, values: dict[tuple[int, bool], tuple[float, float]]) -> list[ModeFigures]:
+    return [ModeFigures(bits, level, symmetric, metric, ms) for (level, symmetric), (metric, ms) in values.items()]
+
+
+def test_the_fastest_mode_within_tolerance_wins_and_a_lossy_one_loses():
+    figures = _figures(4, {(0, False): (30.0, 10.0), (4, False): (30.2, 6.0), (0, True): (31.0, 9.0),
+                           (4, True): (33.0, 5.0)})
+    # perplexity (minimised): +0.7% holds the 1% tolerance, +10% does not
+    assert choose_modes(figures, "min") == KernelModes(levels=((4, 4),))
+    # with a tolerance of 0.5% only the exact mode holds
+    assert choose_modes(figures, "min", tolerance=0.005) == EXACT
+    # accuracy (maximised): higher is better, the symmetric fast mode holds within 1 point
+    accuracy = _figures(4, {(0, False): (0.95, 10.0), (4, False): (0.90, 6.0), (0, True): (0.949, 9.0),
+                            (4, True): (0.946, 5.0)})
+    assert choose_modes(accuracy, "max") == KernelModes(levels=((4, 4),), symmetric=(4,))
+
+
+def test_a_mode_the_runtime_refuses_is_left_out():
+    figures = [*_figures(2, {(0, False): (40.0, 10.0), (0, True): (40.1, 9.0)}),
+               ModeFigures(2, 4, False, float("nan"), float("nan"), "not implemented")]
+    assert choose_modes(figures, "min") == KernelModes(symmetric=(2,))
+
+
+def test_modes_round_trip_and_describe_themselves():
+    modes = KernelModes(levels=((4, 4), (2, 0)), symmetric=(4,))
+    assert KernelModes.loads(modes.dumps()) == modes and modes.level(2) == 0
+    assert KernelModes.loads("") == EXACT and "exact" in EXACT.describe()
+    assert modes.describe() == "4-bit level 4 symmetric"
+    with pytest.raises(ValueError, match="accuracy levels"):
+        KernelModes(levels=((4, 7),))
+
+
+def _nbits_nodes(path) -> list[onnx.NodeProto]:
+    return [n for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulNBits"]
+
+
+def test_modes_reach_every_blockwise_kernel(tmp_path):
+    model = tiny_llama(300)
+    layout = discover_layout(model)
+    plan = CompressionPlan(quantize={n: QuantSpec("int4") for n in layout.linears})
+    exact = build_artifact(model, plan, tmp_path / "exact.onnx", output=OutputSpec("lm"))
+    fast = build_artifact(model, plan, tmp_path / "fast.onnx", output=OutputSpec("lm"),
+                          modes=KernelModes(levels=((4, 4),), symmetric=(4,)))
+    for node in _nbits_nodes(exact.path):
+        assert {a.name: helper.get_attribute_value(a) for a in node.attribute}.get("accuracy_level", 0) == 0
+        assert len(node.input) == 4  # zero points
+    for node in _nbits_nodes(fast.path):
+        assert {a.name: helper.get_attribute_value(a) for a in node.attribute}["accuracy_level"] == 4
+        assert len(node.input) == 3  # symmetric: no zero points
+    assert fast.size_bytes < exact.size_bytes
+
+
+def test_measured_modes_cover_every_candidate_and_are_cached(tmp_path):
+    model = tiny_llama(300)
+    ids, targets = windows(np.random.default_rng(0).integers(0, 300, 6 * 16 + 1).astype(np.int64), 16, 16)
+    none = np.zeros((0, 16), np.int64)
+    task = PreparedTask(kind="causal-lm", metric="perplexity", metric_reason="", output=OutputSpec("lm"),
+                        input_ids=ids, attention_mask=np.ones_like(ids), calibration_ids=none, calibration_mask=none,
+                        train_ids=none, train_mask=none, train_targets=None, labels=targets,
+                        reference_outputs=np.zeros_like(targets))
+    latency = LatencyConfig(batch_size=1, sequence_length=8, new_tokens=4, warmup_runs=0, timed_runs=3)
+    feeds = {"input_ids": ids[:1, :8], "attention_mask": np.ones((1, 8), np.int64)}
+    cache = tmp_path / "modes.json"
+    modes, figures = measured_modes(model, task, discover_layout(model).linears, (4,), 32, feeds, latency, 1, cache)
+    assert {(f["level"], f["symmetric"]) for f in figures} == set(CANDIDATES)
+    assert all(np.isfinite(f["metric"]) and f["latency_ms"] > 0 for f in figures if not f["error"])
+    assert cache.is_file() and not list(tmp_path.glob("*.work"))
+    again, _ = measured_modes(model, task, (), (4,), 32, feeds, latency, 1, cache)  # no linears: must come from cache
+    assert again == modes
