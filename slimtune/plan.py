@@ -18,7 +18,7 @@ from typing import Any
 
 PLAN_VERSION = 2
 WEIGHT_FORMATS = ("fp32", "int8", "int4", "int2")
-QUANT_METHODS = ("rtn", "gptq", "hqq")
+QUANT_METHODS = ("rtn", "gptq", "hqq", "grid")
 LOW_RANK_METHODS = ("svd", "asvd")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 
@@ -35,7 +35,9 @@ class QuantSpec:
     (MatMulInteger, activations quantized on the fly). int4 / int2: blockwise weights run by
     MatMulNBits; ``block_size`` input elements share one fp32 scale; ``method`` is how the
     low-bit values are chosen: round-to-nearest (``rtn``), GPTQ with calibration inputs from the
-    task (``gptq``), or half-quadratic optimisation of scales and zero points (``hqq``). For an
+    task (``gptq``), half-quadratic optimisation of scales and zero points (``hqq``), or the
+    weights' own 4-bit grid kept exactly (``grid``: a model dequantized from a 4-bit GGUF; see
+    ``slimtune.export.grid``; off-grid weights are rounded to nearest). For an
     embedding table, int8 means one fp32 scale per row (token) and int4 a block-quantized table
     read by ``GatherBlockQuantized``.
     """

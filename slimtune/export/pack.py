@@ -8,10 +8,13 @@ after the quantization passes (which find each planned Linear by its own node) a
 three projections are packed only when their kernels agree (all fp32 MatMul, or all MatMulNBits
 with the same bits, block size, accuracy level and kind of zero points), so the packed weights are
 the three weights side by side, byte for byte; any other mix (int8, a factorised projection) is
-left as it is. Biases (Qwen2) are packed the same way, into one Add.
+left as it is. Biases (Qwen2) and grid remainders (``slimtune.export.grid``) are packed the same
+way, into one Add and one remainder product.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -45,6 +48,36 @@ def _producer(graph: onnx.GraphProto, tensor: str) -> onnx.NodeProto | None:
     return next((n for n in graph.node if tensor in n.output), None)
 
 
+@dataclass(frozen=True)
+class _Projection:
+    """How one projection reaches the attention: its product ``core`` (MatMul or MatMulNBits), for a
+    grid-encoded weight the remainder product ``rest`` and the ``join`` adding both, then ``bias``."""
+
+    core: onnx.NodeProto
+    rest: onnx.NodeProto | None = None
+    join: onnx.NodeProto | None = None
+    bias: onnx.NodeProto | None = None
+
+    @property
+    def nodes(self) -> list[onnx.NodeProto]:
+        return [n for n in (self.core, self.rest, self.join, self.bias) if n is not None]
+
+
+def _projection(graph: onnx.GraphProto, tensor: str, inits: dict) -> _Projection | None:
+    node = _producer(graph, tensor)
+    bias = None
+    if node is not None and node.op_type == "Add" and node.input[1] in inits:
+        bias, node = node, _producer(graph, node.input[0])
+    if node is None:
+        return None
+    if node.op_type == "Add":  # a grid weight: MatMulNBits + remainder MatMul (slimtune.export.grid)
+        parts = [_producer(graph, name) for name in node.input]
+        if any(p is None for p in parts) or parts[1].op_type != "MatMul" or parts[1].input[1] not in inits:
+            return None
+        return _Projection(core=parts[0], rest=parts[1], join=node, bias=bias)
+    return _Projection(core=node, bias=bias)
+
+
 def pack_attention_projections(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with each GroupQueryAttention's query, key and value products packed into one (module
     docstring); unchanged where they cannot be. Edits ``model`` in place and returns it."""
@@ -58,19 +91,23 @@ def pack_attention_projections(model: onnx.ModelProto) -> onnx.ModelProto:
     for attention in [n for n in graph.node if n.op_type == "GroupQueryAttention"]:
         if len(attention.input) < 3 or not attention.input[1] or not attention.input[2]:
             continue
-        heads = [_producer(graph, t) for t in attention.input[:3]]
-        biases: list[onnx.NodeProto] = []
-        if all(h is not None and h.op_type == "Add" and h.input[1] in inits for h in heads):
-            biases, heads = heads, [_producer(graph, h.input[0]) for h in heads]
-        if any(h is None for h in heads) or not _packable(heads, inits):
+        found = [_projection(graph, t, inits) for t in attention.input[:3]]
+        if any(f is None for f in found):
             continue
-        if any(consumers.get(h.output[0], 0) != 1 for h in heads + biases):
+        heads = [f.core for f in found]
+        shapes = {(f.rest is not None, f.bias is not None) for f in found}
+        if len(shapes) != 1 or not _packable(heads, inits):
+            continue
+        with_rest, with_bias = shapes.pop()
+        if with_rest and len({f.rest.input[0] for f in found}) != 1:
+            continue
+        if any(consumers.get(n.output[0], 0) != 1 for f in found for n in f.nodes):
             continue
         base = heads[0].name.rsplit("/", 2)[0] + "/qkv_proj"  # /model/.../self_attn/qkv_proj
         out = f"{base}/output"
         if heads[0].op_type == "MatMul":
             weight = _concat(inits, [h.input[1] for h in heads], 1, f"{base}.weight")
-            packed = helper.make_node("MatMul", [heads[0].input[0], weight.name], [out], name=f"{base}/MatMul")
+            nodes = [helper.make_node("MatMul", [heads[0].input[0], weight.name], [out], name=f"{base}/MatMul")]
             new_inits = [weight]
         else:
             attrs = _attrs(heads[0])
@@ -78,21 +115,28 @@ def pack_attention_projections(model: onnx.ModelProto) -> onnx.ModelProto:
             new_inits = [_concat(inits, [h.input[k] for h in heads], 0, f"{base}.weight_{suffix}")
                          for k, suffix in zip(range(1, len(heads[0].input)), ("Q", "scales", "zero_points"),
                                               strict=False)]
-            packed = helper.make_node("MatMulNBits", [heads[0].input[0], *(i.name for i in new_inits)], [out],
-                                      name=f"{base}/MatMulNBits", domain="com.microsoft", **attrs)
-        nodes = [packed]
-        if biases:
-            bias = _concat(inits, [b.input[1] for b in biases], 0, f"{base}.bias")
+            nodes = [helper.make_node("MatMulNBits", [heads[0].input[0], *(i.name for i in new_inits)], [out],
+                                      name=f"{base}/MatMulNBits", domain="com.microsoft", **attrs)]
+        if with_rest:
+            remainders = _concat(inits, [f.rest.input[1] for f in found], 1, f"{base}.weight_remainders")
+            new_inits.append(remainders)
+            nodes += [helper.make_node("MatMul", [found[0].rest.input[0], remainders.name], [f"{out}_rest"],
+                                       name=f"{base}/grid_remainder"),
+                      helper.make_node("Add", [out, f"{out}_rest"], [f"{out}_grid"], name=f"{base}/grid_add")]
+            out = f"{out}_grid"
+        if with_bias:
+            bias = _concat(inits, [f.bias.input[1] for f in found], 0, f"{base}.bias")
             new_inits.append(bias)
             nodes.append(helper.make_node("Add", [out, bias.name], [f"{out}_biased"], name=f"{base}/Add"))
             out = f"{out}_biased"
-        position = list(graph.node).index(heads[0])
+        position = max(list(graph.node).index(n) for f in found for n in f.nodes)
         for k, node in enumerate(nodes):
-            graph.node.insert(position + k, node)
+            graph.node.insert(position + 1 + k, node)
         attention.input[0], attention.input[1], attention.input[2] = out, "", ""
-        for node in heads + biases:
-            graph.node.remove(node)
-            removed.update(node.input[1:])
+        for f in found:
+            for node in f.nodes:
+                graph.node.remove(node)
+                removed.update(node.input[1:])
         graph.initializer.extend(new_inits)
     used = {name for n in graph.node for name in n.input}
     for name in removed - used:

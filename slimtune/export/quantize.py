@@ -35,6 +35,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from slimtune.export.decoder import with_empty_past
+from slimtune.export.grid import grid_matmuls
 from slimtune.export.onnx_export import ExportError
 
 # MatMulNBits' accuracy level when none is given: 0, fp32 activations (exact). Searches measure the
@@ -136,6 +137,11 @@ def quantize_blockwise_matmuls(model: onnx.ModelProto, nodes: set[str], bits: in
                               "to build_artifact, or plan method 'rtn' / 'hqq'")
         with _single_threaded():
             return _gptq_matmuls(model, nodes, bits, block_size, feeds, accuracy_level)
+    if method == "grid":
+        if bits != 4:
+            raise ExportError(f"the grid method keeps a 4-bit source grid; it cannot store {bits}-bit weights")
+        left = grid_matmuls(model, nodes, block_size, accuracy_level)  # off-grid weights: round to nearest
+        return quantize_blockwise_matmuls(model, left, bits, block_size, "rtn", None, accuracy_level, symmetric)
     if method not in ("rtn", "hqq"):
         raise ExportError(f"unknown blockwise quantization method {method!r}")
     config = _nbits_module().HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits) if method == "hqq" else None

@@ -54,7 +54,8 @@ def linear_bytes(n_in: int, n_out: int, weight_format: str, block_size: int = 32
     if weight_format in BITS:
         bits, blocks = BITS[weight_format], math.ceil(n_in / block_size)
         zero_points = n_out * blocks * 4 if method == "hqq" else n_out * math.ceil(blocks * bits / 8)
-        return n_out * blocks * block_size * bits // 8 + n_out * blocks * 4 + zero_points
+        remainders = n_out * blocks * 4 if method == "grid" else 0  # fp32, one per block (slimtune.export.grid)
+        return n_out * blocks * block_size * bits // 8 + n_out * blocks * 4 + zero_points + remainders
     return n_in * n_out * 4
 
 

@@ -165,3 +165,34 @@ def test_geometry_and_refusals():
     assert exporter_for(llama, OutputSpec("embedding")) == "traced"
     llama.config.hidden_act = "gelu"
     assert "activation" in fusion_refusal(llama) and exporter_for(llama, LM) == "traced-decoder"
+
+
+@pytest.mark.parametrize("method", ["fp32", "rtn", "grid"])
+def test_query_key_value_pack_into_one_product_with_the_same_outputs(model, tmp_path, method):
+    """fp32, 4-bit and grid-encoded (a model snapped onto a Q4_1 grid) projections, biases included."""
+    import copy
+
+    from slimtune.export.pack import pack_attention_projections
+    from slimtune.export.quantize import quantize_blockwise_matmuls
+    from slimtune.export.verify import weight_nodes
+    from tests.transforms.test_contract_grid import _snap_to_grid
+
+    source = _snap_to_grid(copy.deepcopy(model)) if method == "grid" else model
+    proto = onnx.load(str(export_fused_decoder(source, tmp_path / "fused.onnx")))
+    if method != "fp32":
+        blocks = {n for n in weight_nodes(proto).matmuls if "lm_head" not in n}  # the snapped Linears
+        proto = quantize_blockwise_matmuls(proto, blocks, 4, 32, method)
+    onnx.save_model(proto, str(tmp_path / "unpacked.onnx"))
+    packed = pack_attention_projections(proto)
+    onnx.save_model(packed, str(tmp_path / "packed.onnx"))
+    attention = [n for n in packed.graph.node if n.op_type == "GroupQueryAttention"]
+    assert all(list(n.input[1:3]) == ["", ""] for n in attention) and len(attention) == 3
+    products = Counter(n.op_type for n in packed.graph.node)["MatMul" if method == "fp32" else "MatMulNBits"]
+    assert products == 3 * 5 + (method == "fp32")  # qkv, o, gate, up, down per block (and the fp32 head)
+    ids = np.random.default_rng(5).integers(0, VOCAB, (2, 9)).astype(np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    before, after = (_session(tmp_path / f).run(["logits"], with_empty_past(_session(tmp_path / f).get_inputs(), feeds))[0]
+                     for f in ("unpacked.onnx", "packed.onnx"))
+    np.testing.assert_allclose(after, before, atol=1e-4)
+    if method == "grid":  # and the grid still reproduces the snapped torch model
+        np.testing.assert_allclose(after, _torch_logits(source, ids), atol=1e-3)
