@@ -31,7 +31,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / "results" / ".llamacpp-venv"
-REQS = ["llama-cpp-python==0.3.36", "numpy", "diskcache", "jinja2", "typing-extensions"]
+REQS = ["llama-cpp-python==0.3.36", "numpy", "diskcache", "jinja2", "markupsafe", "typing-extensions"]
 STAMP = ".slimtune-llamacpp-stamp"
 
 

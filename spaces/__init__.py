@@ -106,8 +106,9 @@ class SearchSpace:
             if "int4" in cfg.embedding_formats:
                 dims["embeddings.block"] = cfg.embedding_block_sizes
         if self.layout.output_head is not None:
-            dims["lm_head.bits"] = bits
-            if blockwise:
+            head = tuple(BITS_OF_FORMAT[f] for f in cfg.lm_head_formats) if cfg.lm_head_formats else bits
+            dims["lm_head.bits"] = head
+            if {4, 2} & set(head):
                 dims["lm_head.block"] = cfg.block_sizes
         if self.block_order and len(self.layout.blocks) > 1:
             dims["blocks.dropped"] = depth_counts(len(self.layout.blocks), cfg.depth_fractions)
@@ -206,7 +207,7 @@ class SearchSpace:
         if self.layout.output_head is not None:
             # A language model's one-command compression: 4-bit weights everywhere (round-to-nearest
             # at the first block size), which batch-1 decoding, bound by reading weights, rewards.
-            targets["uniform-int4"] = {**targets["uniform-int8"], "bits": 4, "method": "rtn"}
+            targets["uniform-int4"] = {**targets["uniform-int8"], "bits": 4, "int4.method": "rtn"}
         for sparsity in sorted(s for s in self.config.ffn_sparsities if s > 0):
             targets[f"uniform-int8-ffn{round(sparsity * 100)}"] = {**targets["uniform-int8"], "sparsity": sparsity}
         dims = self.dimensions()
@@ -214,7 +215,7 @@ class SearchSpace:
         for name, target in targets.items():
             params = {}
             for dim, options in dims.items():
-                value = target.get(dim.rpartition(".")[2], options[0])
+                value = target.get(dim, target.get(dim.rpartition(".")[2], options[0]))  # a full name, else its role
                 if value not in options:
                     break
                 if len(options) > 1:

@@ -105,3 +105,21 @@ def test_recovery_steps_in_the_choices_attach_the_recipe(bert):
                         recover_in_trials=True)
     assert every.dimensions()["recovery.steps"] == (50,)
     assert every.plan_from_choices(pruned).recovery == RecoverySpec(steps=50)  # sampled params lack fixed dims
+
+
+def test_a_language_model_head_offers_its_own_formats():
+    from tests.conftest import tiny_llama
+
+    llama = tiny_llama(300)
+    layout = discover_layout(llama)
+    config = SpaceConfig(weight_formats=("fp32", "int4"), lm_head_formats=("fp32", "int8", "int4"),
+                         int4_methods=("rtn", "grid"))
+    space = SearchSpace(layout, config)
+    dims = space.dimensions()
+    assert dims["lm_head.bits"] == (32, 8, 4) and dims["int4.method"] == ("rtn", "grid")
+    assert all(8 not in options for name, options in dims.items() if name.endswith((".attention.bits", ".ffn.bits")))
+    choices = {name: options[0] for name, options in dims.items()} | {"lm_head.bits": 8, "int4.method": "grid"}
+    assert space.plan_from_choices(choices).quantize[layout.output_head] == QuantSpec("int8")
+    assert "uniform-int4" in space.reference_points()
+    # unset, the head takes the weight formats
+    assert SearchSpace(layout, SpaceConfig(weight_formats=("fp32", "int4"))).dimensions()["lm_head.bits"] == (32, 4)
