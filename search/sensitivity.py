@@ -249,8 +249,8 @@ class Guidance:
 
 def guide(space: SearchSpace, profile: SensitivityProfile, quality_floor: float, seed_count: int) -> Guidance:
     """Narrow ``space`` by ``quality_floor`` and pick ``seed_count`` plans along the greedy path from
-    uniform 4-bit (language models) or uniform int8 (named ``sensitivity-1`` ...), leaving out those
-    equal to a reference point."""
+    uniform 4-bit (language models; with the first of the space's 4-bit methods) or uniform int8
+    (named ``sensitivity-1`` ...), leaving out those equal to a reference point."""
     import dataclasses
 
     # The uniform references every front is read against are always measured: their options stay on
@@ -272,6 +272,9 @@ def guide(space: SearchSpace, profile: SensitivityProfile, quality_floor: float,
     # uniform 4-bit for a language model (its one-command format, weight-only: int8's on-the-fly
     # activation quantization, which the profile does not model, costs LMs perplexity), else int8.
     start = reference_points.get("uniform-int4", reference_points.get("uniform-int8"))
+    if start is not None and "int4.method" in open_dims:
+        # The reference quantizes in one command (round to nearest); seeds take the space's first method.
+        start = {**start, "int4.method": dims["int4.method"][0]}
     fixed = frozenset(d for d in dims if d.endswith((".attention.bits", ".ffn.bits"))) if start else frozenset()
     seeds: dict[str, dict[str, Any]] = {}
     for params in seed_plans(greedy_path(profile, narrowed, quality_floor, start, fixed), seed_count):

@@ -13,6 +13,8 @@ import torch
 
 from slimtune.config import BUILTIN_LLM, ModelConfig, TaskConfig
 from slimtune.export.decoder import export_decoder, with_empty_past
+from slimtune.export.fused_decoder import export_fused_decoder
+from slimtune.export.grid import find_grid
 from slimtune.layout import discover_layout
 from slimtune.model import load_model, resolve_model_source
 from slimtune.tasks import choose_task, default_data, load_texts, prepare_task, score_task
@@ -37,8 +39,9 @@ def test_the_gguf_becomes_a_plain_fp32_folder_that_loads_as_a_llama(smollm2):
     assert set(head_groups(smollm2.module).values()) == {3}  # 3 key/value groups of 3 query heads
 
 
-def test_exported_decoder_matches_torch_in_prefill_and_decode(smollm2, tmp_path):
-    sess = ort.InferenceSession(str(export_decoder(smollm2.module, tmp_path / "smollm2.onnx")),
+@pytest.mark.parametrize("export", [export_fused_decoder, export_decoder], ids=["fused", "traced"])
+def test_exported_decoder_matches_torch_in_prefill_and_decode(smollm2, tmp_path, export):
+    sess = ort.InferenceSession(str(export(smollm2.module, tmp_path / "smollm2.onnx")),
                                 providers=["CPUExecutionProvider"])
     ids = np.asarray([smollm2.tokenizer("def fibonacci(n):\n    if n < 2:\n        return n").input_ids], np.int64)
     with torch.no_grad():
@@ -51,6 +54,15 @@ def test_exported_decoder_matches_torch_in_prefill_and_decode(smollm2, tmp_path)
                                  **{n.replace("present.", "past_key_values.", 1): c
                                     for n, c in zip(names[1:], cache, strict=True)}})[0]
     np.testing.assert_allclose(step[:, 0], expected[:, -1], atol=2e-3)
+
+
+def test_its_linears_are_on_the_gguf_q4_1_grid_and_its_table_is_not(smollm2):
+    """What the grid method keeps: every block Linear is a Q4_1 grid (blocks of 32); the tied table is Q8_0."""
+    modules = dict(smollm2.module.named_modules())
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.17.mlp.down_proj"):
+        grid = find_grid(modules[name].weight.detach().numpy().T, 32)
+        assert grid is not None and grid.codes.max() == 15
+    assert find_grid(modules["lm_head"].weight.detach().numpy().T, 32) is None
 
 
 def test_python_docs_perplexity_is_a_language_models(smollm2, tmp_path):
