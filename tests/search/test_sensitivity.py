@@ -86,3 +86,21 @@ def test_a_search_starts_from_fp32_int8_then_the_seeds(prepared_space):
     assert points[0] == references["fp32"] and points[1] == references["uniform-int8"]
     assert points[2] == seeds["sensitivity-1"] and len(points) == len(references) + 1
     assert all(params in points for params in references.values())  # no reference point is lost
+
+
+def test_a_language_models_seeds_quantize_with_the_first_listed_method():
+    """The uniform-int4 reference is round to nearest (the one-command compression); the seeds built
+    on it take the method the user listed first."""
+    from slimtune.config import SpaceConfig
+    from slimtune.layout import discover_layout
+    from slimtune.spaces import SearchSpace
+    from tests.conftest import tiny_llama
+
+    layout = discover_layout(tiny_llama(300))
+    space = SearchSpace(layout, SpaceConfig(weight_formats=("fp32", "int4"), int4_methods=("grid", "rtn"),
+                                            ffn_sparsities=(0.0, 0.25), rank_fractions=(1.0,)))
+    dims = space.dimensions()
+    sparsity = next(d for d in dims if d.endswith(".ffn.sparsity"))
+    guidance = guide(space, _profile(space, {(sparsity, 0.25): 0.01}), quality_floor=0.9, seed_count=2)
+    assert space.reference_points()["uniform-int4"]["int4.method"] == "rtn"
+    assert guidance.seeds and all(p["int4.method"] == "grid" for p in guidance.seeds.values())
