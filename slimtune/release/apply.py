@@ -2,7 +2,8 @@
 
 For when production retrains the model: the plan (a front point's ``plan.json``) names modules
 and fractions, not weights, so it compresses a retrained checkpoint of the same layout. The result
-is built, scored on the task and timed like a trial, and written with its figures.
+is built, scored on the task and timed like a trial (in the 4-bit kernel modes measured on this
+machine, as a search measures them), and written with its figures.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from rich.console import Console
 from torch import nn
 
 from slimtune.config import Config
-from slimtune.evaluators.hardware import current_target
+from slimtune.evaluators.hardware import current_target, fingerprint
+from slimtune.evaluators.kernel_modes import measured_modes
 from slimtune.evaluators.latency import latency_inputs
 from slimtune.evaluators.node_lock import NodeLock
 from slimtune.plan import CompressionPlan, PlanError
-from slimtune.search.trial import WorkerState, measure_plan, task_calibration
+from slimtune.search.shipping import inputs_fingerprints
+from slimtune.search.trial import WorkerState, measure_plan, search_bit_widths, task_calibration
 
 
 def read_plan(path: Path) -> CompressionPlan:
@@ -67,8 +70,17 @@ def apply_plan(plan_path: Path, model_name: str, config: Config, out: Path, resu
     prepared = prepare(config, results, console)
     model, task = prepared.loaded.module, prepared.task
     check_plan_fits(plan, model)
-    state = WorkerState(model=model, space=None, task=task, calibration=task_calibration(model, task),
-                        feeds=latency_inputs(task.input_ids, task.attention_mask, config.latency))
+    feeds = latency_inputs(task.input_ids, task.attention_mask, config.latency)
+    widths = search_bit_widths(config)
+    key = fingerprint(current_target().key, *inputs_fingerprints(prepared.loaded.source, prepared.task_path.read_bytes()),
+                      str(widths),
+                      str(config.space.block_sizes[0]), config.latency.model_dump_json())
+    with console.status("measuring the 4-bit kernel modes on this machine"), NodeLock().exclusive():
+        modes, _ = measured_modes(model, task, prepared.layout.linears, widths, config.space.block_sizes[0], feeds,
+                                  config.latency, config.latency.threads,
+                                  results / ".work" / "kernel-modes" / f"{key}.json")
+    state = WorkerState(model=model, space=None, task=task, calibration=task_calibration(model, task), feeds=feeds,
+                        modes=modes)
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -80,7 +92,8 @@ def apply_plan(plan_path: Path, model_name: str, config: Config, out: Path, resu
         (staging / "metrics.json").write_text(json.dumps({
             "model": model_name, "task_kind": task.kind, "metric": task.metric, "figures": figures,
             "fp32_torch_figures": task.reference, "hardware": current_target().as_dict(),
-            "kernels": json.loads(measured["kernels"])}, indent=1, sort_keys=True) + "\n")
+            "kernels": json.loads(measured["kernels"]), "kernel_modes": json.loads(measured["kernel_modes"])},
+            indent=1, sort_keys=True) + "\n")
         staging.rename(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
