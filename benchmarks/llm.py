@@ -178,7 +178,8 @@ def main() -> None:
     figures = {label: score(path, task, heads[label], threads) for label, path in paths.items()}
     prompt = generation_prompt(latency_inputs(task.input_ids, task.attention_mask, latency))
     timing = LatencyConfig(**{**latency.model_dump(), "warmup_runs": 1, "timed_runs": 3})
-    sessions = {label: (session(path, threads), shares_kv_buffer(path)) for label, path in paths.items()}
+    sessions = {label: (sess, shares_kv_buffer(path, sess)) for label, path in paths.items()
+                for sess in [session(path, threads)]}
     ttft: dict[str, list[float]] = {label: [] for label in paths}
     steps: dict[str, list[float]] = {label: [] for label in paths}
     llama = "llama.cpp (the shipped Q4_1 GGUF)"

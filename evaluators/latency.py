@@ -21,7 +21,7 @@ from slimtune.config import LatencyConfig
 from slimtune.evaluators import Metric
 from slimtune.evaluators.node_lock import NodeLock
 from slimtune.evaluators.quality import session
-from slimtune.export.decoder import is_decoder
+from slimtune.export.decoder import KV_CACHE_KEY, is_decoder
 
 
 def latency_inputs(input_ids: np.ndarray, attention_mask: np.ndarray, cfg: LatencyConfig) -> dict[str, np.ndarray]:
@@ -61,13 +61,19 @@ def summarize_ms(times: np.ndarray) -> tuple[Metric, ...]:
     )
 
 
-def shares_kv_buffer(path: Path) -> bool:
+def shares_kv_buffer(path: Path, sess=None) -> bool:
     """True when every cache input of the decoder at ``path`` feeds a GroupQueryAttention node, whose
     CPU kernel then writes each step into the past buffer itself when past and present are bound to
     the same memory (a fused decoder's and ONNX Runtime GenAI's graphs; not a traced graph, which
-    concatenates the cache with Concat nodes)."""
+    concatenates the cache with Concat nodes). slimtune's decoders say so in their metadata, read
+    from the open session ``sess`` for free; other graphs are read from the file (seconds for a
+    large one with its weights inside)."""
     import onnx
 
+    if sess is not None:
+        declared = sess.get_modelmeta().custom_metadata_map.get(KV_CACHE_KEY)
+        if declared is not None:
+            return declared == "shared-buffer"
     graph = onnx.load(str(path), load_external_data=False).graph
     past = {i.name for i in graph.input if i.name.startswith("past_key_values.")}
     fed = {name for n in graph.node if n.op_type == "GroupQueryAttention" for name in n.input[3:5]}
@@ -167,6 +173,6 @@ def measure_latency(path: Path, feeds: dict[str, np.ndarray], cfg: LatencyConfig
         sess = session(path, cfg.threads)
         if is_decoder(sess.get_inputs()):
             return summarize_generation_ms(*time_generation_ms(sess, generation_prompt(feeds), cfg,
-                                                               share_buffer=shares_kv_buffer(path)))
+                                                               share_buffer=shares_kv_buffer(path, sess)))
         times = time_batches_ms(sess, feeds, cfg)
     return summarize_ms(times)

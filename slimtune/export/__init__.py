@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+from onnx import helper
 from torch import nn
 
-from slimtune.export.decoder import export_decoder, input_table_name, share_tied_lm_head
+from slimtune.export.decoder import KV_CACHE_KEY, export_decoder, input_table_name, share_tied_lm_head
 from slimtune.export.fused_decoder import export_fused_decoder, fusion_refusal
 from slimtune.export.modes import EXACT, KernelModes
 from slimtune.export.onnx_export import ExportError, export_fp32, weight_matmuls
@@ -178,6 +179,9 @@ def build_artifact(model: nn.Module, plan: CompressionPlan, path: Path, calibrat
                 proto = share_tied_lm_head(proto, table)
             if exporter == "fused-decoder":
                 proto = pack_attention_projections(proto)
+            if output.kind == "lm":  # read by the generation timing: no need to parse the file again
+                helper.set_model_props(proto, {KV_CACHE_KEY: "shared-buffer" if exporter == "fused-decoder"
+                                               else "concatenated"})
             onnx.save_model(strip_debug_info(proto), str(path))
     finally:
         fp32_path.unlink(missing_ok=True)

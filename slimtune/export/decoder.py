@@ -37,6 +37,7 @@ from slimtune.model import WRAPPED
 
 PAST = "past_key_values.{}.{}"
 PRESENT = "present.{}.{}"
+KV_CACHE_KEY = "slimtune.kv_cache"  # model metadata: "shared-buffer" (GroupQueryAttention) or "concatenated"
 
 
 def cache_layer_indices(model: nn.Module) -> tuple[int, ...]:

@@ -72,10 +72,12 @@ def find_grid(weight: np.ndarray, block: int) -> GridCodes | None:
                      zero_points=zero_points.astype(np.uint8), remainders=remainders.astype(np.float32))
 
 
-def _pack4(values: np.ndarray) -> np.ndarray:
-    """Two 4-bit values per byte along the last axis, the first in the low bits (MatMulNBits' layout)."""
-    padded = np.pad(values, [(0, 0)] * (values.ndim - 1) + [(0, values.shape[-1] % 2)]).astype(np.uint8)
-    return (padded[..., 0::2] | (padded[..., 1::2] << 4)).astype(np.uint8)
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned ``bits``-bit values along the last axis, first value in the lowest bits (MatMulNBits)."""
+    per = 8 // bits
+    padded = np.pad(values, [(0, 0)] * (values.ndim - 1) + [(0, -values.shape[-1] % per)])
+    grouped = padded.reshape(*padded.shape[:-1], -1, per).astype(np.uint8)
+    return np.bitwise_or.reduce(grouped << (bits * np.arange(per, dtype=np.uint8)), axis=-1).astype(np.uint8)
 
 
 def _block_constants(graph: onnx.GraphProto, block: int) -> tuple[str, str]:
@@ -107,9 +109,9 @@ def grid_matmuls(model: onnx.ModelProto, nodes: set[str], block: int, accuracy_l
         k, n = weight.shape
         base, x = node.input[1], node.input[0]
         graph.initializer.extend([
-            numpy_helper.from_array(_pack4(grid.codes.T.reshape(n, k // block, block)), f"{base}_Q4"),
+            numpy_helper.from_array(pack_bits(grid.codes.T.reshape(n, k // block, block), 4), f"{base}_Q4"),
             numpy_helper.from_array(grid.scales.T.copy(), f"{base}_scales"),
-            numpy_helper.from_array(_pack4(grid.zero_points.T), f"{base}_zero_points"),
+            numpy_helper.from_array(pack_bits(grid.zero_points.T, 4), f"{base}_zero_points"),
         ])
         extra = {"accuracy_level": accuracy_level} if accuracy_level else {}
         product = f"{node.output[0]}_grid"

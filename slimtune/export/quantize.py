@@ -35,7 +35,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from slimtune.export.decoder import with_empty_past
-from slimtune.export.grid import grid_matmuls
+from slimtune.export.grid import grid_matmuls, pack_bits
 from slimtune.export.onnx_export import ExportError
 
 # MatMulNBits' accuracy level when none is given: 0, fp32 activations (exact). Searches measure the
@@ -236,14 +236,6 @@ def _gptq(weight: np.ndarray, upper: np.ndarray, bits: int, block: int) -> tuple
     return codes, scales, zeros.astype(np.uint8)
 
 
-def _pack(values: np.ndarray, bits: int) -> np.ndarray:
-    """Pack unsigned ``bits``-bit values along the last axis, first value in the lowest bits (MatMulNBits)."""
-    per = 8 // bits
-    padded = np.pad(values, [(0, 0)] * (values.ndim - 1) + [(0, -values.shape[-1] % per)])
-    grouped = padded.reshape(*padded.shape[:-1], -1, per).astype(np.uint8)
-    return np.bitwise_or.reduce(grouped << (bits * np.arange(per, dtype=np.uint8)), axis=-1).astype(np.uint8)
-
-
 def _gptq_matmuls(model: onnx.ModelProto, nodes: set[str], bits: int, block: int, feeds: Feeds,
                   accuracy_level: int) -> onnx.ModelProto:
     """Replace each named MatMul by a MatMulNBits node holding its GPTQ weights (one-shot Hessians)."""
@@ -260,12 +252,12 @@ def _gptq_matmuls(model: onnx.ModelProto, nodes: set[str], bits: int, block: int
         codes, scales, zeros = _gptq(weight, factors[node.input[0]], bits, block)
         blocks = scales.shape[0]
         codes = np.concatenate([codes, np.repeat(zeros[-1:], blocks * block - k, axis=0)])  # pad: dequantizes to 0
-        packed = _pack(codes.T.reshape(n, blocks, block), bits)
+        packed = pack_bits(codes.T.reshape(n, blocks, block), bits)
         base = node.input[1]
         graph.initializer.extend([
             numpy_helper.from_array(packed, f"{base}_Q{bits}"),
             numpy_helper.from_array(scales.T.astype(weight.dtype), f"{base}_scales"),
-            numpy_helper.from_array(_pack(zeros.T, bits), f"{base}_zero_points"),
+            numpy_helper.from_array(pack_bits(zeros.T, bits), f"{base}_zero_points"),
         ])
         extra = {"accuracy_level": accuracy_level} if accuracy_level else {}
         replacement[node.name] = helper.make_node(

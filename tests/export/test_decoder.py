@@ -86,6 +86,8 @@ def test_tied_lm_head_is_stored_once_in_fp32_and_quantized_on_its_own(llama, tmp
     output = OutputSpec("lm")
     fp32 = build_artifact(llama, CompressionPlan(), tmp_path / "fp32.onnx", output=output)
     assert _tables(fp32.path) == [(VOCAB, 64)]
+    declared = _session(fp32.path).get_modelmeta().custom_metadata_map["slimtune.kv_cache"]
+    assert declared == ("shared-buffer" if fp32.exporter == "fused-decoder" else "concatenated")
     assert fp32.kernels.get("Transpose", 0) >= 1
     plan = CompressionPlan(quantize={"lm_head": QuantSpec("int4"), "model.embed_tokens": QuantSpec("int4")})
     int4 = build_artifact(llama, plan, tmp_path / "int4.onnx", output=output)

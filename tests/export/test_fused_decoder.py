@@ -147,6 +147,9 @@ def test_build_artifact_uses_the_fused_export_and_every_weight_format_applies(mo
     assert artifact.kernels["MatMulInteger"] == len(layout.linears) - len(layout.linears) // 2
     assert artifact.kernels["GatherBlockQuantized"] == 1 and artifact.kernels["GroupQueryAttention"] == 3
     sess = _session(artifact.path)
+    # the metadata the generation timing reads instead of parsing the file agrees with the graph
+    assert sess.get_modelmeta().custom_metadata_map["slimtune.kv_cache"] == "shared-buffer"
+    assert shares_kv_buffer(artifact.path, sess) is shares_kv_buffer(artifact.path) is True
     ids = np.random.default_rng(4).integers(0, VOCAB, (1, 9)).astype(np.int64)
     logits = sess.run(["logits"], with_empty_past(sess.get_inputs(), {"input_ids": ids,
                                                                        "attention_mask": np.ones_like(ids)}))[0]
