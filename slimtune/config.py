@@ -189,6 +189,10 @@ class LatencyConfig(_Frozen):
     timed_runs: int = Field(20, ge=3)
     new_tokens: int = Field(32, ge=2, description="causal LMs: tokens generated per timed run after a prompt of "
                                                   "sequence_length tokens (batch 1, KV cache)")
+    busy_threshold: float = Field(0.20, ge=0, le=1, description="a timing that lost more than this fraction of its "
+                                  "threads' CPU time to other programs (so reads up to 1.25x slow) is repeated, then "
+                                  "flagged machine_busy; below it the loss is within a quiet machine's run-to-run spread")
+    busy_retries: int = Field(2, ge=0, description="how many times a busy timing is repeated before it is flagged")
 
 
 class SearchConfig(_Frozen):

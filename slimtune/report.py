@@ -51,6 +51,8 @@ def _row(record: TrialRecord, pareto: set[int], not_faster: set[int], figures: t
     row["kernels"] = record.metrics.get("kernels", "")
     row["exporter"] = record.metrics.get("exporter", "")
     row["kernel_modes"] = record.metrics.get("kernel_modes", "")
+    row["cpu_contention"] = round(float(record.metrics["cpu_contention"]), 4) if "cpu_contention" in record.metrics else ""
+    row["machine_busy"] = int(bool(record.metrics["machine_busy"])) if "machine_busy" in record.metrics else ""
     row["error"] = record.error
     row.update(record.params)
     return row
@@ -165,6 +167,21 @@ def write_plots(out: Path, completed: list[TrialRecord], pareto: set[int], metri
 
 
 _QUANTIZED_KERNELS = ("MatMulInteger", "MatMulNBits")
+
+
+def busy_lines(records: list[TrialRecord], pareto: set[int]) -> list[str]:
+    """The warning for trials whose latency was timed while other programs took the CPU (empty
+    when every timing was quiet): how many, how much, and whether front points are among them."""
+    busy = [r for r in records if r.status == "completed" and r.metrics.get("machine_busy")]
+    if not busy:
+        return []
+    worst = max(float(r.metrics.get("cpu_contention", 0.0)) for r in busy)
+    on_front = [r.name for r in busy if r.number in pareto]
+    return [f"WARNING: the machine was busy: {len(busy)} of {sum(r.status == 'completed' for r in records)} trials "
+            f"were timed while other programs took up to {worst:.0%} of the CPU (machine_busy in trials.csv, tag "
+            f"slimtune.machine_busy in MLflow); their latencies read high"
+            + (f", front points among them: {', '.join(on_front)}" if on_front else "")
+            + ". Re-run on a quiet machine before trusting them."]
 
 
 def kernel_modes_by_target(records: list[TrialRecord]) -> dict[str, dict[str, Any]]:

@@ -39,8 +39,25 @@ def default_tracking_uri(results_root: Path) -> str:
     return f"sqlite:///{(results_root / 'mlflow.db').resolve()}"
 
 
+def check_scheme(uri: str) -> None:
+    """Fail at once on a URI MLflow has no store for (a mistyped scheme); the client would only
+    fail at its first write, after the model loads and the profile runs."""
+    try:
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+    except ImportError:  # another MLflow layout: its own error comes at the first write
+        return
+    try:
+        _tracking_store_registry.get_store_builder(uri)
+    except Exception as exc:  # noqa: BLE001 - MLflow's unsupported-scheme exception has no stable import path
+        scheme = uri.split(":", 1)[0] if ":" in uri else uri
+        raise TrackingError(f"MLflow has no tracking store for {uri!r} (scheme {scheme!r}): give --tracking-uri as "
+                            "sqlite:///path.db, file:///folder, http(s)://host:port or a database URI") from exc
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast on a tracking server that does not answer (the client would retry for minutes)."""
+    """Fail fast on a URI MLflow cannot store to or a tracking server that does not answer (the
+    client would retry for minutes)."""
+    check_scheme(uri)
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.error
@@ -266,6 +283,8 @@ class MlflowSearchRun:
         for key in ("kernels", "exporter", "kernel_modes", "hardware", "node"):
             if record.metrics.get(key):
                 self.client.set_tag(run_id, f"slimtune.{key}", record.metrics[key])
+        if record.metrics.get("machine_busy"):
+            self.client.set_tag(run_id, "slimtune.machine_busy", "true")
         if record.error:
             self.client.set_tag(run_id, "slimtune.error", record.error[:4000])
             self.client.set_tag(run_id, "mlflow.note.content", f"**{record.status}**: {record.error[:4000]}")
@@ -282,10 +301,13 @@ class MlflowSearchRun:
             return
         now = int(time.time() * 1000)
         names = ("latency_ms", "latency_p90_ms", "latency_spread")
-        metrics = [Metric(k, float(record.metrics[k]), now, 1) for k in names]
+        metrics = [Metric(k, float(record.metrics[k]), now, 1) for k in (*names, "cpu_contention", "machine_busy")
+                   if k in record.metrics]
         metrics += [Metric(f"search_{k}", float(record.metrics[f"search_{k}"]), now, 0) for k in names]
         self.client.log_batch(run_id, metrics=metrics)
         self.client.set_tag(run_id, "slimtune.remeasured", "true")
+        if "machine_busy" in record.metrics:  # the published timing's, which replaces the search-time one
+            self.client.set_tag(run_id, "slimtune.machine_busy", str(bool(record.metrics["machine_busy"])).lower())
 
     def log_search_metric(self, name: str, value: float, step: int) -> None:
         """One point of a metric history on the search's parent run (e.g. the hypervolume per trial)."""

@@ -226,7 +226,7 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
     import ray
 
     from slimtune.evaluators.node_lock import default_lock_path
-    from slimtune.report import kernel_modes_lines, pareto_table, write_results
+    from slimtune.report import busy_lines, kernel_modes_lines, pareto_table, write_results
     from slimtune.search.front_progress import FrontProgress
     from slimtune.search.pareto import hardware_targets, not_faster_numbers
     from slimtune.search.progress import ProgressDisplay
@@ -336,6 +336,8 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
                                title=f"Pareto front of {name} ({len(pareto)} of {len(records)} trials)"))
     for line in kernel_modes_lines(records, task.metric):
         console.print(line, soft_wrap=True)
+    for line in busy_lines(records, pareto):
+        console.print(line, style="bold red", soft_wrap=True, markup=False)
     console.print(f"results: {out}/ (pareto.csv, pareto.html, pareto.png, plans/, models/)")
     console.print(f"MLflow:  slimtune ui{'' if not config.tracking.uri else ' --tracking-uri ' + uri}   "
                   f"(store {uri}, experiment {config.tracking.experiment!r}, run {name!r})")

@@ -22,6 +22,7 @@ from slimtune.cli import app
         (["search", "--config", "badmodel.yaml"], "cannot load model"),
         (["ui"], "no MLflow store"),
         (["search", "--tracking-uri", "http://127.0.0.1:9"], "no MLflow server answers"),
+        (["search", "--tracking-uri", "bogus://nowhere"], "MLflow has no tracking store for 'bogus://nowhere'"),
         (["search", "--address", "127.0.0.1:9"], "no Ray cluster answers at 127.0.0.1:9"),
         (["search", "--address", "headnode"], "is not HOST:PORT"),
         (["search", "--config", "latin1.yaml"], "is not valid utf-8 text"),

@@ -168,10 +168,13 @@ def _verify(path: Path, row: dict[str, str], task, config: Config, tolerance: fl
     figures["machine_drift"] = {"value": drift, "unit": "ratio"}
     ratio = figures["latency_ms"]["value"] / float(row["latency_ms"]) / drift
     if row.get("hardware") == current_target().key and abs(ratio - 1) > tolerance:
+        lost = timed[0].get("cpu_contention")
+        cause = f"other programs took {lost:.0%} of its CPU time: " if lost is not None and timed[0].get(
+            "machine_busy") else "is the machine busy? "
         raise ReleaseError(f"the rebuilt {row['trial']} runs in {figures['latency_ms']['value']:.1f} ms, x{ratio:.2f} "
                            f"of the search's {float(row['latency_ms']):.1f} ms on the same hardware (after this machine's "
                            f"drift of x{drift:.2f}, timed on {len(others)} other front points), beyond the tolerance of "
-                           f"{tolerance:.0%}: is the machine busy? retry, or raise --latency-tolerance")
+                           f"{tolerance:.0%}: {cause}retry on a quiet machine, or raise --latency-tolerance")
     return figures
 
 

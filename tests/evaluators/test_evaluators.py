@@ -102,3 +102,42 @@ def test_staged_scoring_gives_the_full_figures_and_the_sample_first(scored):
     assert sample == pytest.approx(expected_sample)
     assert {m.name: m.value for m in staged.full()} == pytest.approx({m.name: m.value for m in measure_quality(path, task)})
     assert len(rows) == 5 and list(rows) == sorted(rows)
+
+
+def test_contention_is_the_share_of_cpu_time_lost_to_other_work():
+    from slimtune.evaluators.machine_load import LoadSample, contention, is_busy
+
+    # 2 threads for 1 s: 0.5 s of run-queue wait is a quarter of the 2 s they could have had
+    assert contention(LoadSample(10.0, 1.0, None), LoadSample(11.0, 1.5, None), threads=2) == pytest.approx(0.25)
+    assert contention(LoadSample(10.0, None, None), LoadSample(11.0, None, None), threads=2) is None
+    assert not is_busy(None, 0.2) and is_busy(0.25, 0.2) and not is_busy(0.15, 0.2)
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
+def test_a_timing_other_programs_crowd_out_is_repeated_then_flagged(scored, monkeypatch, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import slimtune.evaluators.latency as latency
+
+    _, task, path = scored
+    attempts = []
+    timed_once = latency._timed_once
+    monkeypatch.setattr(latency, "BUSY_PAUSE_S", 0.0)
+    monkeypatch.setattr(latency, "_timed_once", lambda *a: attempts.append(1) or timed_once(*a))
+    cfg = LatencyConfig(batch_size=3, sequence_length=16, threads=min(2, os.cpu_count() or 1), warmup_runs=1,
+                        timed_runs=2000, busy_retries=1)
+    feeds = latency_inputs(task.input_ids, task.attention_mask, cfg)
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        time.sleep(0.5)
+        busy = {m.name: m.value for m in measure_latency(path, feeds, cfg, NodeLock(tmp_path / "lock"))}
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert busy["cpu_contention"] > cfg.busy_threshold and busy["machine_busy"] == 1.0
+    assert len(attempts) == 2  # the first attempt and one retry
+    quiet = {m.name: m.value for m in measure_latency(path, feeds, cfg, NodeLock(tmp_path / "lock"))}
+    assert 0.0 <= quiet["cpu_contention"] < busy["cpu_contention"]

@@ -95,3 +95,34 @@ def test_front_recovery_alternates_fastest_and_smallest_once_each():
     fastest, smallest = [records[0], records[1], records[2]], [records[0], records[2], records[3]]
     assert [r.number for r in alternate(fastest, smallest)] == [0, 1, 2, 3]
     assert [r.number for r in alternate(smallest, fastest)] == [0, 2, 1, 3]
+
+
+def test_trials_timed_on_a_busy_machine_are_flagged_in_the_csvs_mlflow_and_a_warning(bert, tmp_path):
+    import csv
+
+    from mlflow.tracking import MlflowClient
+
+    from slimtune.report import busy_lines, write_results
+    from slimtune.tracking import MlflowSearchRun
+
+    space = SearchSpace(discover_layout(bert), SpaceConfig(group_size=2))
+    quiet = _record(0, 0.9, 10.0, 4.0)
+    busy = _record(1, 0.8, 5.0, 2.0)
+    quiet = TrialRecord(**{**quiet.__dict__, "metrics": {**quiet.metrics, "cpu_contention": 0.02, "machine_busy": 0.0}})
+    busy = TrialRecord(**{**busy.__dict__, "metrics": {**busy.metrics, "cpu_contention": 0.61, "machine_busy": 1.0}})
+    assert busy_lines([quiet], {0}) == []
+    (line,) = busy_lines([quiet, busy], {0, 1})
+    assert "1 of 2 trials" in line and "61%" in line and "trial-001" in line
+    write_results(tmp_path / "out", [quiet, busy], {0, 1}, space, "", "accuracy")
+    rows = {r["trial"]: r for r in csv.DictReader((tmp_path / "out" / "trials.csv").open())}
+    assert (rows["trial-000"]["machine_busy"], rows["trial-001"]["machine_busy"]) == ("0", "1")
+    assert float(rows["trial-001"]["cpu_contention"]) == 0.61
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowSearchRun(uri, "busy", "busy", space, {}, artifact_root=tmp_path / "artifacts")
+    for record in (quiet, busy):
+        tracker.trial_started(TrialRecord(record.number, record.trial_id, record.params))
+        tracker.trial_finished(record)
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([tracker.experiment_id], "tags.`slimtune.machine_busy` = 'true'")
+    assert [r.info.run_name.split()[0] for r in runs] == ["trial-001"]
