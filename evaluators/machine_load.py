@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+
 @dataclass(frozen=True)
 class LoadSample:
     """Counters at one moment: seconds of wall clock, of run-queue wait summed over this process's
