@@ -3,8 +3,9 @@
 pareto.csv   one row per Pareto-optimal trial: the task's metrics (accuracy, macro_f1 or
              top10_overlap, embedding_cosine), latency_ms, size_mb, ...
 trials.csv   every trial, failed and stopped ones included, with status and error
-pareto.html  interactive plot (latency vs the searched metric, marker area ~ size, hover shows the plan)
-pareto.png   the same front as a static picture
+pareto.html  interactive plot (latency vs the searched metric, marker area ~ size, hover shows the plan;
+             ms or x fp32)
+pareto.png   the front against latency and size, references in the legend, arrows to recovered points
 plans/       the CompressionPlan JSON of every Pareto-optimal trial
 """
 
@@ -99,71 +100,10 @@ def write_results(out: Path, records: list[TrialRecord], pareto: set[int], space
 
 def write_plots(out: Path, completed: list[TrialRecord], pareto: set[int], metric: str,
                 not_faster: set[int] = frozenset()) -> None:
-    import matplotlib
+    from slimtune.plots import write_html, write_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import plotly.graph_objects as go
-
-    def series(records: list[TrialRecord]) -> tuple[list, list, list, list]:
-        return ([r.metrics["latency_ms"] for r in records], [r.metrics[metric] for r in records],
-                [r.metrics["size_mb"] for r in records], [r.label for r in records])
-
-    groups = {
-        "Pareto-optimal": [r for r in completed if r.number in pareto and not r.reference],
-        "Pareto-optimal reference": [r for r in completed if r.number in pareto and r.reference],
-        "dominated": [r for r in completed if r.number not in pareto and not r.reference],
-        "dominated reference": [r for r in completed if r.number not in pareto and r.reference],
-    }
-    largest = max(r.metrics["size_mb"] for r in completed)
-    style = {"Pareto-optimal": ("#d62728", "circle"), "Pareto-optimal reference": ("#d62728", "diamond"),
-             "dominated": ("#9e9e9e", "circle"), "dominated reference": ("#9e9e9e", "diamond")}
-    fig = go.Figure()
-    for name, members in groups.items():
-        if not members:
-            continue
-        x, y, s, labels = series(members)
-        hover = [f"{lbl}{' (compressed but not faster than fp32)' if r.number in not_faster else ''}"
-                 f"<br>{metric} {acc:.4f}<br>latency {lat:.1f} ms<br>size {mb:.1f} MB<br>"
-                 + "<br>".join(f"{k} = {v}" for k, v in r.params.items())
-                 for lbl, acc, lat, mb, r in zip(labels, y, x, s, members, strict=True)]
-        color, symbol = style[name]
-        fig.add_trace(go.Scatter(x=x, y=y, mode="markers", name=name, text=hover, hoverinfo="text",
-                                 marker={"size": [8 + 30 * v / largest for v in s], "color": color, "symbol": symbol,
-                                         "line": {"width": 1, "color": "black"}}))
-    slow = [r for r in completed if r.number in not_faster]
-    if slow:
-        fig.add_trace(go.Scatter(x=[r.metrics["latency_ms"] for r in slow], y=[r.metrics[metric] for r in slow],
-                                 mode="markers", name="compressed but not faster than fp32", hoverinfo="skip",
-                                 marker={"symbol": "x-thin-open", "size": 14, "color": "black"}))
-    fig.update_layout(title=f"slimtune search: {metric} vs latency (marker area ~ size in MB; diamonds: references)",
-                      xaxis_title="latency (ms per batch, median)", yaxis_title=f"{metric} (held-out)",
-                      template="plotly_white")
-    fig.write_html(out / "pareto.html", include_plotlyjs=True)
-
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for axis, (key, label) in zip(axes, (("latency_ms", "latency (ms per batch, median)"), ("size_mb", "size (MB on disk)")), strict=True):
-        for name, members in groups.items():
-            if members:
-                color, symbol = style[name]
-                axis.scatter([r.metrics[key] for r in members], [r.metrics[metric] for r in members], c=color,
-                             marker="D" if symbol == "diamond" else "o", label=name, edgecolors="black", linewidths=0.5)
-        if slow:
-            axis.scatter([r.metrics[key] for r in slow], [r.metrics[metric] for r in slow], marker="x", c="black",
-                         s=60, label="compressed but not faster than fp32")
-        for r in completed:
-            if r.reference:
-                axis.annotate(r.reference, (r.metrics[key], r.metrics[metric]), fontsize=8, xytext=(4, 4),
-                              textcoords="offset points")
-        axis.set_xlabel(label)
-        axis.set_ylabel(f"{metric} (held-out)")
-        axis.grid(alpha=0.3)
-    axes[0].legend(loc="lower right", fontsize=8)
-    goal = "up" if METRIC_GOALS[metric] == "max" else "down"
-    figure.suptitle(f"slimtune search: Pareto front ({metric} {goal}, latency and size down)")
-    figure.tight_layout()
-    figure.savefig(out / "pareto.png", dpi=110)
-    plt.close(figure)
+    write_html(out / "pareto.html", completed, pareto, metric, not_faster)
+    write_png(out / "pareto.png", completed, pareto, metric, not_faster)
 
 
 _QUANTIZED_KERNELS = ("MatMulInteger", "MatMulNBits")
