@@ -89,7 +89,7 @@ def llm_flow(options: list[str]) -> int:
 def main() -> None:
     jobs = {
         "demo": [str(BIN / "slimtune"), "search"],
-        "test": [str(BIN / "python"), "-m", "pytest"],
+        "test": [str(BIN / "python"), "-m", "pytest", "--durations=10"],  # the slowest tests, for the next regression
         "llm": [],
         "setup": None,
     }

@@ -115,7 +115,7 @@ def recovery_spec(config: Config) -> RecoverySpec:
     """The distillation recipe of a search, seeded by the search's seed."""
     cfg = config.recovery
     return RecoverySpec(steps=cfg.steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-                        hidden_weight=cfg.hidden_weight, seed=config.search.seed)
+                        hidden_weight=cfg.hidden_weight, seed=config.search.seed, flat_patience=cfg.flat_patience)
 
 
 def task_calibration(model: torch.nn.Module, task: PreparedTask) -> Calibration:

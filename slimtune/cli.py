@@ -45,6 +45,12 @@ def _results_dir(results: Path, name: str | None, prefix: str) -> tuple[str, Pat
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (see examples/)")]
 ResultsOpt = Annotated[Path, typer.Option("--results-dir", help="where results and the default MLflow store live")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", help="no live display: one plain line per event, as in a log")]
+
+
+def _console(quiet: bool) -> Console:
+    """The CLI's console; with ``--quiet`` one that is not a terminal, so progress prints plain lines."""
+    return Console(log_path=False, force_terminal=False, no_color=True) if quiet else console
 
 
 @app.command()
@@ -61,10 +67,11 @@ def search(
     patience: Annotated[int | None, typer.Option("--patience", help="stop after N trials without hypervolume gain")] = None,
     resume: Annotated[str | None, typer.Option("--resume", help="continue the search NAME whose driver died")] = None,
     results: ResultsOpt = Path("results"),
+    quiet: QuietOpt = False,
 ) -> None:
     """Search per-layer bits x FFN sparsity x rank; log the front to MLflow and results/<name>/."""
     if resume is not None:
-        _resume(resume, address, results)
+        _resume(resume, address, results, _console(quiet))
         return
     try:
         budget = parse_duration_s(time_budget) if time_budget else None
@@ -80,12 +87,12 @@ def search(
     from slimtune.workflow import BAD_INPUT
 
     try:
-        api.search(config, name, results, console=console)
+        api.search(config, name, results, console=_console(quiet))
     except BAD_INPUT as exc:
         raise fail(str(exc)) from None
 
 
-def _resume(name: str, address: str | None, results: Path) -> None:
+def _resume(name: str, address: str | None, results: Path, out: Console) -> None:
     """Continue a search from its saved state (its own config; ``--address`` may point elsewhere now)."""
     from slimtune import api
     from slimtune.workflow import BAD_INPUT
@@ -93,7 +100,7 @@ def _resume(name: str, address: str | None, results: Path) -> None:
     if not _NAME.match(name):
         raise fail(f"--resume {name!r} is not a search name: give the --name of the search to continue")
     try:
-        api.search(name=name, results_dir=results, resume=True, console=console, address=address)
+        api.search(name=name, results_dir=results, resume=True, console=out, address=address)
     except BAD_INPUT as exc:
         raise fail(str(exc)) from None
 
@@ -116,6 +123,7 @@ def export(
     alias: Annotated[str | None, typer.Option("--alias", help="alias of the registered version, e.g. champion")] = None,
     tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="default: the search's store")] = None,
     results: ResultsOpt = Path("results"),
+    quiet: QuietOpt = False,
 ) -> None:
     """Choose a front point by a rule, rebuild and verify it, and write a folder that runs on its own."""
     from rich.table import Table
@@ -130,7 +138,7 @@ def export(
                 max_drop=max_drop, prefer=prefer, knee=knee)
     try:
         exported, model_uri = api.export(name, out, rule, results, latency_tolerance, register_as, alias, tracking_uri,
-                                         console=console)
+                                         console=_console(quiet))
     except (ChoiceError, ReleaseError, *BAD_INPUT) as exc:
         raise fail(str(exc)) from None
     table = Table(title=f"{exported.trial} ({exported.rule}): verified, SHA-256 {exported.artifact_sha256[:12]}")

@@ -171,6 +171,8 @@ class RecoveryConfig(_Frozen):
     learning_rate: float = Field(1e-4, gt=0, lt=1)
     hidden_weight: float = Field(0.0, ge=0, description="weight of the last-hidden-state MSE beside the pooled loss")
     front_points: int = Field(4, ge=1, description="front mode: most points recovered")
+    flat_patience: int = Field(2, ge=0, description="stop a recovery once its loss (mean over windows of a tenth of "
+                               "the steps) fell by less than 1% this many windows in a row; 0 runs every step")
 
 
 class LatencyConfig(_Frozen):

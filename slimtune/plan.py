@@ -73,7 +73,10 @@ class RecoverySpec:
 
     ``steps`` optimiser steps of ``batch_size`` training texts (AdamW at ``learning_rate``), the
     order fixed by ``seed``; the loss matches the pooled embedding the task reads (MSE + 1 - cosine)
-    plus ``hidden_weight`` x MSE of the last hidden states. No labels are used.
+    plus ``hidden_weight`` x MSE of the last hidden states. No labels are used. ``flat_patience``:
+    stop early once the mean loss of a window of steps (a tenth of them, at least 10) has fallen by
+    less than 1% from the best window's this many windows in a row (0: every step runs). The rule
+    reads only the losses, so a rebuild stops at the same step.
     """
 
     steps: int
@@ -81,10 +84,12 @@ class RecoverySpec:
     learning_rate: float = 1e-4
     hidden_weight: float = 0.0
     seed: int = 0
+    flat_patience: int = 0
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise PlanError(f"recovery needs at least one step of at least one text (steps={self.steps})")
+        if self.steps < 1 or self.batch_size < 1 or self.flat_patience < 0:
+            raise PlanError(f"recovery needs at least one step of at least one text (steps={self.steps}) and "
+                            f"flat_patience >= 0")
         if not 0.0 < self.learning_rate < 1.0 or self.hidden_weight < 0:
             raise PlanError("recovery learning_rate must be in (0, 1) and hidden_weight >= 0")
 

@@ -121,9 +121,34 @@ def ui_base(uri: str) -> str:
     return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
 
 
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+"""MLflow's saved views of the runs table are experiment tags under this prefix; the UI lists them
+under "Views" and opens one from ``?viewStateShareKey=<the rest of the key>``."""
+
+
+def front_view_key(parent_id: str) -> str:
+    return f"slimtune-front-{parent_id}"
+
+
+def front_view(search: str, parent_id: str, metric: str, generation: bool, now_ms: int) -> tuple[str, str]:
+    """(experiment tag key, value) of the saved view "the front of ``search``": the front's runs,
+    fastest first, with the searched metric, latency, size (and time to first token for a causal
+    LM) as columns, so the morning review reads figures without picking columns by hand. The value
+    is the UI's own envelope (name, times, and the view state as JSON text)."""
+    import json
+
+    columns = [f"metrics.`{name}`" for name in (metric, "latency_ms", *(("ttft_ms",) if generation else ()), "size_mb")]
+    state = {"searchFilter": f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`slimtune.pareto` = 'true'",
+             "orderByKey": "metrics.`latency_ms`", "orderByAsc": True,
+             "selectedColumns": [*columns, "tags.`slimtune.reference`", "tags.`slimtune.machine_busy`"],
+             "runsHiddenMode": "SHOW_ALL"}
+    envelope = {"name": f"slimtune front: {search}", "createdAt": now_ms, "updatedAt": now_ms, "state": json.dumps(state)}
+    return VIEW_TAG_PREFIX + front_view_key(parent_id), json.dumps(envelope)
+
+
 def review_links(uri: str, experiment_id: str, parent_id: str) -> dict[str, str]:
     """Direct links into the MLflow UI's runs table (not the GenAI overview): the search's trials,
-    and only its front."""
+    and its front as the saved view ``front_view`` (figures as columns)."""
     from urllib.parse import urlencode
 
     search = f"tags.`mlflow.parentRunId` = '{parent_id}'"
@@ -131,7 +156,7 @@ def review_links(uri: str, experiment_id: str, parent_id: str) -> dict[str, str]
     # sorted by a metric, the table lists the trials themselves instead of their parent run folded
     fastest_first = {"workflowType": "machine_learning", "orderByKey": "metrics.`latency_ms`", "orderByAsc": "true"}
     return {"trials": view + urlencode({**fastest_first, "searchFilter": search}),
-            "front": view + urlencode({**fastest_first, "searchFilter": f"{search} and tags.`slimtune.pareto` = 'true'"})}
+            "front": view + urlencode({"viewStateShareKey": front_view_key(parent_id)})}
 
 
 class RetryingClient:
@@ -301,9 +326,9 @@ class MlflowSearchRun:
             return
         now = int(time.time() * 1000)
         names = ("latency_ms", "latency_p90_ms", "latency_spread")
-        metrics = [Metric(k, float(record.metrics[k]), now, 1) for k in (*names, "cpu_contention", "machine_busy")
-                   if k in record.metrics]
-        metrics += [Metric(f"search_{k}", float(record.metrics[f"search_{k}"]), now, 0) for k in names]
+        figures = _numeric(record.metrics)
+        metrics = [Metric(k, figures[k], now, 1) for k in (*names, "cpu_contention", "machine_busy") if k in figures]
+        metrics += [Metric(f"search_{k}", figures[f"search_{k}"], now, 0) for k in names]
         self.client.log_batch(run_id, metrics=metrics)
         self.client.set_tag(run_id, "slimtune.remeasured", "true")
         if "machine_busy" in record.metrics:  # the published timing's, which replaces the search-time one
@@ -340,6 +365,11 @@ class MlflowSearchRun:
                 elif path.is_file():
                     self.client.log_artifact(self.parent_id, str(path))
         self.client.set_tag(self.parent_id, "mlflow.note.content", self._front_note(records, pareto))
+        if metric:
+            generation = any("ttft_ms" in r.metrics for r in records)
+            search = self.client.get_run(self.parent_id).info.run_name
+            self.client.set_experiment_tag(self.experiment_id, *front_view(
+                search, self.parent_id, metric, generation, int(time.time() * 1000)))
         self.client.set_terminated(self.parent_id, "FINISHED")
 
     def _log_onnx_model(self, run_id: str, path: Path) -> None:

@@ -43,21 +43,20 @@ class Prepared:
 
 def prepare(config: Config, results: Path, console: Console) -> Prepared:
     """Read the data, choose the task kind, load the model, and prepare (or reuse) the scored task."""
-    from rich.progress import Progress
+    from slimtune.phases import Phase
 
-    with console.status(f"finding {config.model.name}"):
+    with Phase(console, f"finding {config.model.name}"):
         source = resolve_model_source(config.model.name)  # a GGUF is dequantized once here
     data_source = default_data(config.task, source)
     data = load_texts(config.task, data_source)
     choice = choose_task(config.model, config.task, source, data)
-    with console.status(f"loading {config.model.name}"):
+    with Phase(console, f"loading {config.model.name}"):
         loaded = load_model(config.model.name, classification_head=choice.needs_classification_head,
                             causal_lm=choice.needs_causal_lm)
         layout = discover_layout(loaded.module)
-    with Progress(console=console, transient=True) as progress:
-        bar = progress.add_task("running the uncompressed model over the texts (once, then cached)")
+    with Phase(console, "running the uncompressed model over the texts (once, then cached)") as phase:
         task, task_path = prepare_task(config.model, config.task, choice, loaded, data, results / ".cache",
-                                       progress=lambda done, total: progress.update(bar, completed=done, total=total))
+                                       progress=lambda done, total: phase.update(done, total))
     if config.model.name.endswith(".gguf") or config.model.name == BUILTIN_LLM:
         console.print(f"model: {config.model.name} is a quantized GGUF file; its \"uncompressed\" fp32 reference is "
                       "the dequantized GGUF, not the original full-precision weights")
@@ -122,17 +121,15 @@ def _keep_front_artifacts(records: list[TrialRecord], pareto: set[int], models_d
 def sensitivity_guidance(prepared: Prepared, space, calibration, results: Path, console: Console):
     """The sensitivity profile of ``space`` (measured once, cached with the task), and what it changes:
     options below ``search.quality_floor`` not offered, seed plans along its greedy path."""
-    from rich.progress import Progress
-
+    from slimtune.phases import Phase
     from slimtune.search.sensitivity import PROFILE_TEXTS, cached_profile, guide, measure_profile, profile_key
 
     config = prepared.config
     key = profile_key(prepared.loaded.source, prepared.task_path, space, PROFILE_TEXTS, config.task.seed)
-    with Progress(console=console, transient=True) as progress:
-        bar = progress.add_task("sensitivity: each choice alone, once (then cached)")
+    with Phase(console, "sensitivity: each choice alone, once (then cached)") as phase:
         profile, cached = cached_profile(results / ".cache", key, lambda: measure_profile(
             prepared.loaded.module, space, prepared.task, calibration, PROFILE_TEXTS, config.task.seed,
-            lambda done, total: progress.update(bar, completed=done, total=total)))
+            lambda done, total: phase.update(done, total, "choices measured")))
     guidance = guide(space, profile, config.search.quality_floor, config.search.seed_plans)
     removed = "; ".join(f"{dim} {list(options)}" for dim, options in guidance.excluded) or "none"
     console.print(f"sensitivity: {len(profile.effects)} choices on {profile.texts} texts "
@@ -144,18 +141,28 @@ def sensitivity_guidance(prepared: Prepared, space, calibration, results: Path, 
 
 def _recover_front(records: list[TrialRecord], ctx, tracker, console: Console) -> list[TrialRecord]:
     """Distill the front's shape-changing points (recovery mode 'front'), with a progress bar."""
-    from rich.progress import Progress
-
+    from slimtune.phases import Phase
     from slimtune.search.pareto import pareto_numbers
     from slimtune.search.recovery import recover_front
     from slimtune.search.trial import objectives
+    from slimtune.transforms.distill import reporting_steps
 
     recovery_ctx = dataclasses.replace(ctx, config=ctx.config.model_copy(update={"search": ctx.config.search.model_copy(
         update={"cpus_per_trial": float(os.cpu_count() or 1)})}))  # nothing else runs now: every core
-    with Progress(console=console, transient=True) as progress:
-        bar = progress.add_task(f"distillation recovery of front points ({ctx.config.recovery.steps} steps each)")
-        added = recover_front(records, pareto_numbers(records, objectives(ctx.config.task.metric)), recovery_ctx, listeners=(tracker,),
-                              progress=lambda done, total: progress.update(bar, completed=done, total=total))
+    points = {"done": 0, "total": 0}
+
+    def point_done(done: int, total: int) -> None:
+        points.update(done=done, total=total)
+        phase.update(done, total, "front points distilled")
+
+    def step(done: int, steps: int, loss: float, seconds_left: float) -> None:
+        phase.update(points["done"], points["total"] or None, f"point {points['done'] + 1}: step {done}/{steps}, "
+                     f"loss {loss:.4g}, about {seconds_left:.0f} s left")
+
+    with Phase(console, f"distillation recovery of front points (up to {ctx.config.recovery.steps} steps each)") \
+            as phase, reporting_steps(step):
+        added = recover_front(records, pareto_numbers(records, objectives(ctx.config.task.metric)), recovery_ctx,
+                              listeners=(tracker,), progress=point_done)
     done = [r for r in added if r.status == "completed"]
     seconds = ", ".join(f"{r.metrics['recover_s']:.0f}" for r in done)
     console.print(f"recovery: {len(done)} of {len(added)} front points distilled and re-measured"
@@ -170,10 +177,10 @@ def _remeasure_front(records: list[TrialRecord], goals, task: PreparedTask, conf
     import statistics
 
     import ray
-    from rich.progress import Progress
 
     from slimtune.evaluators.latency import latency_inputs
     from slimtune.evaluators.node_lock import default_lock_path
+    from slimtune.phases import Phase
     from slimtune.search.remeasure import isolated_latency, remeasure_front
     from slimtune.search.shipping import on_node
 
@@ -186,10 +193,9 @@ def _remeasure_front(records: list[TrialRecord], goals, task: PreparedTask, conf
             return on_node(node, isolated_latency, artifact, feeds, config.latency, lock)
         return isolated_latency(artifact, feeds, config.latency, lock)
 
-    with Progress(console=console, transient=True) as progress:
-        bar = progress.add_task("re-measuring the front's latency in isolation", total=None)
+    with Phase(console, "re-measuring the front's latency in isolation") as phase:
         records, pareto = remeasure_front(records, goals, retime, tracker.trial_remeasured,
-                                          progress=lambda done: progress.update(bar, completed=done))
+                                          progress=lambda done: phase.update(done, detail="points timed"))
     changes = [r.metrics["latency_ms"] / r.metrics["search_latency_ms"] for r in records if r.metrics.get("remeasured")]
     if changes:
         console.print(f"front re-measured in isolation: {len(changes)} points, latency x{statistics.median(changes):.2f} "
@@ -226,6 +232,7 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
     import ray
 
     from slimtune.evaluators.node_lock import default_lock_path
+    from slimtune.phases import Phase
     from slimtune.report import busy_lines, kernel_modes_lines, pareto_table, write_results
     from slimtune.search.front_progress import FrontProgress
     from slimtune.search.pareto import hardware_targets, not_faster_numbers
@@ -250,7 +257,7 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
     check_cluster(config.search.address)
     prepared = prepare(config, results, console)
     config, task = prepared.config, prepared.task
-    with console.status("measuring block and head importance on calibration texts"):
+    with Phase(console, "measuring block and head importance on calibration texts"):
         calibration = task_calibration(prepared.loaded.module, task)
         space = make_space(config, prepared.loaded.module, calibration)
     guidance = sensitivity_guidance(prepared, space, calibration, results, console) if config.search.sensitivity \

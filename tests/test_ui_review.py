@@ -1,6 +1,6 @@
 """The morning review in the real MLflow UI, in headless Chromium: the link a search prints opens the
-runs table filtered to its front, the front's runs show their figures, and the parent run holds the
-front table and the Pareto plot. Skipped, with the reason, where Chromium or Selenium is missing."""
+runs table's saved view of its front, the front's runs show their figures as columns, and the parent
+run holds the front table and the Pareto plot. Skipped, with the reason, where Chromium or Selenium is missing."""
 
 from __future__ import annotations
 
@@ -90,10 +90,14 @@ def test_the_printed_links_open_the_front_in_the_mlflow_ui(search_config, tmp_pa
         shown = re.findall(r"(trial-\d{3}) \[front\] \| accuracy", table)
         assert sorted(shown) == sorted(r["trial"] for r in front)  # every front run, and only those
         assert f"{len(front)} matching run" in table
+        # the saved view's columns: the figures themselves, not only in the (cut) run names
+        headers = " ".join(h.text for h in browser.find_elements("css selector", "[role=columnheader]"))
+        assert {"accuracy", "latency_ms", "size_mb"} <= set(headers.split()), headers
+        assert f"{float(front[0]['latency_ms']):.2f}" in table or f"{float(front[0]['latency_ms']):.1f}" in table
         browser.save_screenshot(str(tmp_path / "front.png"))
         SCREENSHOT.parent.mkdir(exist_ok=True)
         shutil.copy(tmp_path / "front.png", SCREENSHOT)
-        parent = re.search(r"parentRunId%60\+%3D\+%27([0-9a-f]+)%27", front_link).group(1)
+        parent = re.search(r"slimtune-front-([0-9a-f]+)", front_link).group(1)
         experiment = re.search(r"experiments/(\d+)/", front_link).group(1)
         browser.get(f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs/{parent}")
         _wait_for(browser, r"Pareto front: \d+ of \d+ trials")

@@ -13,6 +13,7 @@ import csv
 import os
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from slimtune.evaluators.latency import latency_inputs
 from slimtune.evaluators.quality import measure_quality
 from slimtune.export import KernelModes, build_artifact
 from slimtune.export.size import file_sha256
+from slimtune.phases import Phase
 from slimtune.plan import CompressionPlan
 from slimtune.release.choose import ChoiceError, Rule, choose
 from slimtune.release.package import model_card, with_probabilities, write_json
@@ -74,8 +76,12 @@ def _plan_summary(plan: CompressionPlan) -> str:
 
 
 def export_search(name: str, out: Path, rule: Rule, results: Path = Path("results"),
-                  latency_tolerance: float = 0.25, console: Console | None = None) -> ExportedModel:
-    """Choose a point of search ``name``'s front by ``rule``, rebuild and verify it, write ``out``."""
+                  latency_tolerance: float = 0.25, console: Console | None = None,
+                  timer: LatencyTimer | None = None) -> ExportedModel:
+    """Choose a point of search ``name``'s front by ``rule``, rebuild and verify it, write ``out``.
+
+    ``timer`` times the rebuilt file and other front points' files (``_latencies_in_fresh_process``
+    by default: a process of its own, under the node lock)."""
     from slimtune.workflow import prepare
 
     console = console or Console(quiet=True)
@@ -104,14 +110,16 @@ def export_search(name: str, out: Path, rule: Rule, results: Path = Path("result
     if not row.get("artifact_sha256"):
         console.print(f"{row['trial']} has no recorded SHA-256 (an older search): its bytes cannot be compared")
     try:
-        with console.status(f"rebuilding {row['trial']} from {config.model.name}"):
+        with Phase(console, f"rebuilding {row['trial']} from {config.model.name}"):
             artifact = build_artifact(model, plan, staging / "artifact.onnx", task_calibration(model, task), task.output,
                                       modes=KernelModes.loads(row.get("kernel_modes")))
         digest = file_sha256(artifact.path)
         if row.get("artifact_sha256") and digest != row["artifact_sha256"]:
             raise ReleaseError(f"the rebuilt {row['trial']} differs from the measured file (SHA-256 {digest[:12]} vs "
                                f"{row['artifact_sha256'][:12]}): the model, its files or this environment changed")
-        figures = _verify(artifact.path, row, task, config, latency_tolerance, rows, folder / "models")
+        with Phase(console, f"verifying {row['trial']}: bytes, held-out quality, latency beside other front points"):
+            figures = _verify(artifact.path, row, task, config, latency_tolerance, rows, folder / "models",
+                              timer or _latencies_in_fresh_process)
         _package(staging, artifact.path, row, plan, task, prepared.loaded.tokenizer, figures, _logged(fp32, figures),
                  name, digest)
         staging.rename(out)
@@ -122,6 +130,10 @@ def export_search(name: str, out: Path, rule: Rule, results: Path = Path("result
         torch.set_num_threads(threads_before)
     return ExportedModel(out, row["trial"], rule.describe(metric), {k: v["value"] for k, v in figures.items()},
                          _logged(row, figures), digest, row.get("hardware") == current_target().key)
+
+
+LatencyTimer = Callable[[list[Path], dict[str, Any], Config], list[dict[str, float]]]
+"""(files, latency feeds, the search's config) -> each file's latency figures, in order."""
 
 
 def _latencies_in_fresh_process(paths: list[Path], feeds, config: Config) -> list[dict[str, float]]:
@@ -148,7 +160,7 @@ def machine_drift(now_ms: list[float], then_ms: list[float]) -> float:
 
 
 def _verify(path: Path, row: dict[str, str], task, config: Config, tolerance: float, front: list[dict[str, str]],
-            models: Path) -> dict[str, dict[str, Any]]:
+            models: Path, timer: LatencyTimer) -> dict[str, dict[str, Any]]:
     """Re-measure the rebuilt file; quality must equal the logged figures, latency be within ``tolerance``
     of the search's, once corrected for how fast this machine runs now (timed on other front points'
     files, ``models``, side by side in the same process)."""
@@ -160,7 +172,7 @@ def _verify(path: Path, row: dict[str, str], task, config: Config, tolerance: fl
                                f"{float(row[m.name]):.6f}: it is not the model that was measured")
     feeds = latency_inputs(task.input_ids, task.attention_mask, config.latency)
     others = [r for r in front if r["trial"] != row["trial"] and (models / f"{r['trial']}.onnx").is_file()][:3]
-    timed = _latencies_in_fresh_process([path] + [models / f"{r['trial']}.onnx" for r in others], feeds, config)
+    timed = timer([path] + [models / f"{r['trial']}.onnx" for r in others], feeds, config)
     for name, value in timed[0].items():
         figures[name] = {"value": value, "unit": "ms" if name.endswith("_ms") else "fraction"}
     figures["size_mb"] = {"value": path.stat().st_size / 1e6, "unit": "MB"}

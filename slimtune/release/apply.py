@@ -21,6 +21,7 @@ from slimtune.evaluators.hardware import current_target, fingerprint
 from slimtune.evaluators.kernel_modes import measured_modes
 from slimtune.evaluators.latency import latency_inputs
 from slimtune.evaluators.node_lock import NodeLock
+from slimtune.phases import Phase
 from slimtune.plan import CompressionPlan, PlanError
 from slimtune.search.shipping import inputs_fingerprints
 from slimtune.search.trial import WorkerState, measure_plan, search_bit_widths, task_calibration
@@ -75,7 +76,7 @@ def apply_plan(plan_path: Path, model_name: str, config: Config, out: Path, resu
     key = fingerprint(current_target().key, *inputs_fingerprints(prepared.loaded.source, prepared.task_path.read_bytes()),
                       str(widths),
                       str(config.space.block_sizes[0]), config.latency.model_dump_json())
-    with console.status("measuring the 4-bit kernel modes on this machine"), NodeLock().exclusive():
+    with Phase(console, "measuring the 4-bit kernel modes on this machine"), NodeLock().exclusive():
         modes, _ = measured_modes(model, task, prepared.layout.linears, widths, config.space.block_sizes[0], feeds,
                                   config.latency, config.latency.threads,
                                   results / ".work" / "kernel-modes" / f"{key}.json")
@@ -84,7 +85,7 @@ def apply_plan(plan_path: Path, model_name: str, config: Config, out: Path, resu
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        with console.status(f"applying the plan to {model_name} and measuring it"):
+        with Phase(console, f"applying the plan to {model_name} and measuring it"):
             measured = measure_plan(state, plan, staging / "model.onnx", config.latency, config.latency.threads,
                                     NodeLock())
         figures = {k: v for k, v in measured.items() if isinstance(v, float)}

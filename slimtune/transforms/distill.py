@@ -7,7 +7,9 @@ export and quantization. The loss matches what ships: the pooled sentence embedd
 language model's next-token logits at every position (the same KL, per token), plus
 ``hidden_weight`` x MSE of the last hidden states where the user asks for it. It trains on the
 task's training texts, no labels: ``steps`` AdamW steps of ``batch_size`` texts, in an order fixed
-by ``seed``; each batch is cut to its longest text.
+by ``seed``; each batch is cut to its longest text. A recovery whose loss has stopped falling ends
+early (``RecoverySpec.flat_patience``, ``FlatLoss``): the rule reads only the losses, so the
+rebuild at export stops at the same step.
 
 Two things keep a recovery cheap: the teacher's outputs for the training texts are
 computed once when the task is prepared and passed in as ``targets`` (no teacher forward pass per
@@ -23,6 +25,11 @@ default 1e-4 (``RecoverySpec``).
 """
 
 from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 
 import numpy as np
 import torch
@@ -71,6 +78,41 @@ def next_token_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tenso
 
 LOSSES = {"embedding": embedding_loss, "logits": logits_loss, "lm": next_token_loss}
 
+StepReport = Callable[[int, int, float, float], None]
+"""(steps done, steps planned, this step's loss, seconds left at the pace so far)."""
+_STEP_REPORT: ContextVar[StepReport | None] = ContextVar("slimtune_distill_step_report", default=None)
+FLAT_GAIN = 0.01
+"""A window of steps whose mean loss is not 1% below the best window's so far counts as flat."""
+
+
+@contextlib.contextmanager
+def reporting_steps(report: StepReport) -> Iterator[None]:
+    """Within the block, every distillation step in this thread calls ``report`` (progress displays)."""
+    token = _STEP_REPORT.set(report)
+    try:
+        yield
+    finally:
+        _STEP_REPORT.reset(token)
+
+
+class FlatLoss:
+    """Decides when a recovery's loss has stopped falling (``RecoverySpec.flat_patience``)."""
+
+    def __init__(self, steps: int, patience: int) -> None:
+        self.window, self.patience = max(10, steps // 10), patience
+        self.losses: list[float] = []
+        self.best = float("inf")
+        self.flat = 0
+
+    def stop_after(self, loss: float) -> bool:
+        self.losses.append(loss)
+        if not self.patience or len(self.losses) % self.window:
+            return False
+        mean = float(np.mean(self.losses[-self.window:]))
+        self.flat = self.flat + 1 if mean > self.best * (1 - FLAT_GAIN) else 0
+        self.best = min(self.best, mean)
+        return self.flat >= self.patience
+
 
 def distill(student: nn.Module, teacher: nn.Module, input_ids: np.ndarray, attention_mask: np.ndarray,
             spec: RecoverySpec, targets: np.ndarray | None = None, output: OutputSpec = OutputSpec()) -> nn.Module:
@@ -86,7 +128,8 @@ def distill(student: nn.Module, teacher: nn.Module, input_ids: np.ndarray, atten
     output_loss = LOSSES[output.kind]
     optimizer = torch.optim.AdamW(_trainable(student), lr=spec.learning_rate)
     student.eval()  # no dropout: a short, deterministic run
-    for rows in _batches(len(input_ids), spec):
+    report, flat, started = _STEP_REPORT.get(), FlatLoss(spec.steps, spec.flat_patience), time.monotonic()
+    for step, rows in enumerate(_batches(len(input_ids), spec), start=1):
         mask = torch.from_numpy(attention_mask[rows])
         width = int(mask.sum(1).max())
         ids, mask = torch.from_numpy(input_ids[rows][:, :width]), mask[:, :width]
@@ -105,6 +148,11 @@ def distill(student: nn.Module, teacher: nn.Module, input_ids: np.ndarray, atten
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        value = float(loss.detach())
+        if report is not None:
+            report(step, spec.steps, value, (time.monotonic() - started) / step * (spec.steps - step))
+        if flat.stop_after(value):
+            break
     return student.eval()
 
 

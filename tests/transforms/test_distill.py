@@ -113,3 +113,29 @@ def test_a_classifier_recovers_its_teacher_logits(texts):
     student = distill(apply_structural(teacher, plan), teacher, *texts,
                       RecoverySpec(steps=30, batch_size=8, learning_rate=1e-4), output=OutputSpec("logits"))
     assert before > 0.005 and gap(student) < 0.5 * before, before
+
+
+def test_a_flat_loss_ends_recovery_early_and_the_same_step_on_a_rebuild(arch, tiny_model, calibrate, texts):
+    from slimtune.transforms.distill import FlatLoss, reporting_steps
+
+    rule = FlatLoss(steps=100, patience=2)  # windows of 10 steps
+    assert not any(rule.stop_after(1.0 / (i + 1)) for i in range(100))  # falling all the way: never stops
+    flat = FlatLoss(steps=100, patience=2)
+    assert [flat.stop_after(0.5) for _ in range(30)].index(True) == 29  # window 1 sets the best, 2 and 3 are flat
+    assert not any(FlatLoss(steps=100, patience=0).stop_after(0.5) for _ in range(100))
+
+    teacher = tiny_model(arch, layers=3)
+    calibration = dataclasses.replace(calibrate(teacher), training_ids=texts[0], training_mask=texts[1])
+    # a learning rate too small to move the loss: flat from the first window, over after the third
+    plan = CompressionPlan(depth_prune=(f"{_blocks(teacher)}.1",),
+                           recovery=RecoverySpec(steps=200, batch_size=8, learning_rate=1e-9, flat_patience=2))
+    runs = []
+    for _ in range(2):
+        steps = []
+        with reporting_steps(lambda done, total, loss, left: steps.append((done, total, loss, left))):
+            student = recover(teacher, apply_structural(teacher, plan, calibration), plan, calibration)
+        runs.append((steps, [p.detach().clone() for p in student.parameters()]))
+    (first, weights), (second, again) = runs
+    assert len(first) == 60 and first[-1][1] == 200 and first[-1][3] > 0  # 3 windows of 20, not 200 steps
+    assert [s[:3] for s in first] == [s[:3] for s in second]  # the same losses, the same last step
+    assert all(torch.equal(a, b) for a, b in zip(weights, again, strict=True))
