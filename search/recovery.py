@@ -11,8 +11,10 @@ search gave trials, while nothing else runs.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import Any
 
 from slimtune.search.records import TrialListener, TrialRecord
 from slimtune.search.trial import TrialContext, run_trial, worker_state
@@ -44,24 +46,42 @@ def alternate(first: list[TrialRecord], second: list[TrialRecord]) -> list[Trial
 def recover_front(records: list[TrialRecord], pareto: set[int], ctx: TrialContext,
                   listeners: Sequence[TrialListener] = (),
                   progress: Callable[[int, int], None] | None = None) -> list[TrialRecord]:
-    """Distill and measure the chosen front points; returns their new records (failed ones included)."""
+    """Distill and measure the chosen front points; returns their new records (failed ones included).
+
+    With ``recovery.budget_s``, each point gets an equal share of the seconds left; a point that
+    stopped before its steps (budget, or a flat loss) is recorded with the steps it did and neither
+    rule (``exact_params``), so its plan rebuilds the measured file. Its trial is announced to the
+    listeners (the MLflow run with its params) once those params are known."""
     chosen = front_to_recover(records, pareto, ctx)
+    budget, started = ctx.config.recovery.budget_s, time.monotonic()
     added = []
     for index, original in enumerate(chosen):
         if progress:
             progress(index, len(chosen))
+        planned = {**original.params, "recovery.steps": ctx.config.recovery.steps}
+        share = {} if budget is None else {
+            "recovery.budget_s": max(1.0, (budget - (time.monotonic() - started)) / (len(chosen) - index))}
         record = TrialRecord(number=len(records) + index, trial_id=f"recovered-{original.trial_id}",
-                             params={**original.params, "recovery.steps": ctx.config.recovery.steps},
-                             recovered_from=original.number)
-        for listener in listeners:
-            listener.trial_started(record)
+                             params=planned, recovered_from=original.number)
         try:
-            record = replace(record, status="completed", metrics=run_trial(record.params, ctx))
+            metrics = run_trial({**planned, **share}, ctx)
+            record = replace(record, status="completed", metrics=metrics,
+                             params=exact_params(planned, int(metrics["recover_steps"])))
         except Exception as exc:  # recorded as a failed trial, like any trial that raises
             record = replace(record, status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
         for listener in listeners:
+            listener.trial_started(replace(record, status="running", metrics={}, error=""))
             listener.trial_finished(record)
         added.append(record)
     if progress:
         progress(len(chosen), len(chosen))
     return added
+
+
+def exact_params(planned: dict[str, Any], steps_done: int) -> dict[str, Any]:
+    """The params of a recovery that took ``steps_done`` steps: the planned ones when it ran them
+    all (the flat rule did not fire, so it will not on a rebuild either), else exactly those steps
+    with the flat rule off."""
+    if steps_done >= int(planned["recovery.steps"]):
+        return planned
+    return {**planned, "recovery.steps": steps_done, "recovery.flat_patience": 0}

@@ -262,7 +262,8 @@ def measure_plan(state: WorkerState, plan: CompressionPlan, path: Path, latency_
         raise NonFiniteMetricError(f"non-finite {', '.join(bad)} for plan {plan.digest}")
     return {
         **metrics, "compress_s": artifact.compress_s, "export_s": artifact.export_s,
-        "quantize_s": artifact.quantize_s, "recover_s": artifact.recover_s, **timings,
+        "quantize_s": artifact.quantize_s, "recover_s": artifact.recover_s, "recover_steps": artifact.recover_steps,
+        **timings,
         "screen_score": sampled[task.metric], "screen_texts": len(first),
         "quality_texts": len(first) if screened else total, "screened": int(screened is not None),
         "screened_by": screened or "",

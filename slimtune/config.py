@@ -173,6 +173,9 @@ class RecoveryConfig(_Frozen):
     front_points: int = Field(4, ge=1, description="front mode: most points recovered")
     flat_patience: int = Field(2, ge=0, description="stop a recovery once its loss (mean over windows of a tenth of "
                                "the steps) fell by less than 1% this many windows in a row; 0 runs every step")
+    budget_s: float | None = Field(180.0, gt=0, description="front mode: seconds for distilling all front points "
+                                   "together, each point an equal share of what is left; a point stopped by it keeps "
+                                   "the steps it did (its plan says so). None: every point runs its steps")
 
 
 class LatencyConfig(_Frozen):

@@ -76,7 +76,9 @@ class RecoverySpec:
     plus ``hidden_weight`` x MSE of the last hidden states. No labels are used. ``flat_patience``:
     stop early once the mean loss of a window of steps (a tenth of them, at least 10) has fallen by
     less than 1% from the best window's this many windows in a row (0: every step runs). The rule
-    reads only the losses, so a rebuild stops at the same step.
+    reads only the losses, so a rebuild stops at the same step. ``budget_s``: stop after this many
+    seconds of training; a plan stopped by it is recorded with the steps it did and no budget, so
+    its rebuild repeats exactly those.
     """
 
     steps: int
@@ -85,11 +87,14 @@ class RecoverySpec:
     hidden_weight: float = 0.0
     seed: int = 0
     flat_patience: int = 0
+    budget_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.flat_patience < 0:
             raise PlanError(f"recovery needs at least one step of at least one text (steps={self.steps}) and "
                             f"flat_patience >= 0")
+        if self.budget_s is not None and self.budget_s <= 0:
+            raise PlanError(f"recovery budget_s must be positive seconds, not {self.budget_s}")
         if not 0.0 < self.learning_rate < 1.0 or self.hidden_weight < 0:
             raise PlanError("recovery learning_rate must be in (0, 1) and hidden_weight >= 0")
 

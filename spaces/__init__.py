@@ -185,7 +185,9 @@ class SearchSpace:
         dropped = int(pick("blocks.dropped") or 0)
         depth_prune = tuple(sorted(self.block_order[:dropped]))
         steps = int(choices.get("recovery.steps", pick("recovery.steps") or 0))  # fixed in trials mode
-        recovery = dataclasses.replace(self.recovery, steps=steps) if steps and self.recovery else None
+        # front recovery runs with a time budget and records the steps it did, exactly (no flat rule)
+        exact = {key: choices[f"recovery.{key}"] for key in ("flat_patience", "budget_s") if f"recovery.{key}" in choices}
+        recovery = dataclasses.replace(self.recovery, steps=steps, **exact) if steps and self.recovery else None
         return CompressionPlan(quantize=quantize, low_rank=low_rank, ffn_prune=ffn_prune, head_prune=head_prune,
                                depth_prune=depth_prune, low_rank_method=pick("low_rank.method") or "svd",
                                recovery=recovery)

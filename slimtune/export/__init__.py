@@ -66,6 +66,7 @@ class Artifact:
     export_s: float
     quantize_s: float
     recover_s: float = 0.0
+    recover_steps: int = 0
     compress_s: float = 0.0
     exporter: str = "traced"
 
@@ -164,9 +165,10 @@ def build_artifact(model: nn.Module, plan: CompressionPlan, path: Path, calibrat
 
     with stage("compress"):
         transformed = apply_structural(model, plan, calibration)
+    steps = 0
     if plan.recovery is not None:
         with stage("recover"):
-            transformed = recover(model, transformed, plan, calibration, output)
+            transformed, steps = recover(model, transformed, plan, calibration, output)
     fp32_path = path.with_name(path.stem + ".fp32.onnx")
     try:
         exporter = exporter_for(transformed, output)
@@ -186,7 +188,7 @@ def build_artifact(model: nn.Module, plan: CompressionPlan, path: Path, calibrat
     finally:
         fp32_path.unlink(missing_ok=True)
     return Artifact(path=path, plan=plan, kernels=kernel_counts(proto), export_s=seconds["export"],
-                    quantize_s=seconds["quantize"], recover_s=seconds.get("recover", 0.0),
+                    quantize_s=seconds["quantize"], recover_s=seconds.get("recover", 0.0), recover_steps=steps,
                     compress_s=seconds["compress"], exporter=exporter)
 
 

@@ -115,8 +115,10 @@ class FlatLoss:
 
 
 def distill(student: nn.Module, teacher: nn.Module, input_ids: np.ndarray, attention_mask: np.ndarray,
-            spec: RecoverySpec, targets: np.ndarray | None = None, output: OutputSpec = OutputSpec()) -> nn.Module:
-    """Train ``student`` (in place) to reproduce ``teacher``'s outputs; returns it in eval mode.
+            spec: RecoverySpec, targets: np.ndarray | None = None,
+            output: OutputSpec = OutputSpec()) -> tuple[nn.Module, int]:
+    """Train ``student`` (in place) to reproduce ``teacher``'s outputs; returns it in eval mode and
+    the number of steps it took (fewer than ``spec.steps`` when the loss went flat or the budget ran out).
 
     ``output``: what is matched (pooled embeddings, or class logits), the function that ships.
     ``targets``: the teacher's outputs for ``input_ids`` (float32, one row per text), when already
@@ -151,16 +153,17 @@ def distill(student: nn.Module, teacher: nn.Module, input_ids: np.ndarray, atten
         value = float(loss.detach())
         if report is not None:
             report(step, spec.steps, value, (time.monotonic() - started) / step * (spec.steps - step))
-        if flat.stop_after(value):
+        if flat.stop_after(value) or (spec.budget_s is not None and time.monotonic() - started >= spec.budget_s):
             break
-    return student.eval()
+    return student.eval(), step
 
 
 def recover(original: nn.Module, transformed: nn.Module, plan: CompressionPlan,
-            calibration: Calibration | None, output: OutputSpec = OutputSpec()) -> nn.Module:
-    """Apply ``plan.recovery`` to ``transformed`` with ``original`` as the teacher (no-op without it)."""
+            calibration: Calibration | None, output: OutputSpec = OutputSpec()) -> tuple[nn.Module, int]:
+    """Apply ``plan.recovery`` to ``transformed`` with ``original`` as the teacher (no-op without it);
+    returns the model and the distillation steps taken (0 without recovery)."""
     if plan.recovery is None:
-        return transformed
+        return transformed, 0
     texts = calibration.training_ids if calibration is not None else None
     if texts is None or calibration.training_mask is None:
         raise PlanError("the plan asks for distillation recovery, which needs the task's training texts "

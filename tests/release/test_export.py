@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_config):
     folder = tmp_path_factory.mktemp("export")
-    config = tiny_config(space={"group_size": 1}, recovery={"steps": 5, "front_points": 2},
+    # recovery stopped by its budget: the recovered points' plans record the steps they did
+    config = tiny_config(space={"group_size": 1}, recovery={"steps": 100_000, "budget_s": 3, "front_points": 2},
                          latency={"warmup_runs": 2, "timed_runs": 20}, search={"trials": 6, "workers": 2, "seed": 2})
     (folder / "s.yaml").write_text(yaml.safe_dump(config))
     done = subprocess.run([sys.executable, "-m", "slimtune", "search", "--config", "s.yaml", "--name", "night",
@@ -49,6 +50,9 @@ def test_every_front_point_rebuilds_to_the_measured_bytes_and_ships(finished):
     from slimtune.release import Rule, export_search
 
     front = list(csv.DictReader((finished / "results" / "night" / "pareto.csv").open()))
+    recovered = [r for r in csv.DictReader((finished / "results" / "night" / "trials.csv").open()) if r["recovered_from"]]
+    assert recovered and all(0 < int(r["recovery.steps"]) < 100_000 and r["recovery.flat_patience"] == "0"
+                             for r in recovered)
     for row in front:
         shipped = finished / f"ship-{row['trial']}"
         export_search("night", shipped, Rule(trial=row["trial"]), finished / "results", latency_tolerance=9.0,

@@ -92,7 +92,7 @@ def test_every_fault_is_a_failed_trial_everywhere_and_the_search_goes_on(tiny_mo
     from ray.tune.search.optuna import OptunaSearch
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    config = Config.model_validate(tiny_config(search={"trials": len(FAULTS), "workers": 1, "trial_timeout_s": 30,
+    config = Config.model_validate(tiny_config(search={"trials": len(FAULTS), "workers": 1, "trial_timeout_s": 20,
                                                        "trial_memory_mb": 2500}))
     prepared = prepare(config, tmp_path, Console(quiet=True))
     space = SearchSpace(prepared.layout, prepared.config.space)

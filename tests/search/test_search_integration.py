@@ -50,12 +50,13 @@ def test_results_folder_holds_the_front(finished_search):
     assert recovered, "the tiny front always holds the enqueued uniform-int8-ffn points, which change shapes"
     originals = {t["trial"]: t for t in sampled}
     for row in recovered:
-        assert row["status"] == "completed" and row["recovery.steps"] == str(RecoveryConfig().steps)
+        steps = int(row["recovery.steps"])  # all of them, or fewer recorded exactly when the loss went flat
+        assert row["status"] == "completed" and 0 < steps <= RecoveryConfig().steps
+        assert steps == RecoveryConfig().steps or row["recovery.flat_patience"] == "0"
         assert originals[row["recovered_from"]]["recovery.steps"] == ""
     assert {t["not_faster"] for t in trials} <= {"True", "False"}
     assert "Pareto front of tiny" in stdout and "slimtune ui" in stdout
-    assert "workflowType=machine_learning" in stdout and "slimtune.pareto" in stdout.replace("%60", "`").replace(
-        "%2E", ".")
+    assert "workflowType=machine_learning" in stdout and "viewStateShareKey=slimtune-front-" in stdout
     assert not list(results.glob(".partial-*"))
     assert not (results / ".work" / "tiny" / "measured" / "stale.json").exists()
     assert len({t["hardware"] for t in trials}) == 1 and "/ort" in trials[0]["hardware"] and trials[0]["node"]

@@ -152,3 +152,17 @@ def test_gptq_and_hqq_rebuild_the_same_bytes(bert, calibrate, tmp_path):
     plan, calibration = CompressionPlan(quantize=quantize), calibrate(bert)
     first = build_artifact(bert, plan, tmp_path / "a.onnx", calibration).path.read_bytes()
     assert first == build_artifact(bert, plan, tmp_path / "b.onnx", calibration).path.read_bytes()
+
+
+def test_int8_in_memory_is_byte_for_byte_what_onnx_runtimes_file_path_writes(arch, tiny_model, tmp_path, monkeypatch):
+    """The in-memory int8 pass (no save / reload for shape inference) against ONNX Runtime's own
+    quantize_dynamic entry point, on the same plan: the same file."""
+    import slimtune.export.quantize as quantize
+
+    model = tiny_model(arch)
+    linears = discover_layout(model).linears
+    plan = CompressionPlan(quantize={name: QuantSpec("int8") for name in linears[: len(linears) // 2 + 1]})
+    in_memory = build_artifact(model, plan, tmp_path / "memory.onnx").path.read_bytes()
+    monkeypatch.setattr(quantize, "IN_MEMORY_LIMIT_BYTES", 0)  # every graph takes the file path
+    through_files = build_artifact(model, plan, tmp_path / "files.onnx").path.read_bytes()
+    assert in_memory == through_files

@@ -39,7 +39,8 @@ def test_recovery_narrows_the_gap_to_the_teacher(arch, tiny_model, calibrate, te
                            recovery=RecoverySpec(steps=40, batch_size=8, learning_rate=1e-4))
     pruned = apply_structural(teacher, plan, calibration)
     before = _gap(pruned, teacher, *texts)
-    recovered = recover(teacher, apply_structural(teacher, plan, calibration), plan, calibration)
+    recovered, steps = recover(teacher, apply_structural(teacher, plan, calibration), plan, calibration)
+    assert steps == 40
     assert _gap(recovered, teacher, *texts) < 0.3 * before, before
 
 
@@ -81,8 +82,8 @@ def test_known_targets_replace_the_teacher_pass_and_tables_stay_frozen(bert, cal
         targets = PooledEmbedding(bert)(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
     plan = CompressionPlan(ffn_prune={"encoder.layer.0": 0.5})
     spec = RecoverySpec(steps=5, batch_size=8, learning_rate=1e-4)
-    live = distill(apply_structural(bert, plan), bert, ids, mask, spec)
-    cached = distill(apply_structural(bert, plan), bert, ids, mask, spec, targets=targets)
+    live, _ = distill(apply_structural(bert, plan), bert, ids, mask, spec)
+    cached, _ = distill(apply_structural(bert, plan), bert, ids, mask, spec, targets=targets)
     for (name, a), b in zip(live.state_dict().items(), cached.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-5), name
     assert torch.equal(live.embeddings.word_embeddings.weight, bert.embeddings.word_embeddings.weight)
@@ -110,7 +111,7 @@ def test_a_classifier_recovers_its_teacher_logits(texts):
 
     plan = CompressionPlan(ffn_prune={"bert.encoder.layer.0": 0.75, "bert.encoder.layer.1": 0.75})
     before = gap(apply_structural(teacher, plan))
-    student = distill(apply_structural(teacher, plan), teacher, *texts,
+    student, _ = distill(apply_structural(teacher, plan), teacher, *texts,
                       RecoverySpec(steps=30, batch_size=8, learning_rate=1e-4), output=OutputSpec("logits"))
     assert before > 0.005 and gap(student) < 0.5 * before, before
 
@@ -132,10 +133,25 @@ def test_a_flat_loss_ends_recovery_early_and_the_same_step_on_a_rebuild(arch, ti
     runs = []
     for _ in range(2):
         steps = []
-        with reporting_steps(lambda done, total, loss, left: steps.append((done, total, loss, left))):
-            student = recover(teacher, apply_structural(teacher, plan, calibration), plan, calibration)
+        with reporting_steps(lambda done, total, loss, left, seen=steps: seen.append((done, total, loss, left))):
+            student, _ = recover(teacher, apply_structural(teacher, plan, calibration), plan, calibration)
         runs.append((steps, [p.detach().clone() for p in student.parameters()]))
     (first, weights), (second, again) = runs
     assert len(first) == 60 and first[-1][1] == 200 and first[-1][3] > 0  # 3 windows of 20, not 200 steps
     assert [s[:3] for s in first] == [s[:3] for s in second]  # the same losses, the same last step
     assert all(torch.equal(a, b) for a, b in zip(weights, again, strict=True))
+
+
+def test_a_time_budget_ends_recovery_and_its_steps_rebuild_the_same_model(arch, tiny_model, calibrate, texts):
+    teacher = tiny_model(arch, layers=3)
+    calibration = dataclasses.replace(calibrate(teacher), training_ids=texts[0], training_mask=texts[1])
+    budgeted = CompressionPlan(depth_prune=(f"{_blocks(teacher)}.1",),
+                               recovery=RecoverySpec(steps=100_000, batch_size=8, budget_s=1.0))
+    student, steps = recover(teacher, apply_structural(teacher, budgeted, calibration), budgeted, calibration)
+    assert 0 < steps < 100_000
+    exact = dataclasses.replace(budgeted, recovery=dataclasses.replace(budgeted.recovery, steps=steps, budget_s=None))
+    again, repeated = recover(teacher, apply_structural(teacher, exact, calibration), exact, calibration)
+    assert repeated == steps
+    assert all(torch.equal(a, b) for a, b in zip(student.parameters(), again.parameters(), strict=True))
+    with pytest.raises(PlanError, match="budget_s"):
+        RecoverySpec(steps=10, budget_s=0)
