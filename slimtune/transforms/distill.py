@@ -152,7 +152,9 @@ def distill(student: nn.Module, teacher: nn.Module, input_ids: np.ndarray, atten
         optimizer.step()
         value = float(loss.detach())
         if report is not None:
-            report(step, spec.steps, value, (time.monotonic() - started) / step * (spec.steps - step))
+            spent = time.monotonic() - started
+            left = spent / step * (spec.steps - step)
+            report(step, spec.steps, value, left if spec.budget_s is None else max(0.0, min(left, spec.budget_s - spent)))
         if flat.stop_after(value) or (spec.budget_s is not None and time.monotonic() - started >= spec.budget_s):
             break
     return student.eval(), step
