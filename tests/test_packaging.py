@@ -20,7 +20,7 @@ ROOMS = [
     ("evaluators", ["evaluators"]),
     ("search", ["search"]),
     ("tracking", ["slimtune/tracking.py"]),
-    ("report", ["slimtune/report.py"]),
+    ("report", ["slimtune/report.py", "slimtune/plots.py", "slimtune/phases.py"]),
     ("cli", ["slimtune/workflow.py", "slimtune/cli.py", "slimtune/release", "slimtune/api.py"]),
 ]
 
