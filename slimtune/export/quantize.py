@@ -120,7 +120,7 @@ def quantize_int8_matmuls(model: onnx.ModelProto, nodes: set[str]) -> onnx.Model
         # attention): every activation here is fp32.
         "DefaultTensorType": TensorProto.FLOAT}
     common = {"nodes_to_quantize": sorted(nodes), "nodes_to_exclude": sorted(_names(model, "MatMul") - nodes)}
-    if model.ByteSize() < IN_MEMORY_LIMIT_BYTES:
+    if sum(len(t.raw_data) for t in model.graph.initializer) < IN_MEMORY_LIMIT_BYTES:  # ByteSize() costs 0.15 s
         with _quiet():
             return _int8_in_memory(model, options, **common)
     with tempfile.TemporaryDirectory(prefix="slimtune-q8-") as tmp, _quiet():  # quiet its pre-processing advice
