@@ -15,7 +15,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import slimtune.export.quantize as quantize
+import slimtune.export.int8 as quantize
 from slimtune.config import BUILTIN_MODEL
 from slimtune.evaluators.hardware import cpu_description
 from slimtune.export import build_artifact

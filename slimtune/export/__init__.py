@@ -21,6 +21,7 @@ from torch import nn
 
 from slimtune.export.decoder import KV_CACHE_KEY, export_decoder, input_table_name, share_tied_lm_head
 from slimtune.export.fused_decoder import export_fused_decoder, fusion_refusal
+from slimtune.export.int8 import quantize_int8_matmuls
 from slimtune.export.modes import EXACT, KernelModes
 from slimtune.export.onnx_export import ExportError, export_fp32, weight_matmuls
 from slimtune.export.pack import pack_attention_projections
@@ -29,7 +30,6 @@ from slimtune.export.quantize import (
     calibration_feeds,
     quantize_blockwise_matmuls,
     quantize_embedding,
-    quantize_int8_matmuls,
 )
 from slimtune.export.size import artifact_bytes, predict_size_bytes
 from slimtune.export.verify import verify_quantized, weight_nodes

@@ -25,10 +25,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -98,54 +96,6 @@ def _matmulnbits_quantizer():
 
 def _names(model: onnx.ModelProto, op_type: str) -> set[str]:
     return {n.name for n in model.graph.node if n.op_type == op_type}
-
-
-IN_MEMORY_LIMIT_BYTES = 1_800_000_000
-"""Graphs up to this size are quantized without touching the disk (protobuf serialises at most 2 GB)."""
-
-
-def quantize_int8_matmuls(model: onnx.ModelProto, nodes: set[str]) -> onnx.ModelProto:
-    """Per-channel int8 weights for the named MatMul nodes (MatMulInteger kernels).
-
-    ONNX Runtime's ``quantize_dynamic``, run on the graph in memory: its entry point saves the
-    model, infers shapes from the file, reloads it, and writes its result to disk to be read back,
-    a fixed cost of every trial. The same steps here (shape inference, the inference tag, the
-    opset update, ``ONNXQuantizer``, the topological sort before saving) give the same graph, byte
-    for byte (``tests/transforms/test_contract_quant.py``); larger graphs take the file path."""
-    if not nodes:
-        return model
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    options = {  # ONNX shape inference types nothing behind a contrib op (a fused decoder's
-        # attention): every activation here is fp32.
-        "DefaultTensorType": TensorProto.FLOAT}
-    common = {"nodes_to_quantize": sorted(nodes), "nodes_to_exclude": sorted(_names(model, "MatMul") - nodes)}
-    if sum(len(t.raw_data) for t in model.graph.initializer) < IN_MEMORY_LIMIT_BYTES:  # ByteSize() costs 0.15 s
-        with _quiet():
-            return _int8_in_memory(model, options, **common)
-    with tempfile.TemporaryDirectory(prefix="slimtune-q8-") as tmp, _quiet():  # quiet its pre-processing advice
-        out = Path(tmp) / "int8.onnx"
-        quantize_dynamic(model, out, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
-                         extra_options=options, **common)
-        return onnx.load(str(out))
-
-
-def _int8_in_memory(model: onnx.ModelProto, options: dict, nodes_to_quantize: list[str],
-                    nodes_to_exclude: list[str]) -> onnx.ModelProto:
-    """``quantize_dynamic(per_channel=True, weight_type=QInt8, op_types=["MatMul"])``'s steps, in memory."""
-    from onnxruntime.quantization import QuantizationMode, QuantType
-    from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
-    from onnxruntime.quantization.quant_utils import add_infer_metadata, update_opset_version
-
-    inferred = onnx.shape_inference.infer_shapes(model)
-    add_infer_metadata(inferred)
-    inferred = update_opset_version(inferred, QuantType.QInt8)
-    quantizer = ONNXQuantizer(inferred, True, False, QuantizationMode.IntegerOps, False, QuantType.QInt8,
-                              QuantType.QUInt8, None, nodes_to_quantize, nodes_to_exclude, ["MatMul"],
-                              {**options, "MatMulConstBOnly": True})
-    quantizer.quantize_model()
-    quantizer.model.topological_sort()
-    return quantizer.model.model
 
 
 def quantize_blockwise_matmuls(model: onnx.ModelProto, nodes: set[str], bits: int, block_size: int,

@@ -15,12 +15,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from slimtune.export import ExportError
+from slimtune.export.int8 import quantize_int8_matmuls
 from slimtune.export.onnx_export import export_fp32, weight_matmuls
 from slimtune.export.quantize import (
     _matmulnbits_quantizer,
     quantize_blockwise_matmuls,
     quantize_embedding,
-    quantize_int8_matmuls,
 )
 from slimtune.export.verify import verify_quantized, weight_nodes
 from slimtune.layout import discover_layout

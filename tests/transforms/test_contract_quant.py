@@ -157,7 +157,7 @@ def test_gptq_and_hqq_rebuild_the_same_bytes(bert, calibrate, tmp_path):
 def test_int8_in_memory_is_byte_for_byte_what_onnx_runtimes_file_path_writes(arch, tiny_model, tmp_path, monkeypatch):
     """The in-memory int8 pass (no save / reload for shape inference) against ONNX Runtime's own
     quantize_dynamic entry point, on the same plan: the same file."""
-    import slimtune.export.quantize as quantize
+    import slimtune.export.int8 as quantize
 
     model = tiny_model(arch)
     linears = discover_layout(model).linears
