@@ -197,7 +197,7 @@ def measure_latency(path: Path, feeds: dict[str, np.ndarray], cfg: LatencyConfig
             attempts.append((lost, figures))
             if lost is None or not is_busy(lost, cfg.busy_threshold):
                 break
-    lost, figures = min(attempts, key=lambda a: -1.0 if a[0] is None else a[0])
+    lost, figures = min(attempts, key=lambda a: a[0] or 0.0)  # None: no counters here, one attempt
     if lost is None:
         return figures
     return (*figures,

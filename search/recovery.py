@@ -53,6 +53,7 @@ def recover_front(records: list[TrialRecord], pareto: set[int], ctx: TrialContex
     rule (``exact_params``), so its plan rebuilds the measured file. Its trial is announced to the
     listeners (the MLflow run with its params) once those params are known."""
     chosen = front_to_recover(records, pareto, ctx)
+    space = worker_state(ctx).space
     budget, started = ctx.config.recovery.budget_s, time.monotonic()
     added = []
     for index, original in enumerate(chosen):
@@ -65,8 +66,10 @@ def recover_front(records: list[TrialRecord], pareto: set[int], ctx: TrialContex
                              params=planned, recovered_from=original.number)
         try:
             metrics = run_trial({**planned, **share}, ctx)
-            record = replace(record, status="completed", metrics=metrics,
-                             params=exact_params(planned, int(metrics["recover_steps"])))
+            exact = exact_params(planned, int(metrics["recover_steps"]))
+            # the digest of the plan that rebuilds it (plans/), not of the budgeted one that ran
+            record = replace(record, status="completed", params=exact,
+                             metrics={**metrics, "plan_digest": space.plan_from_choices(exact).digest})
         except Exception as exc:  # recorded as a failed trial, like any trial that raises
             record = replace(record, status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
         for listener in listeners:

@@ -104,6 +104,11 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
+def _flag(value: Any) -> str:
+    """A 0/1 figure as the tag values the UI's filters read: 'true' / 'false'."""
+    return str(bool(value)).lower()
+
+
 def run_title(record: TrialRecord, on_front: bool = False, metric: str | None = None) -> str:
     """``trial-003 [front] | accuracy 0.9730 | 24.8 ms | 23.1 MB | uniform-int8-ffn50``: the trial, a
     front marker, once measured its figures, and its role (a reference, or ``recovered trial-005``).
@@ -308,8 +313,8 @@ class MlflowSearchRun:
         for key in ("kernels", "exporter", "kernel_modes", "hardware", "node"):
             if record.metrics.get(key):
                 self.client.set_tag(run_id, f"slimtune.{key}", record.metrics[key])
-        if record.metrics.get("machine_busy"):
-            self.client.set_tag(run_id, "slimtune.machine_busy", "true")
+        if "machine_busy" in record.metrics:
+            self.client.set_tag(run_id, "slimtune.machine_busy", _flag(record.metrics["machine_busy"]))
         if record.error:
             self.client.set_tag(run_id, "slimtune.error", record.error[:4000])
             self.client.set_tag(run_id, "mlflow.note.content", f"**{record.status}**: {record.error[:4000]}")
@@ -332,7 +337,7 @@ class MlflowSearchRun:
         self.client.log_batch(run_id, metrics=metrics)
         self.client.set_tag(run_id, "slimtune.remeasured", "true")
         if "machine_busy" in record.metrics:  # the published timing's, which replaces the search-time one
-            self.client.set_tag(run_id, "slimtune.machine_busy", str(bool(record.metrics["machine_busy"])).lower())
+            self.client.set_tag(run_id, "slimtune.machine_busy", _flag(record.metrics["machine_busy"]))
 
     def log_search_metric(self, name: str, value: float, step: int) -> None:
         """One point of a metric history on the search's parent run (e.g. the hypervolume per trial)."""
