@@ -379,7 +379,9 @@ class MlflowSearchRun:
 
     def _log_onnx_model(self, run_id: str, path: Path) -> None:
         """The front point's ONNX file as an MLflow model of its trial run: listed in the runs table's
-        Models column and downloadable from the UI. The tracking URI is set for this call only."""
+        Models column and downloadable from the UI. The tracking URI is set for this call only. Its
+        requirements are the flavour's own (onnx, onnxruntime at the installed versions), given
+        rather than inferred: inference imports the model in a subprocess, 2 s per front point."""
         import mlflow
         import mlflow.onnx
         import onnx
@@ -388,7 +390,8 @@ class MlflowSearchRun:
         mlflow.set_tracking_uri(self.uri)
         try:
             with mlflow.start_run(run_id=run_id):
-                mlflow.onnx.log_model(onnx.load(str(path)), name="model")
+                mlflow.onnx.log_model(onnx.load(str(path)), name="model",
+                                      pip_requirements=mlflow.onnx.get_default_pip_requirements())
         finally:
             mlflow.set_tracking_uri(previous)
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +145,83 @@ def search_config(tiny_config):
         return path
 
     return write
+
+
+@dataclass(frozen=True)
+class FinishedSearch:
+    """A finished search for tests to read: ``folder`` holds ``results/`` (``results/<name>/`` and
+    ``mlflow.db``); ``stdout`` is what the search printed; ``trials`` sampled trials; recovery
+    stopped by its time budget before ``recovery_steps``."""
+
+    folder: Path
+    stdout: str
+    name: str = "night"
+    trials: int = 6
+    recovery_steps: int = 100_000
+
+    @property
+    def results(self) -> Path:
+        return self.folder / "results"
+
+
+@pytest.fixture(scope="session")
+def _finished_search_once(tmp_path_factory, tiny_config) -> FinishedSearch:
+    """One real search through the CLI in a fresh process (local Ray, Optuna, MLflow on SQLite) over
+    the tiny model: 6 trials on 2 workers, per-block groups, low-rank open, recovery of 2 front
+    points stopped by a 3 s budget (so recovered plans record the steps they did). Several test
+    modules read what it leaves; each gets its own copy (``finished_search``), never this folder."""
+    folder = tmp_path_factory.mktemp("shared-search")
+    shape = FinishedSearch(folder, "")
+    config = tiny_config(space={"group_size": 1, "rank_fractions": [1.0, 0.5]},
+                         recovery={"steps": shape.recovery_steps, "budget_s": 3, "front_points": 2},
+                         latency={"warmup_runs": 2, "timed_runs": 20},
+                         search={"trials": shape.trials, "workers": 2, "seed": 3})
+    (folder / "search.yaml").write_text(yaml.safe_dump(config))
+    stale = shape.results / ".work" / shape.name / "measured" / "stale.json"  # a failed search's leftovers
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")
+    done = subprocess.run([sys.executable, "-m", "slimtune", "search", "--config", "search.yaml", "--name",
+                           shape.name, "--results-dir", "results"], capture_output=True, text=True, timeout=900,
+                          cwd=folder, env={**os.environ, "RAY_ADDRESS": ""})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return FinishedSearch(folder, done.stdout)
+
+
+@pytest.fixture(scope="module")
+def finished_search(_finished_search_once, tmp_path_factory) -> FinishedSearch:
+    """A copy of the shared finished search for one test module, which may change it (export into
+    it, register models, edit its CSVs)."""
+    folder = tmp_path_factory.mktemp("search-copy")
+    shutil.copytree(_finished_search_once.folder, folder, dirs_exist_ok=True)
+    return FinishedSearch(folder, _finished_search_once.stdout)
+
+
+@dataclass(frozen=True)
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str, cwd: Path) -> CliResult:
+    """The ``slimtune`` command line run in this process from ``cwd`` (Typer's runner: the same
+    commands, options, exit codes and stderr, without a fresh interpreter's imports); the commands
+    that must run as their own process are run with ``python -m slimtune`` by their tests."""
+    from typer.testing import CliRunner
+
+    from slimtune.cli import app
+
+    with contextlib.chdir(cwd):
+        result = CliRunner().invoke(app, list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return CliResult(result.exit_code, result.stdout, result.stderr)
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """``run_cli``: the command line in this process (``cli("export", "night", ..., cwd=folder)``)."""
+    return run_cli
 
 
 def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 3):

@@ -5,7 +5,6 @@ run holds the front table and the Pareto plot. Skipped, with the reason, where C
 from __future__ import annotations
 
 import csv
-import os
 import re
 import shutil
 import socket
@@ -64,15 +63,11 @@ def _wait_for(browser, pattern: str, seconds: float = 60) -> str:
     raise AssertionError(f"{pattern!r} never appeared; the page shows: {text[:1500]}")
 
 
-def test_the_printed_links_open_the_front_in_the_mlflow_ui(search_config, tmp_path):
-    results = tmp_path / "results"
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    done = subprocess.run([sys.executable, "-m", "slimtune", "search", "--config", str(search_config(tmp_path, 5)),
-                           "--name", "review", "--results-dir", str(results)], capture_output=True, text=True,
-                          timeout=900, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+def test_the_printed_links_open_the_front_in_the_mlflow_ui(finished_search, tmp_path):
+    results = finished_search.results  # a real search's store and what it printed (tests/conftest.py)
     port = _free_port()
-    front_link = re.search(r"front:\s+(\S+)", done.stdout).group(1).replace("127.0.0.1:5000", f"127.0.0.1:{port}")
+    front_link = re.search(r"front:\s+(\S+)", finished_search.stdout).group(1).replace("127.0.0.1:5000",
+                                                                                     f"127.0.0.1:{port}")
     ui = subprocess.Popen([sys.executable, "-m", "slimtune", "ui", "--port", str(port), "--results-dir", str(results)],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     browser = None
@@ -86,7 +81,7 @@ def test_the_printed_links_open_the_front_in_the_mlflow_ui(search_config, tmp_pa
         browser = _browser()
         browser.get(front_link)
         table = _wait_for(browser, r"\[front\] \| accuracy \d\.\d{4} \| [\d.]+ ms \| [\d.]+ MB")
-        front = list(csv.DictReader((results / "review" / "pareto.csv").open()))
+        front = list(csv.DictReader((results / finished_search.name / "pareto.csv").open()))
         shown = re.findall(r"(trial-\d{3}) \[front\] \| accuracy", table)
         assert sorted(shown) == sorted(r["trial"] for r in front)  # every front run, and only those
         assert f"{len(front)} matching run" in table

@@ -5,37 +5,32 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-import yaml
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, tiny_config):
-    folder = tmp_path_factory.mktemp("export")
-    # recovery stopped by its budget: the recovered points' plans record the steps they did
-    config = tiny_config(space={"group_size": 1}, recovery={"steps": 100_000, "budget_s": 3, "front_points": 2},
-                         latency={"warmup_runs": 2, "timed_runs": 20}, search={"trials": 6, "workers": 2, "seed": 2})
-    (folder / "s.yaml").write_text(yaml.safe_dump(config))
-    done = subprocess.run([sys.executable, "-m", "slimtune", "search", "--config", "s.yaml", "--name", "night",
-                           "--results-dir", "results"], capture_output=True, text=True, timeout=900, cwd=folder,
-                          env={**os.environ, "RAY_ADDRESS": ""})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return folder
+def finished(finished_search):
+    """This module's copy of the shared search (tests/conftest.py): recovery there is stopped by its
+    budget, so the recovered points' plans record the steps they did."""
+    return finished_search.folder
 
 
-def _export(folder, *args, tolerance="9"):
-    """The CLI export; latency is checked only loosely (within 10x after the machine's drift): a tiny
-    model's sub-millisecond timings are noise-bound, and the latency rule has its own tests below."""
-    return subprocess.run([sys.executable, "-m", "slimtune", "export", "night", "--results-dir", "results",
-                           "--latency-tolerance", tolerance, *args], capture_output=True, text=True, timeout=900,
-                          cwd=folder)
+@pytest.fixture
+def export_cli(cli):
+    """The CLI export of the search ``night``; latency is checked only loosely (within 10x after the
+    machine's drift): a tiny model's sub-millisecond timings are noise-bound, and the latency rule
+    has its own tests below."""
+
+    def run(folder, *args, tolerance="9"):
+        return cli("export", "night", "--results-dir", "results", "--latency-tolerance", tolerance, *args, cwd=folder)
+
+    return run
 
 
 def _timed_here(paths, feeds, config):
@@ -106,9 +101,9 @@ def test_a_rebuilt_file_slower_than_measured_fails_and_a_slower_machine_does_not
         (night / "models" / "trial-999.onnx").unlink()
 
 
-def test_the_shipped_folder_runs_with_onnxruntime_and_the_tokenizer_alone(finished, tiny_csv):
+def test_the_shipped_folder_runs_with_onnxruntime_and_the_tokenizer_alone(finished, export_cli, tiny_csv):
     row = next(csv.DictReader((finished / "results" / "night" / "pareto.csv").open()))
-    assert _export(finished, "--trial", row["trial"], "--out", "alone").returncode == 0
+    assert export_cli(finished, "--trial", row["trial"], "--out", "alone").returncode == 0
     texts = [r["body"] for r in csv.DictReader(tiny_csv.open())][:5]
     script = "\n".join([  # what the model card shows: no slimtune, no transformers
         "import json, sys, numpy as np, onnxruntime as ort",
@@ -129,16 +124,16 @@ def test_the_shipped_folder_runs_with_onnxruntime_and_the_tokenizer_alone(finish
     assert "## Run it" in (finished / "alone" / "README.md").read_text()
 
 
-def test_rules_choose_and_explain(finished):
-    done = _export(finished, "--max-latency-ms", "0.0001", "--out", "never")
+def test_rules_choose_and_explain(finished, export_cli):
+    done = export_cli(finished, "--max-latency-ms", "0.0001", "--out", "never")
     assert done.returncode == 2 and "no front point has latency <= 0.0001 ms" in " ".join(done.stderr.split())
     assert "misses latency_ms by" in done.stderr and not (finished / "never").exists()
-    knee = _export(finished, "--knee", "--out", "knee")  # the default timer, in a process of its own
+    knee = export_cli(finished, "--knee", "--out", "knee")  # the default timer: a process of its own
     assert knee.returncode == 0, knee.stderr[-2000:]
-    assert _export(finished, "--max-drop", "50", "--prefer", "smallest", "--out", "small").returncode == 0
+    assert export_cli(finished, "--max-drop", "50", "--prefer", "smallest", "--out", "small").returncode == 0
 
 
-def test_a_file_that_is_not_the_measured_one_fails_loudly(finished):
+def test_a_file_that_is_not_the_measured_one_fails_loudly(finished, export_cli):
     pareto = finished / "results" / "night" / "pareto.csv"
     original = pareto.read_text()
     rows = list(csv.DictReader(original.splitlines()))
@@ -148,7 +143,7 @@ def test_a_file_that_is_not_the_measured_one_fails_loudly(finished):
         writer.writeheader()
         writer.writerows(rows)
     try:
-        done = _export(finished, "--trial", rows[0]["trial"], "--out", "tampered")
+        done = export_cli(finished, "--trial", rows[0]["trial"], "--out", "tampered")
     finally:
         pareto.write_text(original)
     assert done.returncode == 2 and "differs from the measured file" in " ".join(done.stderr.split())
@@ -162,8 +157,11 @@ def test_the_registered_model_predicts_what_the_onnx_file_does(finished, tiny_cs
     from tokenizers import Tokenizer
 
     row = next(csv.DictReader((finished / "results" / "night" / "pareto.csv").open()))
-    done = _export(finished, "--trial", row["trial"], "--out", "registered", "--register", "tiny-topics",
-                   "--alias", "champion")
+    # as its own process, the way a user runs it: registration is where MLflow's process state is used
+    done = subprocess.run([sys.executable, "-m", "slimtune", "export", "night", "--results-dir", "results",
+                           "--latency-tolerance", "9", "--trial", row["trial"], "--out", "registered",
+                           "--register", "tiny-topics", "--alias", "champion"], capture_output=True, text=True,
+                          timeout=900, cwd=finished)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "models:/tiny-topics@champion" in " ".join(done.stdout.split())
     texts = [r["body"] for r in csv.DictReader(tiny_csv.open())][:6]
@@ -187,13 +185,12 @@ def test_the_registered_model_predicts_what_the_onnx_file_does(finished, tiny_cs
     np.testing.assert_allclose(predicted[[f"p_{label}" for label in labels]].to_numpy(), prob, atol=1e-6)
 
 
-def _apply(folder, plan, model, out):
-    return subprocess.run([sys.executable, "-m", "slimtune", "apply", str(plan), "--model", str(model), "--search",
-                           "night", "--out", out, "--results-dir", "results"], capture_output=True, text=True,
-                          timeout=900, cwd=folder)
+def _apply(cli, folder, plan, model, out):
+    return cli("apply", str(plan), "--model", str(model), "--search", "night", "--out", out, "--results-dir", "results",
+               cwd=folder)
 
 
-def test_a_plan_applies_to_a_retrained_checkpoint_and_refuses_another_layout(finished, tiny_model_dir):
+def test_a_plan_applies_to_a_retrained_checkpoint_and_refuses_another_layout(finished, tiny_model_dir, cli):
     import torch
     from transformers import AutoTokenizer, BertModel
 
@@ -204,7 +201,7 @@ def test_a_plan_applies_to_a_retrained_checkpoint_and_refuses_another_layout(fin
             parameter.add_(0.01 * torch.randn_like(parameter))
     retrained.save_pretrained(finished / "retrained")
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(finished / "retrained")
-    done = _apply(finished, plans[-1], finished / "retrained", "applied")
+    done = _apply(cli, finished, plans[-1], finished / "retrained", "applied")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     metrics = json.loads((finished / "applied" / "metrics.json").read_text())
     assert {"accuracy", "latency_ms", "size_mb"} <= set(metrics["figures"]) and (finished / "applied" / "model.onnx").is_file()
@@ -214,6 +211,6 @@ def test_a_plan_applies_to_a_retrained_checkpoint_and_refuses_another_layout(fin
     shallow.save_pretrained(finished / "shallow")
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(finished / "shallow")
     layer_plans = [p for p in plans if "encoder.layer.1" in p.read_text()]
-    done = _apply(finished, layer_plans[0], finished / "shallow", "never")
+    done = _apply(cli, finished, layer_plans[0], finished / "shallow", "never")
     assert done.returncode == 2 and "modules this model does not have" in " ".join(done.stderr.split())
     assert not (finished / "never").exists()

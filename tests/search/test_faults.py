@@ -24,36 +24,51 @@ from slimtune.workflow import prepare
 
 pytestmark = pytest.mark.slow
 
+# A worker with the tiny model after a real trial holds about 0.8 GB; the memory fault adds 100 MB at a
+# time past this limit (first-touch page faults run at 0.1-2 GB/s on the VMs tried: a small overshoot).
+MEMORY_LIMIT_MB = 1400
 FAULTS = ["none", "raises", "non-finite", "timeout", "memory", "worker dies", "none", "none"]
 
 
-def _next_index(work_dir: str) -> int:
-    """The how-many-th trial this is, counted across worker processes."""
-    path = Path(work_dir) / "fault-counter"
+def _take_fault(work_dir: str) -> str:
+    """The next fault of FAULTS, in the order trials start across worker processes, written down
+    beside the Ray trial id that got it (``injected_faults``)."""
+    from ray import tune
+
+    path = Path(work_dir) / "injected-faults"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         handle.seek(0)
-        index = len(handle.read())
-        handle.write("x")
-        return index
+        fault = FAULTS[len(handle.read().splitlines()) % len(FAULTS)]
+        handle.write(f"{tune.get_context().get_trial_id()}\t{fault}\n")
+        handle.flush()
+        return fault
+
+
+def injected_faults(work_dir: Path) -> dict[str, str]:
+    """Ray trial id -> the fault its trial got."""
+    return dict(line.split("\t") for line in (work_dir / "injected-faults").read_text().splitlines())
 
 
 def faulty_measure(params, ctx):
-    """The real trial, with one fault injected per trial in the order of FAULTS."""
+    """The real trial, with one fault of FAULTS injected into each trial."""
     import numpy as np
 
     import slimtune.search.trial as trial
     from slimtune.evaluators import Metric
 
-    fault = FAULTS[_next_index(ctx.work_dir) % len(FAULTS)]
+    fault = _take_fault(ctx.work_dir)
     if fault == "raises":
         raise RuntimeError("injected failure")
     if fault == "timeout":
         time.sleep(600)
-    if fault == "memory":
-        hog = np.ones(400_000_000)  # 3.2 GB, touched
-        return {"size": float(hog.sum())}
+    if fault == "memory":  # 100 MB more, touched, every 0.1 s, until the watchdog ends the worker
+        hog = []
+        for _ in range(30):
+            hog.append(np.ones(12_500_000))
+            time.sleep(0.1)
+        return {"size": float(sum(h.sum() for h in hog))}
     if fault == "worker dies":
         os._exit(3)
     if fault == "non-finite":
@@ -92,8 +107,9 @@ def test_every_fault_is_a_failed_trial_everywhere_and_the_search_goes_on(tiny_mo
     from ray.tune.search.optuna import OptunaSearch
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    config = Config.model_validate(tiny_config(search={"trials": len(FAULTS), "workers": 1, "trial_timeout_s": 20,
-                                                       "trial_memory_mb": 2500}))
+    # two workers: the timeout and the worker's death are waited out while the other trials go on
+    config = Config.model_validate(tiny_config(search={"trials": len(FAULTS), "workers": 2, "trial_timeout_s": 20,
+                                                       "trial_memory_mb": MEMORY_LIMIT_MB}))
     prepared = prepare(config, tmp_path, Console(quiet=True))
     space = SearchSpace(prepared.layout, prepared.config.space)
     ctx = TrialContext(config=prepared.config, model_source=str(tiny_model_dir), task_path=str(prepared.task_path),
@@ -109,8 +125,10 @@ def test_every_fault_is_a_failed_trial_everywhere_and_the_search_goes_on(tiny_mo
         ray.shutdown()
     tracker.finish(records, set(), None, {})
 
-    assert [r.status for r in records] == ["completed" if f == "none" else "failed" for f in FAULTS]
-    errors = dict(zip(FAULTS, (r.error for r in records), strict=True))
+    faults = [injected_faults(tmp_path / "work")[r.trial_id] for r in records]  # in the records' (start) order
+    assert sorted(faults) == sorted(FAULTS)
+    assert [r.status for r in records] == ["completed" if f == "none" else "failed" for f in faults]
+    errors = dict(zip(faults, (r.error for r in records), strict=True))
     assert "injected failure" in errors["raises"]
     assert "non-finite accuracy" in errors["non-finite"]
     assert errors["timeout"].startswith("TrialTimeout") and errors["memory"].startswith("TrialOutOfMemory")
@@ -119,15 +137,16 @@ def test_every_fault_is_a_failed_trial_everywhere_and_the_search_goes_on(tiny_mo
     searcher = OptunaSearch()
     searcher.restore_from_dir(str(tmp_path / "ray" / "faults"))
     states = [t.state.name for t in searcher._ot_study.trials]
-    assert states == ["COMPLETE" if f == "none" else "FAIL" for f in FAULTS]
+    assert states == ["COMPLETE" if f == "none" else "FAIL" for f in faults]
 
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
     children = sorted((r for r in runs if "mlflow.parentRunId" in r.data.tags), key=lambda r: r.info.run_name)
-    assert [c.info.status for c in children] == ["FINISHED" if f == "none" else "FAILED" for f in FAULTS]
-    assert children[0].data.params and "accuracy" in children[0].data.metrics  # lost at first, logged at the end
+    assert [c.info.status for c in children] == ["FINISHED" if f == "none" else "FAILED" for f in faults]
+    assert all(c.data.params and "accuracy" in c.data.metrics  # the first ones lost at first, logged at the end
+               for c, f in zip(children, faults, strict=True) if f == "none")
     assert all(c.data.tags["slimtune.error"] == r.error[:4000] for c, r in zip(children, records, strict=True)
                if r.status == "failed")
     assert not tracker.unsynced
-    for fault, record, state, run in zip(FAULTS, records, states, children, strict=True):  # shown with pytest -s
+    for fault, record, state, run in zip(faults, records, states, children, strict=True):  # shown with pytest -s
         print(f"| {fault} | {record.status} | {state} | {run.info.status} | {record.error[:90]} |")

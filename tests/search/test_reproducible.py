@@ -46,13 +46,13 @@ def _plans(config: Config, tmp_path, name: str) -> list[dict]:
 def test_the_same_seed_proposes_the_same_plans_with_parallel_workers(sampler, tiny_config, tmp_path):
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     config = Config.model_validate(tiny_config(space={"group_size": 1}, search={
-        "trials": 16, "workers": 3, "seed": 5, "sampler": sampler, "cpus_per_trial": 0.5}))
+        "trials": 12, "workers": 3, "seed": 5, "sampler": sampler, "cpus_per_trial": 0.5}))
     start_ray(None)
     try:
         first, second = (_plans(config, tmp_path, f"run{i}") for i in (1, 2))
     finally:
         ray.shutdown()
-    assert len(first) == 16
+    assert len(first) == 12
     differ = [i for i, (a, b) in enumerate(zip(first, second, strict=True)) if a != b]
     assert first == second, f"plans differ at trials {differ}"
     assert len({json.dumps(p, sort_keys=True) for p in first}) > 8  # the sampler did explore

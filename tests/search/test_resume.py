@@ -19,7 +19,7 @@ from slimtune.search.session import JOURNAL_FILE, STATE_FILE, session_processes
 
 pytestmark = pytest.mark.slow
 
-TRIALS = 10
+TRIALS = 6
 
 
 def test_a_search_killed_with_sigkill_resumes_without_loss_or_duplicates(tiny_config, tmp_path):
@@ -36,7 +36,7 @@ def test_a_search_killed_with_sigkill_resumes_without_loss_or_duplicates(tiny_co
     journal = work / JOURNAL_FILE
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and driver.poll() is None:
-        if journal.is_file() and len(journal.read_text().splitlines()) >= 3:
+        if journal.is_file() and len(journal.read_text().splitlines()) >= 2:
             break
         time.sleep(0.2)
     assert driver.poll() is None, "the search ended before it could be killed"
