@@ -47,6 +47,10 @@ def test_find_grid_recovers_q4_1_and_q4_0_blocks_and_refuses_others():
     assert np.allclose(find_grid(q4_0.astype(np.float32), 32).scales, 0.05)
     assert find_grid(rng.standard_normal((64, 4)).astype(np.float32), 32) is None
     assert find_grid(q4_1[:48].astype(np.float32), 32) is None  # K not a whole number of blocks
+    wide = 0.02 * rng.integers(0, 16, (64, 300)) - 0.13  # wider than the columns probed first
+    assert find_grid(wide.astype(np.float32), 32) is not None
+    wide[40, 250] += 0.007  # one value off the grid, past the probe
+    assert find_grid(wide.astype(np.float32), 32) is None
 
 
 def test_grid_weights_are_stored_exactly(arch, tiny_model, contract, tmp_path):
