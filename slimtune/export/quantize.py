@@ -290,9 +290,13 @@ def quantize_int8_embedding(model: onnx.ModelProto, weight_name: str) -> onnx.Mo
     consumers = set(_table_lookups(model, weight_name))  # positions: protobuf wrappers are not stable
     inits = {init.name: init for init in model.graph.initializer}
     table = numpy_helper.to_array(inits[weight_name]).astype(np.float32)
-    scale = np.abs(table).max(axis=1, keepdims=True) / 127.0
+    scale = np.maximum(table.max(axis=1, keepdims=True), -table.min(axis=1, keepdims=True)) / np.float32(127.0)
     scale[scale == 0] = 1.0
-    quantized = np.clip(np.round(table / scale), -127, 127).astype(np.int8)
+    # in place: one temporary the table's size instead of four (fresh memory is slow on some VMs)
+    codes = np.divide(table, scale)
+    np.rint(codes, out=codes)
+    np.clip(codes, -127, 127, out=codes)
+    quantized = codes.astype(np.int8)
     q_name, s_name = f"{weight_name}_int8", f"{weight_name}_row_scale"
     model.graph.initializer.remove(inits[weight_name])
     model.graph.initializer.extend([
