@@ -50,10 +50,10 @@ class GridCodes:
 PROBE_COLUMNS = 64  # columns checked first: an off-grid matrix (a Q8_0 table, a distilled weight) fails there
 
 
-def _block_steps(values: np.ndarray) -> np.ndarray | None:
-    """The grid step of every (block, column) of ``values`` (blocks, block, columns): the smallest
-    span 1..15 whose step puts all of the block's values on the grid; None when a block has none."""
-    low, high = values.min(axis=1), values.max(axis=1)
+def _block_steps(values: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray | None:
+    """The grid step of every (block, column) of ``values`` (blocks, block, columns; ``low`` and
+    ``high`` its minima and maxima per block): the smallest span 1..15 whose step puts all of the
+    block's values on the grid; None when a block has none."""
     scales = np.zeros_like(low)
     found = high == low  # a constant block: code 0, scale 1, all of it in the remainder
     for span in range(1, LEVELS):
@@ -73,14 +73,15 @@ def find_grid(weight: np.ndarray, block: int) -> GridCodes | None:
     k, n = weight.shape
     if k % block:
         return None
-    if n > PROBE_COLUMNS and _block_steps(
-            weight[:, :PROBE_COLUMNS].astype(np.float64).reshape(k // block, block, PROBE_COLUMNS)) is None:
-        return None
+    if n > PROBE_COLUMNS:
+        probe = weight[:, :PROBE_COLUMNS].astype(np.float64).reshape(k // block, block, PROBE_COLUMNS)
+        if _block_steps(probe, probe.min(axis=1), probe.max(axis=1)) is None:
+            return None
     values = weight.astype(np.float64).reshape(k // block, block, n)
-    scales = _block_steps(values)
+    low = values.min(axis=1)
+    scales = _block_steps(values, low, values.max(axis=1))
     if scales is None:
         return None
-    low = values.min(axis=1)
     codes = np.round((values - low[:, None]) / scales[:, None])
     zero_points = np.clip(np.round(-low / scales), 0, LEVELS - 1)
     remainders = low + scales * zero_points

@@ -22,22 +22,18 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from slimtune.export.quantize import _names, _quiet
+
 IN_MEMORY_LIMIT_BYTES = 1_800_000_000
-
-
-def _matmul_names(model: onnx.ModelProto) -> set[str]:
-    return {n.name for n in model.graph.node if n.op_type == "MatMul"}
 
 
 def quantize_int8_matmuls(model: onnx.ModelProto, nodes: set[str]) -> onnx.ModelProto:
     """Per-channel int8 weights for the named MatMul nodes (MatMulInteger kernels)."""
     if not nodes:
         return model
-    from slimtune.export.quantize import _quiet
-
     options = {"DefaultTensorType": TensorProto.FLOAT}  # shape inference types nothing behind a contrib op
     # (a fused decoder's attention): every activation here is fp32
-    common = {"nodes_to_quantize": sorted(nodes), "nodes_to_exclude": sorted(_matmul_names(model) - nodes)}
+    common = {"nodes_to_quantize": sorted(nodes), "nodes_to_exclude": sorted(_names(model, "MatMul") - nodes)}
     if sum(len(t.raw_data) for t in model.graph.initializer) < IN_MEMORY_LIMIT_BYTES:  # ByteSize() costs 0.15 s
         with _quiet():
             return _int8_in_memory(model, options, **common)
