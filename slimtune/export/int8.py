@@ -10,7 +10,9 @@ topological sort before saving), and the weight step computes every channel's sc
 ONNX Runtime's own arithmetic: symmetric int8, scale = 2 * absmax / 254 in float64 stored as
 float32, zero point 0, values rounded half to even and clipped. The graph is byte for byte what
 the file path writes (``tests/transforms/test_contract_quant.py``); graphs of 1.8 GB or more take
-the file path (protobuf serialises at most 2 GB).
+the file path (protobuf serialises at most 2 GB). The passes run with the weights set aside
+(``slimtune.export.weightless``): shape inference and the quantizer's own reload then handle the
+graph alone, and the weight step reads each weight from the bytes set aside.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import onnx
 from onnx import TensorProto
 
 from slimtune.export.quantize import _names, _quiet
+from slimtune.export.weightless import put_weights_back, set_weights_aside
 
 IN_MEMORY_LIMIT_BYTES = 1_800_000_000
 
@@ -46,7 +49,8 @@ def quantize_int8_matmuls(model: onnx.ModelProto, nodes: set[str]) -> onnx.Model
         return onnx.load(str(out))
 
 
-def _quantizer_class():
+def _quantizer_class(aside: dict[str, bytes]):
+    """``aside``: the weights' bytes by name, for initializers emptied by ``set_weights_aside``."""
     from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
 
     class ChannelsAtOnce(ONNXQuantizer):
@@ -58,10 +62,14 @@ def _quantizer_class():
                      and not (self.reduce_range and reduce_range) and self.min_real_range is None
                      and self.tensor_quant_overrides.empty() and not keep_float_weight)
             initializer = next((i for i in self.model.initializer() if i.name == weight_name), None)
+            set_aside = initializer is not None and not initializer.raw_data and weight_name in aside
             if not plain or initializer is None or initializer.data_type != TensorProto.FLOAT:
+                if set_aside:
+                    initializer.raw_data = aside[weight_name]
                 return super().quantize_weight_per_channel_impl(weight_name, weight_qType, channel_axis,
                                                                 reduce_range, keep_float_weight)
-            weights = onnx.numpy_helper.to_array(initializer)
+            weights = (np.frombuffer(aside[weight_name], "<f4").reshape(tuple(initializer.dims)) if set_aside
+                       else onnx.numpy_helper.to_array(initializer))
             axis = channel_axis % weights.ndim
             scales, codes = int8_per_channel(weights, axis)
             names = (weight_name + "_quantized", weight_name + "_zero_point", weight_name + "_scale")
@@ -97,12 +105,16 @@ def _int8_in_memory(model: onnx.ModelProto, options: dict, nodes_to_quantize: li
     from onnxruntime.quantization import QuantizationMode, QuantType
     from onnxruntime.quantization.quant_utils import add_infer_metadata, update_opset_version
 
-    inferred = onnx.shape_inference.infer_shapes(model)
+    aside = set_weights_aside(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    finally:
+        put_weights_back(model, aside)
     add_infer_metadata(inferred)
     inferred = update_opset_version(inferred, QuantType.QInt8)
-    quantizer = _quantizer_class()(inferred, True, False, QuantizationMode.IntegerOps, False, QuantType.QInt8,
-                                   QuantType.QUInt8, None, nodes_to_quantize, nodes_to_exclude, ["MatMul"],
-                                   {**options, "MatMulConstBOnly": True})
+    quantizer = _quantizer_class(aside)(inferred, True, False, QuantizationMode.IntegerOps, False, QuantType.QInt8,
+                                        QuantType.QUInt8, None, nodes_to_quantize, nodes_to_exclude, ["MatMul"],
+                                        {**options, "MatMulConstBOnly": True})
     quantizer.quantize_model()
     quantizer.model.topological_sort()
-    return quantizer.model.model
+    return put_weights_back(quantizer.model.model, aside, as_reloaded=True)  # the quantizer reloads them

@@ -35,6 +35,7 @@ from onnx import TensorProto, helper, numpy_helper, version_converter
 from slimtune.export.decoder import with_empty_past
 from slimtune.export.grid import grid_matmuls, pack_bits
 from slimtune.export.onnx_export import ExportError
+from slimtune.export.weightless import without_weights
 
 # MatMulNBits' accuracy level when none is given: 0, fp32 activations (exact). Searches measure the
 # modes per hardware target instead (slimtune.export.modes).
@@ -274,7 +275,7 @@ def quantize_int4_embedding(model: onnx.ModelProto, weight_name: str, block_size
         raise ExportError(f"a 4-bit embedding table needs exactly one named lookup; {weight_name!r} has {lookups}")
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if opset < INT4_TABLE_OPSET:
-        model = version_converter.convert_version(model, INT4_TABLE_OPSET)
+        model = without_weights(lambda graph: version_converter.convert_version(graph, INT4_TABLE_OPSET), model)
     model.ir_version = max(model.ir_version, 10)  # uint4 tensors need IR version 10 as well
     quantizer = _matmulnbits_quantizer()(
         model, bits=4, block_size=block_size, is_symmetric=False, op_types_to_quantize=("Gather",),
