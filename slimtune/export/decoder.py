@@ -23,15 +23,13 @@ holds the table once, as the original model does.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from slimtune.export.onnx_export import OPSET, ExportError, first_line, quiet_export
+from slimtune.export.onnx_export import OPSET, ExportError, Target, first_line, quiet_export, target_arg
 from slimtune.layout import block_list
 from slimtune.model import WRAPPED
 
@@ -93,8 +91,9 @@ def io_names(layers: int) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
-def export_decoder(model: nn.Module, path: Path, past_length: int = 3, new_length: int = 5) -> Path:
-    """Write ``model`` (a ...ForCausalLM) as a one-file ONNX decoder with a KV cache (module docstring)."""
+def export_decoder(model: nn.Module, target: Target, past_length: int = 3, new_length: int = 5) -> Target:
+    """Write ``model`` (a ...ForCausalLM) as a one-file ONNX decoder with a KV cache (module docstring),
+    to a file or a buffer."""
     shapes = kv_shapes(model)
     wrapper = CachedDecoder(model).eval()
     past = [torch.zeros((1, heads, past_length, dim)) for heads, dim in shapes for _ in ("key", "value")]
@@ -107,11 +106,11 @@ def export_decoder(model: nn.Module, path: Path, past_length: int = 3, new_lengt
     axes.update({name: {0: "batch", 2: "total_sequence"} for name in outputs[1:]})
     try:
         with quiet_export(model):
-            torch.onnx.export(wrapper, sample, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
+            torch.onnx.export(wrapper, sample, target_arg(target), input_names=inputs, output_names=outputs, dynamic_axes=axes,
                               opset_version=OPSET, do_constant_folding=True, dynamo=False)
     except Exception as exc:  # the exporter raises many types; the cause is in the message
         raise ExportError(f"ONNX export of the causal LM with a KV cache failed ({first_line(exc)})") from exc
-    return path
+    return target
 
 
 def is_decoder(model_inputs: list) -> bool:

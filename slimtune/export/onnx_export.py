@@ -21,6 +21,7 @@ import logging
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import onnx
 import torch
@@ -32,6 +33,12 @@ INPUT_NAMES = ("input_ids", "attention_mask")
 OPSET = 17  # LayerNormalization as one node; 4-bit embedding tables raise it to 21 later
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 _WRAPPER_PREFIX = f"{WRAPPED}."
+Target = Path | BinaryIO  # where an exporter writes the graph: a file, or a buffer in memory
+
+
+def target_arg(target: Target) -> str | BinaryIO:
+    """What ``torch.onnx.export`` takes for ``target``."""
+    return str(target) if isinstance(target, Path) else target
 
 
 class ExportError(RuntimeError):
@@ -81,30 +88,32 @@ def first_line(exc: Exception) -> str:
     return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
 
 
-def _torchscript_export(wrapper: nn.Module, sample: tuple[torch.Tensor, ...], path: Path, output_name: str) -> None:
+def _torchscript_export(wrapper: nn.Module, sample: tuple[torch.Tensor, ...], target: Target, output_name: str) -> None:
     axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
     torch.onnx.export(
-        wrapper, sample, str(path), input_names=list(INPUT_NAMES), output_names=[output_name],
+        wrapper, sample, target_arg(target), input_names=list(INPUT_NAMES), output_names=[output_name],
         dynamic_axes={**axes, output_name: {0: "batch"}}, opset_version=OPSET, do_constant_folding=True,
         dynamo=False,
     )
 
 
-def _dynamo_export(wrapper: nn.Module, sample: tuple[torch.Tensor, ...], path: Path, output_name: str) -> None:
+def _dynamo_export(wrapper: nn.Module, sample: tuple[torch.Tensor, ...], target: Target, output_name: str) -> None:
     batch, length = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    torch.onnx.export(
-        wrapper, sample, str(path), input_names=list(INPUT_NAMES), output_names=[output_name],
-        dynamic_shapes=({0: batch, 1: length}, {0: batch, 1: length}), dynamo=True, external_data=False,
-        optimize=True, verbose=False,
+    program = torch.onnx.export(
+        wrapper, sample, target if isinstance(target, Path) else None, input_names=list(INPUT_NAMES),
+        output_names=[output_name], dynamic_shapes=({0: batch, 1: length}, {0: batch, 1: length}), dynamo=True,
+        external_data=False, optimize=True, verbose=False,
     )
+    if not isinstance(target, Path):
+        target.write(program.model_proto.SerializeToString())
 
 
 EXPORTERS = {"torchscript": _torchscript_export, "dynamo": _dynamo_export}
 
 
-def export_fp32(model: nn.Module, path: Path, output: OutputSpec = OutputSpec(), sample_length: int = 16) -> Path:
-    """Write ``wrap_output(model, output)`` as one self-contained .onnx file (dynamic batch and length):
-    (input_ids, attention_mask) -> ``output.name``.
+def export_fp32(model: nn.Module, target: Target, output: OutputSpec = OutputSpec(), sample_length: int = 16) -> Target:
+    """Write ``wrap_output(model, output)`` as one self-contained .onnx file or buffer (dynamic batch
+    and length): (input_ids, attention_mask) -> ``output.name``.
 
     Tries the exporters in order (TorchScript first, see the module docstring); the error of the
     last one is raised when none succeeds.
@@ -115,8 +124,8 @@ def export_fp32(model: nn.Module, path: Path, output: OutputSpec = OutputSpec(),
     for name, exporter in EXPORTERS.items():
         try:
             with quiet_export(model):
-                exporter(wrapper, sample, path, output.name)
-            return path
+                exporter(wrapper, sample, target, output.name)
+            return target
         except Exception as exc:  # the exporters raise many types; the cause is in the message
             errors.append(f"{name}: {first_line(exc)}")
     raise ExportError(f"ONNX export failed ({'; '.join(errors)})")
