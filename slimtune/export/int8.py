@@ -105,7 +105,8 @@ def _int8_in_memory(model: onnx.ModelProto, options: dict, nodes_to_quantize: li
     from onnxruntime.quantization import QuantizationMode, QuantType
     from onnxruntime.quantization.quant_utils import add_infer_metadata, update_opset_version
 
-    aside = set_weights_aside(model)
+    # Gemm weights stay: the quantizer transposes them into MatMuls (a classifier's head, a pooler)
+    aside = set_weights_aside(model, frozenset(i for n in model.graph.node if n.op_type == "Gemm" for i in n.input))
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     finally:

@@ -17,11 +17,12 @@ import onnx
 SET_ASIDE_BYTES = 1024  # initializers smaller than this stay: shape arithmetic reads small constants
 
 
-def set_weights_aside(model: onnx.ModelProto) -> dict[str, bytes]:
-    """Clear the ``raw_data`` of every initializer of at least ``SET_ASIDE_BYTES`` in place; returns them by name."""
+def set_weights_aside(model: onnx.ModelProto, keep: frozenset[str] = frozenset()) -> dict[str, bytes]:
+    """Clear the ``raw_data`` of every initializer of at least ``SET_ASIDE_BYTES`` in place, except
+    those named in ``keep`` (weights the pass reads); returns them by name."""
     aside = {}
     for init in model.graph.initializer:
-        if len(init.raw_data) >= SET_ASIDE_BYTES:
+        if len(init.raw_data) >= SET_ASIDE_BYTES and init.name not in keep:
             aside[init.name] = init.raw_data
             init.ClearField("raw_data")
     return aside
