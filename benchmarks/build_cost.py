@@ -4,7 +4,7 @@ The default model and space; the reference plans and ``--plans`` plans sampled a
 each built by both revisions in turn, each in a fresh process (``--rounds`` times, interleaved):
 seconds per plan for the structural transforms, the fp32 export and the quantization passes, and
 whether both wrote the same bytes for every plan. The earlier revision is checked out with
-``git worktree`` under ``results/benchmarks/build-cost/`` and imported from there.
+``git worktree`` in a temporary folder outside the checkout (removed at the end) and imported from there.
 
     .venv/bin/python benchmarks/build_cost.py --against da28010 --plans 8 --rounds 2
 """
@@ -18,6 +18,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -86,18 +87,22 @@ def main() -> None:
     from slimtune.evaluators.hardware import cpu_description
 
     work = ROOT / "results" / "benchmarks" / "build-cost"
-    earlier = work / f"tree-{args.against}"
-    if not earlier.is_dir():
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(earlier), args.against], check=True)
-    trees = {f"{args.against} (earlier)": earlier, "this checkout": ROOT}
-    runs: dict[str, list[dict]] = {label: [] for label in trees}
-    for round_ in range(args.rounds):
-        for label, tree in trees.items():
-            out = work / f"round{round_}-{tree.name}.json"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            subprocess.run([sys.executable, __file__, "--against", args.against, "--build", str(tree),
-                            str(args.plans), str(out)], check=True)
-            runs[label].append(json.loads(out.read_text()))
+    work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="slimtune-build-cost-") as scratch:
+        earlier = Path(scratch) / f"tree-{args.against}"  # outside the checkout: not a package of it
+        git = ["git", "-C", str(ROOT), "worktree"]
+        subprocess.run([*git, "add", "--detach", str(earlier), args.against], check=True)
+        trees = {f"{args.against} (earlier)": earlier, "this checkout": ROOT}
+        runs: dict[str, list[dict]] = {label: [] for label in trees}
+        try:
+            for round_ in range(args.rounds):
+                for label, tree in trees.items():
+                    out = work / f"round{round_}-{'earlier' if tree == earlier else 'this'}.json"
+                    subprocess.run([sys.executable, __file__, "--against", args.against, "--build", str(tree),
+                                    str(args.plans), str(out)], check=True)
+                    runs[label].append(json.loads(out.read_text()))
+        finally:
+            subprocess.run([*git, "remove", "--force", str(earlier)], check=False)
     print(f"{cpu_description()}; {args.plans} random plans + the references, {args.rounds} rounds, interleaved")
     print("| code | " + " | ".join(f"{p} s per plan" for p in PARTS) + " |")
     print("|---|" + "---|" * len(PARTS))

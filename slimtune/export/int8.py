@@ -24,10 +24,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from slimtune.export.onnx_export import IN_MEMORY_LIMIT_BYTES
 from slimtune.export.quantize import _names, _quiet
 from slimtune.export.weightless import put_weights_back, set_weights_aside
-
-IN_MEMORY_LIMIT_BYTES = 1_800_000_000
 
 
 def quantize_int8_matmuls(model: onnx.ModelProto, nodes: set[str]) -> onnx.ModelProto:

@@ -34,6 +34,8 @@ OPSET = 17  # LayerNormalization as one node; 4-bit embedding tables raise it to
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 _WRAPPER_PREFIX = f"{WRAPPED}."
 Target = Path | BinaryIO  # where an exporter writes the graph: a file, or a buffer in memory
+# Protobuf serialises at most 2 GB: graphs whose weights reach this go through files instead of memory.
+IN_MEMORY_LIMIT_BYTES = 1_800_000_000
 
 
 def target_arg(target: Target) -> str | BinaryIO:
