@@ -21,6 +21,7 @@ from slimtune.config import Config
 from slimtune.search.front_progress import FrontProgress
 from slimtune.search.ordered import OrderedOptunaSearch
 from slimtune.search.records import TrialListener, TrialLog, TrialRecord
+from slimtune.search.samplers import make_sampler
 from slimtune.search.shipping import report_fault
 from slimtune.search.trial import TrialContext, objectives, run_trial
 from slimtune.search.watchdog import TrialWatchdog
@@ -39,20 +40,6 @@ class DefineByRun:
 
     def __call__(self, trial: Any) -> None:
         self.space.suggest(trial)
-
-
-def make_sampler(config: Config):
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    search = config.search
-    if search.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=search.seed)
-    if search.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=search.seed, multivariate=True, n_startup_trials=max(4, search.trials // 4))
-    # A generation small enough that short searches still evolve (several generations per search).
-    population = max(4, min(50, search.trials // 3))
-    return optuna.samplers.NSGAIISampler(seed=search.seed, population_size=population)
 
 
 def check_cluster(address: str | None, timeout_s: float = 10.0) -> None:
