@@ -3,8 +3,8 @@
 The default model and space; the reference plans and ``--plans`` plans sampled at random (seeded),
 each built by both revisions in turn, each in a fresh process (``--rounds`` times, interleaved):
 seconds per plan for the structural transforms, the fp32 export and the quantization passes, and
-whether both wrote the same bytes for every plan. The earlier revision is checked out with
-``git worktree`` in a temporary folder outside the checkout (removed at the end) and imported from there.
+whether both wrote the same bytes for every plan. The earlier revision is checked out in a temporary
+folder and run by an interpreter that imports it (``revisions.py``).
 
     .venv/bin/python benchmarks/build_cost.py --against da28010 --plans 8 --rounds 2
 """
@@ -13,34 +13,23 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from revisions import earlier_revision, imported_from  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = (("slimtune", "slimtune"), ("slimtune.search", "search"), ("slimtune.spaces", "spaces"),
-            ("slimtune.evaluators", "evaluators"))
 PARTS = ("compress", "export", "quantize", "all")
 
 
-def _import_tree(tree: Path) -> None:
-    """Make ``tree``'s packages the ones imported (the editable install maps them to this checkout)."""
-    for name, folder in PACKAGES:
-        path = tree / folder
-        spec = importlib.util.spec_from_file_location(name, path / "__init__.py", submodule_search_locations=[str(path)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-
-
-def build_all(tree: Path, plans: int, out: Path) -> None:
-    """In this process: build every plan with ``tree``'s code, write figures and digests to ``out``."""
-    _import_tree(tree)
+def build_all(plans: int, out: Path) -> None:
+    """In this process: build every plan with the slimtune this interpreter imports, write figures
+    and digests to ``out``."""
     import optuna
     import torch
     from rich.console import Console
@@ -79,30 +68,26 @@ def main() -> None:
     parser.add_argument("--against", required=True, help="the earlier git revision")
     parser.add_argument("--plans", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--build", nargs=3, metavar=("TREE", "PLANS", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--build", nargs=2, metavar=("PLANS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build:
-        build_all(Path(args.build[0]), int(args.build[1]), Path(args.build[2]))
+        build_all(int(args.build[0]), Path(args.build[1]))
         return
     from slimtune.evaluators.hardware import cpu_description
 
     work = ROOT / "results" / "benchmarks" / "build-cost"
     work.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="slimtune-build-cost-") as scratch:
-        earlier = Path(scratch) / f"tree-{args.against}"  # outside the checkout: not a package of it
-        git = ["git", "-C", str(ROOT), "worktree"]
-        subprocess.run([*git, "add", "--detach", str(earlier), args.against], check=True)
-        trees = {f"{args.against} (earlier)": earlier, "this checkout": ROOT}
-        runs: dict[str, list[dict]] = {label: [] for label in trees}
-        try:
-            for round_ in range(args.rounds):
-                for label, tree in trees.items():
-                    out = work / f"round{round_}-{'earlier' if tree == earlier else 'this'}.json"
-                    subprocess.run([sys.executable, __file__, "--against", args.against, "--build", str(tree),
-                                    str(args.plans), str(out)], check=True)
-                    runs[label].append(json.loads(out.read_text()))
-        finally:
-            subprocess.run([*git, "remove", "--force", str(earlier)], check=False)
+    runs: dict[str, list[dict]] = {f"{args.against} (earlier)": [], "this checkout": []}
+    with earlier_revision(args.against) as earlier:
+        pythons = dict(zip(runs, (earlier.python, Path(sys.executable)), strict=True))
+        for label, python in pythons.items():
+            print(f"{label}: slimtune from {imported_from(python)['slimtune']}", flush=True)
+        for round_ in range(args.rounds):
+            for label, python in pythons.items():
+                out = work / f"round{round_}-{'this' if label == 'this checkout' else 'earlier'}.json"
+                subprocess.run([str(python), __file__, "--against", args.against, "--build", str(args.plans), str(out)],
+                               check=True, cwd=work)
+                runs[label].append(json.loads(out.read_text()))
     print(f"{cpu_description()}; {args.plans} random plans + the references, {args.rounds} rounds, interleaved")
     print("| code | " + " | ".join(f"{p} s per plan" for p in PARTS) + " |")
     print("|---|" + "---|" * len(PARTS))
@@ -110,9 +95,9 @@ def main() -> None:
     for label, rounds in runs.items():
         means[label] = {p: statistics.fmean(f[p] for r in rounds for f in r.values()) for p in PARTS}
         print(f"| {label} | " + " | ".join(f"{means[label][p]:.3f}" for p in PARTS) + " |")
-    first, last = (runs[label][-1] for label in trees)
+    first, last = (group[-1] for group in runs.values())
     same = sum(first[name]["sha256"] == last[name]["sha256"] for name in first)
-    ratio = means[next(iter(trees))]["all"] / means["this checkout"]["all"]
+    ratio = means[next(iter(runs))]["all"] / means["this checkout"]["all"]
     print(f"build {ratio:.2f}x faster; the same bytes for {same} of {len(first)} plans")
 
 

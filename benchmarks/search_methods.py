@@ -16,6 +16,10 @@ size within 1 point of fp32, trials per hour, and where a trial's time goes. The
 (interleaved) for the dominance check. Writes ``search-methods.md`` and ``search-methods.png``.
 
     .venv/bin/python benchmarks/search_methods.py --budget 10 --seeds 3
+
+``--against REV`` also runs the default search at 3N trials with the earlier git revision REV and
+with this code, ``--rounds`` times interleaved, for trials per hour and the time split before and
+after (``revisions.py``); ``--only-against`` runs that comparison alone (``search-speed.md``).
 """
 
 from __future__ import annotations
@@ -34,10 +38,12 @@ from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import greedy_run, one_click  # noqa: E402
+from revisions import trials_per_hour_side_by_side  # noqa: E402
 from search_runs import TIME_PARTS, Point, Reference, Run, run_search  # noqa: E402
 from toolbox import _time_interleaved  # noqa: E402
 
 from slimtune.config import load_config  # noqa: E402
+from slimtune.evaluators.hardware import cpu_description  # noqa: E402
 from slimtune.evaluators.quality import session  # noqa: E402
 from slimtune.search.trial import make_space, task_calibration  # noqa: E402
 from slimtune.workflow import prepare  # noqa: E402
@@ -73,9 +79,24 @@ def main(argv: list[str] | None = None) -> None:
                                                                 "compare the plans it proposed")
     parser.add_argument("--runs", type=int, default=30, help="timed runs per artifact in the side-by-side timing")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks"))
+    parser.add_argument("--against", metavar="REV", help="also run the default search (3N trials) with the earlier "
+                        "git revision REV and with this code, interleaved, for trials per hour before and after")
+    parser.add_argument("--rounds", type=int, default=2, help="searches per revision with --against")
+    parser.add_argument("--only-against", action="store_true", help="with --against: that comparison alone")
     args = parser.parse_args(argv)
     console = Console()
     began = time.perf_counter()
+    speed = []
+    if args.against:
+        console.rule(f"the default search, {args.against} against this code, interleaved")
+        speed = ["", f"Before and after: the default search by {args.against} and by this code, {3 * args.budget} "
+                 f"trials each, fresh process and folder each, interleaved ({cpu_description()}):", "",
+                 *trials_per_hour_side_by_side(args.against, 3 * args.budget, args.rounds,
+                                               args.out / "search-speed")]
+        if args.only_against:
+            (args.out / "search-speed.md").write_text("\n".join(speed) + "\n")
+            print("\n".join(speed))
+            return
     work = args.out / "search-methods"
     shutil.rmtree(work, ignore_errors=True)
     (work / "runs").mkdir(parents=True)
@@ -204,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         share = (mean["overhead_s"] + mean["wait_s"]) / mean["wall_per_trial_s"]
         lines.append(f"| {method} | " + " | ".join(f"{mean[p]:.2f}" for p in TIME_PARTS) +
                      f" | {mean['overhead_s']:.2f} | {mean['wall_per_trial_s']:.2f} | {share:.0%} |")
+    lines += speed
     lines += ["", f"Side by side (interleaved, medians of {args.runs} runs): the one-click baselines and each "
               f"method's fastest and smallest point within 1 point of fp32 (3N searches, by seed).", "",
               f"| artifact | {task.metric} | ms | MB |", "|---|---|---|---|"]

@@ -132,7 +132,9 @@ def run_search(method: str, sampler: str, seed: int, budget: int, results: Path,
               "cached": bool(r.metrics.get("cached")), "number": r.number} for r in done]
     wall = (max(t["finished_at"] for t in times) - min(t["started_at"] for t in times)) if times else job_wall
     notes = {"folder": str(result.folder),
-             "plans": [json.dumps(r.params, sort_keys=True) for r in result.records if r.recovered_from is None]}
+             "plans": [json.dumps(r.params, sort_keys=True) for r in result.records if r.recovered_from is None],
+             "artifacts": [{"plan": json.dumps(r.params, sort_keys=True), "sha256": str(r.metrics.get("artifact_sha256", ""))}
+                           for r in done if not r.metrics.get("cached")]}
     for record in result.records:
         if record.status != "completed":
             print(f"  {name}: {record.name} {record.status}: {record.error}")
