@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from slimtune.search.objectives import Objectives
 from slimtune.search.records import TrialRecord
-from slimtune.search.trial import Objectives
 
 
 def normalised_hypervolume(points: list[tuple[float, float, float]], quality_floor: float = 0.0) -> float:

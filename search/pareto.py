@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import optuna
 
+from slimtune.search.objectives import Objectives
 from slimtune.search.records import TrialRecord
-from slimtune.search.trial import Objectives
 
 _DIRECTION = {"max": optuna.study.StudyDirection.MAXIMIZE, "min": optuna.study.StudyDirection.MINIMIZE}
 

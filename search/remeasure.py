@@ -21,9 +21,9 @@ from slimtune.config import LatencyConfig
 from slimtune.evaluators import as_dict
 from slimtune.evaluators.latency import measure_latency
 from slimtune.evaluators.node_lock import NodeLock
+from slimtune.search.objectives import Objectives
 from slimtune.search.pareto import pareto_numbers
 from slimtune.search.records import TrialRecord
-from slimtune.search.trial import Objectives
 
 Remeasured = Callable[[TrialRecord], None]
 log = logging.getLogger("slimtune.search")

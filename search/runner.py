@@ -19,11 +19,13 @@ from typing import Any
 
 from slimtune.config import Config
 from slimtune.search.front_progress import FrontProgress
+from slimtune.search.objectives import objectives
 from slimtune.search.ordered import OrderedOptunaSearch
-from slimtune.search.records import TrialListener, TrialLog, TrialRecord
+from slimtune.search.records import TrialListener, TrialRecord
 from slimtune.search.samplers import make_sampler
 from slimtune.search.shipping import report_fault
-from slimtune.search.trial import TrialContext, objectives, run_trial
+from slimtune.search.trial import TrialContext, run_trial
+from slimtune.search.trial_log import TrialLog
 from slimtune.search.watchdog import TrialWatchdog
 from slimtune.spaces import SearchSpace
 

@@ -47,14 +47,6 @@ from slimtune.transforms import Calibration, collect_calibration
 from slimtune.transforms.heads import head_groups
 
 SCREEN_MIN_TEXTS = 50  # staged scoring needs a sample that says something: smaller held-out sets are scored whole
-Objectives = tuple[tuple[str, str], ...]  # (metric name, "max" or "min"), the task's metric first
-
-
-def objectives(metric: str) -> Objectives:
-    """What a search optimises: the task's metric (towards its goal), latency and size (both down)."""
-    return ((metric, METRIC_GOALS[metric]), ("latency_ms", "min"), ("size_mb", "min"))
-
-
 class NonFiniteMetricError(FloatingPointError):
     """A measured objective is NaN or infinite; the trial is failed rather than reported."""
 

@@ -19,13 +19,15 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow.entities import Metric, Param
 
 from slimtune.config import QUALITY_METRICS
 from slimtune.search.records import TrialRecord
-from slimtune.spaces import SearchSpace
+
+if TYPE_CHECKING:  # a type only: the space pulls in the model layout, and with it torch
+    from slimtune.spaces import SearchSpace
 
 _RUN_STATUS = {"completed": "FINISHED", "failed": "FAILED", "stopped": "KILLED"}
 log = logging.getLogger("slimtune.tracking")

@@ -83,7 +83,7 @@ def _summary(records: list[TrialRecord], pareto: set[int], task: PreparedTask,
     """Counts, the best figure of each objective, and the uncompressed model's figures (``reference_*``)."""
     from slimtune.config import METRIC_GOALS
     from slimtune.search.front_progress import hypervolume
-    from slimtune.search.trial import objectives
+    from slimtune.search.objectives import objectives
 
     done = [r for r in records if r.status == "completed"]
     summary = {f"trials_{s}": float(sum(r.status == s for r in records)) for s in ("completed", "failed", "stopped")}
@@ -142,9 +142,9 @@ def sensitivity_guidance(prepared: Prepared, space, calibration, results: Path, 
 def _recover_front(records: list[TrialRecord], ctx, tracker, console: Console) -> list[TrialRecord]:
     """Distill the front's shape-changing points (recovery mode 'front'), with a progress bar."""
     from slimtune.phases import Phase
+    from slimtune.search.objectives import objectives
     from slimtune.search.pareto import pareto_numbers
     from slimtune.search.recovery import recover_front
-    from slimtune.search.trial import objectives
     from slimtune.transforms.distill import reporting_steps
 
     recovery_ctx = dataclasses.replace(ctx, config=ctx.config.model_copy(update={"search": ctx.config.search.model_copy(
@@ -235,6 +235,7 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
     from slimtune.phases import Phase
     from slimtune.report import busy_lines, kernel_modes_lines, pareto_table, write_results
     from slimtune.search.front_progress import FrontProgress
+    from slimtune.search.objectives import objectives
     from slimtune.search.pareto import hardware_targets, not_faster_numbers
     from slimtune.search.progress import ProgressDisplay
     from slimtune.search.runner import Continuation, check_cluster, run_search, start_ray
@@ -247,7 +248,7 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
         study_uri,
     )
     from slimtune.search.shipping import alive_nodes, node_work_dir, on_node, remove_tree, ship
-    from slimtune.search.trial import TrialContext, make_space, objectives, task_calibration
+    from slimtune.search.trial import TrialContext, make_space, task_calibration
     from slimtune.tracking import MlflowSearchRun, check_reachable, default_tracking_uri, review_links
 
     work = results / ".work" / name

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MAPPED = {"search": "slimtune.search", "spaces": "slimtune.spaces", "evaluators": "slimtune.evaluators"}
@@ -82,3 +86,13 @@ def test_the_installed_namespace_is_the_one_in_use():
     import slimtune.search
 
     assert Path(slimtune.search.__file__).resolve().parent == ROOT / "search"
+
+
+@pytest.mark.parametrize("module", ["slimtune.search.pareto", "slimtune.search.records", "slimtune.search.objectives",
+                                    "slimtune.tracking"])
+def test_reading_a_search_loads_neither_torch_nor_ray(module):
+    """The front, the records and the tracking store are read on machines (and in tools) that do not
+    run trials: importing them must not pull in torch or Ray."""
+    code = f"import sys, {module}; print(sorted({{'torch', 'ray'}} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", f"{module} imports {done.stdout.strip()}"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from slimtune.search.front_progress import FrontProgress, hypervolume
+from slimtune.search.objectives import objectives
 from slimtune.search.records import TrialRecord
-from slimtune.search.trial import objectives
 
 GOALS = objectives("accuracy")
 

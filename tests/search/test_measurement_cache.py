@@ -12,9 +12,10 @@ from slimtune.config import LatencyConfig
 from slimtune.evaluators.hardware import HardwareTarget, current_target
 from slimtune.model import source_fingerprint
 from slimtune.plan import CompressionPlan, QuantSpec
+from slimtune.search.objectives import objectives
 from slimtune.search.pareto import pareto_numbers
 from slimtune.search.records import TrialRecord
-from slimtune.search.trial import WorkerState, measurement_key, objectives, write_atomically
+from slimtune.search.trial import WorkerState, measurement_key, write_atomically
 
 TARGET = HardwareTarget(cpu="Some CPU", cores=2, onnxruntime="1.0", provider="CPUExecutionProvider", node="a")
 

@@ -6,9 +6,10 @@ from types import SimpleNamespace
 
 from slimtune.config import SpaceConfig
 from slimtune.layout import discover_layout
+from slimtune.search.objectives import objectives
 from slimtune.search.pareto import pareto_numbers
-from slimtune.search.records import TrialLog, TrialRecord
-from slimtune.search.trial import objectives
+from slimtune.search.records import TrialRecord
+from slimtune.search.trial_log import TrialLog
 from slimtune.spaces import SearchSpace
 
 

@@ -7,9 +7,9 @@ import numpy as np
 from slimtune.config import LatencyConfig
 from slimtune.export import build_artifact
 from slimtune.plan import CompressionPlan
+from slimtune.search.objectives import objectives
 from slimtune.search.records import TrialRecord
 from slimtune.search.remeasure import isolated_latency, remeasure_front
-from slimtune.search.trial import objectives
 
 
 def test_front_points_are_retimed_and_points_that_join_the_front_too(bert, tmp_path):

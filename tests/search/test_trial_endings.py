@@ -13,9 +13,10 @@ from rich.console import Console
 from slimtune.config import Config
 from slimtune.layout import discover_layout
 from slimtune.model import load_model
+from slimtune.search.objectives import objectives
 from slimtune.search.pareto import pareto_numbers
 from slimtune.search.runner import run_search, start_ray
-from slimtune.search.trial import TrialContext, objectives
+from slimtune.search.trial import TrialContext
 from slimtune.spaces import SearchSpace
 from slimtune.tracking import MlflowSearchRun
 from slimtune.workflow import prepare
