@@ -26,6 +26,7 @@ import onnx
 from onnx import helper
 
 from slimtune.config import METRIC_GOALS, LatencyConfig
+from slimtune.errors import first_line
 from slimtune.evaluators import as_dict
 from slimtune.evaluators.latency import measure_latency
 from slimtune.evaluators.quality import StagedQuality
@@ -107,7 +108,7 @@ def measure_modes(model, task: PreparedTask, linears: tuple[str, ...], bit_width
                     figures.append(ModeFigures(bits, level, symmetric, metric, ms))
                 except Exception as exc:  # noqa: BLE001 - a mode this runtime refuses is left out, with why
                     figures.append(ModeFigures(bits, level, symmetric, float("nan"), float("nan"),
-                                               str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__))
+                                               first_line(exc)))
         for leftover in work.glob(f"{bits}-*.onnx"):
             leftover.unlink()
     return figures

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from slimtune.config import Config
+from slimtune.errors import first_line
 from slimtune.search.front_progress import FrontProgress
 from slimtune.search.objectives import objectives
 from slimtune.search.ordered import OrderedOptunaSearch
@@ -81,7 +82,7 @@ def start_ray(address: str | None) -> None:
                      _node_ip_address="127.0.0.1")
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
-        raise ClusterError(f"cannot start {where} ({str(exc).splitlines()[0][:160]})") from exc
+        raise ClusterError(f"cannot start {where} ({first_line(exc)})") from exc
 
 
 def patience_stopper(front: FrontProgress):

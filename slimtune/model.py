@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from slimtune.config import BUILTIN_LLM, BUILTIN_MODEL
+from slimtune.errors import first_line
 
 WRAPPED = "model"  # attribute under which every output wrapper holds the model: prefixes ONNX names
 
@@ -210,7 +211,7 @@ def model_config(source: str):
         return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
-            f"cannot load model {source!r} ({str(exc).splitlines()[0][:160]}): pass a local folder "
+            f"cannot load model {source!r} ({first_line(exc)}): pass a local folder "
             "or a hub id reachable from this machine to model.name"
         ) from exc
 
@@ -292,7 +293,7 @@ def load_model(name: str, classification_head: bool = False, causal_lm: bool = F
             hf_logging.set_verbosity(verbosity)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
-            f"cannot load model {name!r} ({str(exc).splitlines()[0][:160]}): pass a local folder or a hub id "
+            f"cannot load model {name!r} ({first_line(exc)}): pass a local folder or a hub id "
             "reachable from this machine to model.name"
         ) from exc
     ensure_padding(tokenizer, module)

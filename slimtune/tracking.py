@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from mlflow.entities import Metric, Param
 
 from slimtune.config import QUALITY_METRICS
+from slimtune.errors import first_line
 from slimtune.search.records import TrialRecord
 
 if TYPE_CHECKING:  # a type only: the space pulls in the model layout, and with it torch
@@ -200,7 +201,7 @@ class MlflowSearchRun:
             self.parent = self.client.create_run(self.experiment_id, run_name=run_name,
                                                  tags={"slimtune.kind": "search"})
         except Exception as exc:  # MLflow raises many types for an unreachable or broken store
-            raise TrackingError(f"cannot use the MLflow store {uri} ({str(exc).splitlines()[0][:160]})") from exc
+            raise TrackingError(f"cannot use the MLflow store {uri} ({first_line(exc)})") from exc
         self.client = RetryingClient(self.client)
         self.uri = uri
         self.space = space
@@ -221,7 +222,7 @@ class MlflowSearchRun:
             self.client.update_run(parent_id, status="RUNNING")
         except Exception as exc:  # MLflow raises many types for an unreachable store or a missing run
             raise TrackingError(f"cannot reopen the search's MLflow run {parent_id} in {uri} "
-                                f"({str(exc).splitlines()[0][:160]})") from exc
+                                f"({first_line(exc)})") from exc
         self.experiment_id, self.parent_id, self.space, self.uri = parent.info.experiment_id, parent_id, space, uri
         self.run_ids, self.unsynced, self.started = {}, {}, set()
         return self

@@ -29,7 +29,15 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from slimtune.export.onnx_export import OPSET, ExportError, Target, first_line, quiet_export, target_arg
+from slimtune.errors import first_line
+from slimtune.export.onnx_export import (
+    EXPORT_ERROR_CHARS,
+    OPSET,
+    ExportError,
+    Target,
+    quiet_export,
+    target_arg,
+)
 from slimtune.layout import block_list
 from slimtune.model import WRAPPED
 
@@ -109,7 +117,7 @@ def export_decoder(model: nn.Module, target: Target, past_length: int = 3, new_l
             torch.onnx.export(wrapper, sample, target_arg(target), input_names=inputs, output_names=outputs, dynamic_axes=axes,
                               opset_version=OPSET, do_constant_folding=True, dynamo=False)
     except Exception as exc:  # the exporter raises many types; the cause is in the message
-        raise ExportError(f"ONNX export of the causal LM with a KV cache failed ({first_line(exc)})") from exc
+        raise ExportError(f"ONNX export of the causal LM with a KV cache failed ({first_line(exc, EXPORT_ERROR_CHARS)})") from exc
     return target
 
 

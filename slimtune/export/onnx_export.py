@@ -27,9 +27,11 @@ import onnx
 import torch
 from torch import nn
 
+from slimtune.errors import first_line
 from slimtune.model import WRAPPED, OutputSpec, wrap_output
 
 INPUT_NAMES = ("input_ids", "attention_mask")
+EXPORT_ERROR_CHARS = 200  # how much of an exporter's error an ExportError quotes
 OPSET = 17  # LayerNormalization as one node; 4-bit embedding tables raise it to 21 later
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 _WRAPPER_PREFIX = f"{WRAPPED}."
@@ -85,11 +87,6 @@ def quiet_export(model: nn.Module) -> Iterator[None]:
             logger.setLevel(level)
 
 
-def first_line(exc: Exception) -> str:
-    """An exception's first message line (at most 200 characters), else its type: what export errors quote."""
-    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-
-
 def _torchscript_export(wrapper: nn.Module, sample: tuple[torch.Tensor, ...], target: Target, output_name: str) -> None:
     axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
     torch.onnx.export(
@@ -129,7 +126,7 @@ def export_fp32(model: nn.Module, target: Target, output: OutputSpec = OutputSpe
                 exporter(wrapper, sample, target, output.name)
             return target
         except Exception as exc:  # the exporters raise many types; the cause is in the message
-            errors.append(f"{name}: {first_line(exc)}")
+            errors.append(f"{name}: {first_line(exc, EXPORT_ERROR_CHARS)}")
     raise ExportError(f"ONNX export failed ({'; '.join(errors)})")
 
 
