@@ -50,8 +50,8 @@ def _traced_graph(model: nn.Module, write: Callable[[Target], Target], scratch: 
     """The graph ``write`` traces from ``model``: into memory, or through the file ``scratch`` (then
     removed) when the weights reach ``IN_MEMORY_LIMIT_BYTES``. The same graph either way: the tracer
     writes the same bytes. Writing MiniLM's fp32 file and reading it back made its export 0.72-1.81 s
-    against 0.65-0.75 s in memory (2-core Xeon VM; the difference is disk and page cache, not the CPU's
-    instruction set)."""
+    against 0.65-0.75 s in memory (2-core Xeon VM, flags avx2 avx512f avx512_vnni amx_int8; the
+    difference is writing and reading the file, which a faster disk shrinks; not measured elsewhere)."""
     if sum(p.numel() * p.element_size() for p in model.parameters()) >= IN_MEMORY_LIMIT_BYTES:
         try:
             return onnx.load(str(write(scratch)))

@@ -3,7 +3,8 @@
 ONNX's shape inference and version converter, and ONNX Runtime's quantizers, serialise the whole
 model to hand it to C++ or to disk and parse it back: on MiniLM (90 MB of weights) one shape
 inference took 1.7 s with the weights and 0.045 s without them (2-core Xeon VM, flags avx2 avx512f
-avx512_vnni amx_int8; the cost is copying bytes, so a CPU without AVX-512 sees the same ratio). Setting the
+avx512_vnni amx_int8; not measured on a CPU without AVX-512: the cost is copying bytes, so the ratio
+is expected to hold there, not known to). Setting the
 bytes of every large initializer aside (name, type and dims stay) and putting them back after the
 pass gives the same model, byte for byte, since protobuf writes fields in a fixed order
 (``tests/export/test_weightless.py``).
