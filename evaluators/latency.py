@@ -65,7 +65,7 @@ def summarize_ms(times: np.ndarray) -> tuple[Metric, ...]:
     )
 
 
-def shares_kv_buffer(path: Path, sess=None) -> bool:
+def shares_kv_buffer(path: Path | bytes, sess=None) -> bool:
     """True when every cache input of the decoder at ``path`` feeds a GroupQueryAttention node, whose
     CPU kernel then writes each step into the past buffer itself when past and present are bound to
     the same memory (a fused decoder's and ONNX Runtime GenAI's graphs; not a traced graph, which
@@ -78,7 +78,8 @@ def shares_kv_buffer(path: Path, sess=None) -> bool:
         declared = sess.get_modelmeta().custom_metadata_map.get(KV_CACHE_KEY)
         if declared is not None:
             return declared == "shared-buffer"
-    graph = onnx.load(str(path), load_external_data=False).graph
+    graph = (onnx.load_from_string(path) if isinstance(path, bytes)
+             else onnx.load(str(path), load_external_data=False)).graph
     past = {i.name for i in graph.input if i.name.startswith("past_key_values.")}
     fed = {name for n in graph.node if n.op_type == "GroupQueryAttention" for name in n.input[3:5]}
     return bool(past) and past <= fed
@@ -168,7 +169,7 @@ def generation_prompt(feeds: dict[str, np.ndarray]) -> np.ndarray:
     return feeds["input_ids"][:1, :max(1, length)].astype(np.int64)
 
 
-def _timed_once(path: Path, feeds: dict[str, np.ndarray], cfg: LatencyConfig) -> tuple[Metric, ...]:
+def _timed_once(path: Path | bytes, feeds: dict[str, np.ndarray], cfg: LatencyConfig) -> tuple[Metric, ...]:
     sess = session(path, cfg.threads)
     if is_decoder(sess.get_inputs()):
         return summarize_generation_ms(*time_generation_ms(sess, generation_prompt(feeds), cfg,
@@ -176,9 +177,9 @@ def _timed_once(path: Path, feeds: dict[str, np.ndarray], cfg: LatencyConfig) ->
     return summarize_ms(time_batches_ms(sess, feeds, cfg))
 
 
-def measure_latency(path: Path, feeds: dict[str, np.ndarray], cfg: LatencyConfig,
+def measure_latency(path: Path | bytes, feeds: dict[str, np.ndarray], cfg: LatencyConfig,
                     lock: NodeLock | None = None) -> tuple[Metric, ...]:
-    """Time ``path`` on ``feeds`` (a decoder with a KV cache: generation from the first text of
+    """Time ``path`` (a file, or a serialized graph in memory) on ``feeds`` (a decoder with a KV cache: generation from the first text of
     ``feeds``, module docstring); under ``lock`` held exclusively when given (callers that hold it
     already pass None).
 

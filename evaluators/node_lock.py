@@ -31,6 +31,14 @@ def _flock(path: Path, mode: int) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def exclusive_file(path: Path) -> Iterator[None]:
+    """A mutex across this machine's processes on the lock file ``path`` (created if missing): one
+    holder at a time, released by the kernel if the holder dies."""
+    with _flock(path, fcntl.LOCK_EX):
+        yield
+
+
 class NodeLock:
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or default_lock_path()

@@ -20,12 +20,14 @@ from slimtune.tasks import KINDS, PreparedTask, score_task, scoring_run
 from slimtune.tasks.base import run_batches
 
 
-def session(path: Path, threads: int) -> ort.InferenceSession:
+def session(path: Path | bytes, threads: int) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session of the file at ``path`` (or of a serialized graph in memory)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    source = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def session_run(sess: ort.InferenceSession):
@@ -52,7 +54,7 @@ class StagedQuality:
     ``first``: the sampled rows (``PreparedTask.sample_rows``); all rows means no second stage.
     """
 
-    def __init__(self, path: Path, task: PreparedTask, threads: int, first: np.ndarray,
+    def __init__(self, path: Path | bytes, task: PreparedTask, threads: int, first: np.ndarray,
                  hold: Callable[[], AbstractContextManager] = nullcontext) -> None:
         """``hold``: entered around each batch (a shared node lock: a waiting latency measurement
         gets the cores after one batch, not after the whole scoring)."""

@@ -152,20 +152,27 @@ def search_bit_widths(config: Config) -> tuple[int, ...]:
     return tuple(sorted({BLOCKWISE_BITS[f] for f in config.space.weight_formats if f in BLOCKWISE_BITS}, reverse=True))
 
 
+def plan_bit_widths(plan: CompressionPlan) -> tuple[int, ...]:
+    """The blockwise bit widths ``plan`` stores weights at: its artifact's bytes depend on the kernel
+    modes of these alone (none: the modes change nothing)."""
+    return tuple(sorted({BLOCKWISE_BITS[spec.format] for spec in plan.quantize.values() if spec.is_blockwise}))
+
+
 @functools.lru_cache(maxsize=2)
 def trial_modes(ctx: TrialContext, lock_path: str) -> tuple[KernelModes, tuple[dict, ...]]:
     """This node's kernel modes for the search's blockwise formats (``slimtune.evaluators.kernel_modes``),
-    measured once per search and hardware target under the node's exclusive lock, and cached."""
+    measured once per search and hardware target by one worker (the others wait for it), timed
+    under the node's exclusive lock, and cached. Asked for by the first trial whose plan has
+    blockwise weights: the trials before it do not wait."""
     state = worker_state(ctx)
     config = ctx.config
     widths = search_bit_widths(config)
     # Not keyed by the trial's build threads (front recovery uses more): the modes are timed at the latency's.
     key = fingerprint(state.hardware.key, state.inputs_fingerprint, str(widths), str(config.space.block_sizes[0]),
                       config.latency.model_dump_json())
-    with NodeLock(Path(lock_path)).exclusive():
-        modes, figures = measured_modes(state.model, state.task, state.space.layout.linears, widths,
-                                        config.space.block_sizes[0], state.feeds, config.latency,
-                                        config.latency.threads, ctx.trial_dir / "kernel-modes" / f"{key}.json")
+    modes, figures = measured_modes(state.model, state.task, state.space.layout.linears, widths,
+                                    config.space.block_sizes[0], state.feeds, config.latency, config.latency.threads,
+                                    ctx.trial_dir / "kernel-modes" / f"{key}.json", lock=NodeLock(Path(lock_path)))
     return modes, tuple(figures)
 
 
@@ -273,9 +280,9 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> dict[str, Any]:
     lock = NodeLock(Path(ctx.lock_path))
     with lock.shared():  # loading and calibrating is heavy work too
         state = worker_state(ctx)
-    modes, mode_figures = trial_modes(ctx, ctx.lock_path)
-    state = dataclasses.replace(state, modes=modes)
     plan = state.space.plan_from_choices(params)
+    modes, mode_figures = trial_modes(ctx, ctx.lock_path) if plan_bit_widths(plan) else (EXACT, ())
+    state = dataclasses.replace(state, modes=modes)
     threads = max(1, int(ctx.config.search.cpus_per_trial))
     key = measurement_key(state, plan, ctx.config.latency, threads)
     cached = ctx.cache_dir / f"{key}.json"

@@ -128,7 +128,10 @@ def kernel_modes_by_target(records: list[TrialRecord]) -> dict[str, dict[str, An
     """Per hardware target: the kernel modes its trials were built with (``modes``, ``described``) and
     every candidate mode's measured figures (metric on the sample, latency in ms)."""
     found: dict[str, dict[str, Any]] = {}
-    for record in records:
+    # a trial without blockwise weights was built without the modes (they change nothing there):
+    # the measured ones are read from a trial that has them
+    measured_first = sorted(records, key=lambda r: json.loads(r.metrics.get("kernel_mode_figures") or "[]") == [])
+    for record in measured_first:
         hardware, modes = record.metrics.get("hardware"), record.metrics.get("kernel_modes")
         if hardware and modes and hardware not in found:
             found[hardware] = {"modes": json.loads(modes), "described": KernelModes.loads(modes).describe(),
@@ -136,13 +139,20 @@ def kernel_modes_by_target(records: list[TrialRecord]) -> dict[str, dict[str, An
     return found
 
 
+def _mode_text(figure: dict[str, Any], metric: str) -> str:
+    """One candidate mode's figures: its latency, and its metric when the choice needed it scored."""
+    name = f"{figure['bits']}-bit level {figure['level']}{' sym' if figure['symmetric'] else ''}"
+    if figure["error"]:
+        return f"{name} refused"
+    scored = f"{metric} {figure['metric']:.4g}" if figure["metric"] is not None else "not scored (not needed)"
+    return f"{name} {figure['latency_ms']:.2f} ms {scored}"
+
+
 def kernel_modes_lines(records: list[TrialRecord], metric: str) -> list[str]:
     """One console line per hardware target: the chosen modes and what each candidate measured."""
     lines = []
     for hardware, found in kernel_modes_by_target(records).items():
-        measured = "; ".join(f"{f['bits']}-bit level {f['level']}{' sym' if f['symmetric'] else ''} "
-                             + (f"{f['latency_ms']:.2f} ms {metric} {f['metric']:.4g}" if not f["error"] else "refused")
-                             for f in found["figures"])
+        measured = "; ".join(_mode_text(f, metric) for f in found["figures"])
         lines.append(f"kernel modes on {hardware}: {found['described']}" + (f" (measured: {measured})" if measured else ""))
     return lines
 

@@ -37,6 +37,17 @@ def test_the_fastest_mode_within_tolerance_wins_and_a_lossy_one_loses():
     assert choose_modes(accuracy, "max") == KernelModes(levels=((4, 4),), symmetric=(4,))
 
 
+def test_modes_slower_than_exact_need_no_score():
+    nan = float("nan")
+    # the exact mode is the fastest: chosen without any scoring
+    assert choose_modes(_figures(4, {(0, False): (nan, 5.0), (4, False): (nan, 6.0), (0, True): (nan, 7.0)}),
+                        "min") == EXACT
+    # the fastest mode holds; the ones behind it were never scored
+    figures = _figures(4, {(0, False): (30.0, 10.0), (4, False): (30.1, 6.0), (0, True): (nan, 8.0),
+                           (4, True): (nan, 11.0)})
+    assert choose_modes(figures, "min") == KernelModes(levels=((4, 4),))
+
+
 def test_a_mode_the_runtime_refuses_is_left_out():
     figures = [*_figures(2, {(0, False): (40.0, 10.0), (0, True): (40.1, 9.0)}),
                ModeFigures(2, 4, False, float("nan"), float("nan"), "not implemented")]
@@ -84,8 +95,35 @@ def test_measured_modes_cover_every_candidate_and_are_cached(tmp_path):
     feeds = {"input_ids": ids[:1, :8], "attention_mask": np.ones((1, 8), np.int64)}
     cache = tmp_path / "modes.json"
     modes, figures = measured_modes(model, task, discover_layout(model).linears, (4,), 32, feeds, latency, 1, cache)
-    assert {(f["level"], f["symmetric"]) for f in figures} == set(CANDIDATES)
-    assert all(np.isfinite(f["metric"]) and f["latency_ms"] > 0 for f in figures if not f["error"])
+    assert [(f["level"], f["symmetric"]) for f in figures] == list(CANDIDATES)
+    timed = sorted((f for f in figures if not f["error"]), key=lambda f: f["latency_ms"])
+    assert timed and all(f["latency_ms"] > 0 for f in timed)
+    exact = next(f for f in timed if (f["level"], f["symmetric"]) == CANDIDATES[0])
+    faster = timed[:timed.index(exact)]
+    # scored only as far as the choice needs: nothing slower than the exact mode, and the exact
+    # mode itself only when something is faster
+    assert all(f["metric"] is None for f in timed[timed.index(exact) + 1:])
+    assert (exact["metric"] is not None) == bool(faster)
+    assert all(np.isfinite(f["metric"]) for f in timed if f["metric"] is not None)
+    chosen = [(modes.level(4), modes.is_symmetric(4))]
+    assert chosen[0] in [(f["level"], f["symmetric"]) for f in timed[:timed.index(exact) + 1]]
     assert cache.is_file() and not list(tmp_path.glob("*.work"))
     again, _ = measured_modes(model, task, (), (4,), 32, feeds, latency, 1, cache)  # no linears: must come from cache
     assert again == modes
+
+
+def test_modes_change_nothing_without_blockwise_weights(tmp_path):
+    """A trial whose plan has no blockwise weights is built before the modes are measured: its
+    bytes must be the same under any modes."""
+    from slimtune.search.trial import plan_bit_widths
+
+    model = tiny_llama(300)
+    layout = discover_layout(model)
+    plan = CompressionPlan(quantize={n: QuantSpec("int8") for n in layout.linears})
+    assert plan_bit_widths(plan) == ()
+    exact = build_artifact(model, plan, tmp_path / "exact.onnx", output=OutputSpec("lm"))
+    fast = build_artifact(model, plan, tmp_path / "fast.onnx", output=OutputSpec("lm"),
+                          modes=KernelModes(levels=((4, 4),), symmetric=(4,)))
+    assert exact.path.read_bytes() == fast.path.read_bytes()
+    mixed = CompressionPlan(quantize={**plan.quantize, layout.linears[0]: QuantSpec("int4")})
+    assert plan_bit_widths(mixed) == (4,)

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from slimtune.export.modes import KernelModes
+from slimtune.export.modes import EXACT, KernelModes
 
 pytestmark = pytest.mark.slow
 
@@ -57,12 +57,16 @@ def test_a_causal_lm_search_minimises_perplexity_and_times_generation(lm_search)
     fp32 = next(row for row in done if row["reference"] == "fp32")
     assert float(fp32["next_token_agreement"]) == 1.0
     # Every trial says which exporter wrote it (the fused decoder for a Llama) and the kernel modes
-    # measured on this machine, one set for the whole search.
+    # it was built with: the ones measured on this machine, one set for the whole search, for every
+    # trial with blockwise weights; exact for the others, which the modes do not change (fp32).
     assert {row["exporter"] for row in done} == {"fused-decoder"}
-    assert len({row["kernel_modes"] for row in done}) == 1
+    blockwise = [row for row in done if "MatMulNBits" in row["kernels"]]
+    assert blockwise and len({row["kernel_modes"] for row in blockwise}) == 1
+    assert fp32["kernel_modes"] == EXACT.dumps()
     measured = json.loads((results / "lm" / "kernel_modes.json").read_text())
     (target, found), = measured.items()
-    assert target == done[0]["hardware"] and KernelModes.loads(json.dumps(found["modes"])).dumps() == done[0]["kernel_modes"]
+    assert target == done[0]["hardware"]
+    assert KernelModes.loads(json.dumps(found["modes"])).dumps() == blockwise[0]["kernel_modes"]
     assert {(f["bits"], f["level"], f["symmetric"]) for f in found["figures"]} == {
         (4, level, symmetric) for level in (0, 4) for symmetric in (False, True)}
     assert f"kernel modes on {target}: {found['described']}" in stdout
