@@ -121,11 +121,17 @@ def _search_here(folder: Path, trials: int, seed: int, out: Path) -> None:
     start_ray(None)
     worker = ray.get(ray.remote(lambda: __import__("slimtune.search").search.__path__[0]).remote())
     origin = {"driver": [slimtune.__path__[0], slimtune.search.__path__[0]], "worker": worker}
-    from rich.console import Console
+    try:  # this code: prepare prints nothing
+        from slimtune.prepare import prepare
 
-    from slimtune.workflow import prepare
+        prepared = prepare(load_config(None), folder / "results")
+    except ImportError:  # a revision from before slimtune.prepare: its prepare printed to a console
+        from rich.console import Console
 
-    metric = prepare(load_config(None), folder / "results", Console(quiet=True)).config.task.metric
+        from slimtune.workflow import prepare
+
+        prepared = prepare(load_config(None), folder / "results", Console(quiet=True))
+    metric = prepared.config.task.metric
     run = run_search("default", "nsga2", seed, trials, folder / "results", {"search": {"sensitivity": True}}, metric)
     ray.shutdown()
     figures = asdict(run)
@@ -165,17 +171,32 @@ def trials_per_hour_side_by_side(revision: str, trials: int, rounds: int, work: 
         split = {p: sum(r["time_split"][p] for r in group) / len(group) for p in parts}
         lines.append(f"| {label} | {rates[label]:.0f} | " + " | ".join(f"{split[p]:.2f}" for p in parts) + " |")
     before, after = runs.values()
-    same = total = 0
-    for a, b in zip(before, after, strict=True):
-        built = {p.get("plan"): p.get("sha256") for p in _artifacts(a)}
-        for plan, digest in ((p.get("plan"), p.get("sha256")) for p in _artifacts(b)):
-            if plan in built and digest:
-                total += 1
-                same += built[plan] == digest
+    same, total, other_modes = _same_bytes(before, after)
     earlier_rate, this_rate = rates.values()
     lines += ["", f"{this_rate / earlier_rate:.2f}x the trials per hour of {revision} ({trials} trials a search, "
-              f"{rounds} rounds interleaved); the same bytes for {same} of {total} plans both searches built"]
+              f"{rounds} rounds interleaved); the same bytes for {same} of {total} plans both searches built "
+              f"with the same kernel modes" + (f" ({other_modes} more built under kernel modes the two searches "
+                                               "measured differently, not compared)" if other_modes else "")]
     return lines
+
+
+def _same_bytes(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> tuple[int, int, int]:
+    """Over the rounds: (plans with the same bytes, plans both built with the same kernel modes,
+    plans both built under different measured modes). The modes are an input of the bytes (and a
+    measurement, which can differ between two searches where two modes time alike)."""
+    same = total = other_modes = 0
+    for a, b in zip(before, after, strict=True):
+        built = {p.get("plan"): p for p in _artifacts(a)}
+        for mine in _artifacts(b):
+            theirs = built.get(mine.get("plan"))
+            if theirs is None or not mine.get("sha256"):
+                continue
+            if theirs.get("kernel_modes", "") != mine.get("kernel_modes", ""):
+                other_modes += 1
+                continue
+            total += 1
+            same += theirs.get("sha256") == mine["sha256"]
+    return same, total, other_modes
 
 
 def _artifacts(figures: dict[str, Any]) -> list[dict[str, str]]:

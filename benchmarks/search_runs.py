@@ -133,7 +133,10 @@ def run_search(method: str, sampler: str, seed: int, budget: int, results: Path,
     wall = (max(t["finished_at"] for t in times) - min(t["started_at"] for t in times)) if times else job_wall
     notes = {"folder": str(result.folder),
              "plans": [json.dumps(r.params, sort_keys=True) for r in result.records if r.recovered_from is None],
-             "artifacts": [{"plan": json.dumps(r.params, sort_keys=True), "sha256": str(r.metrics.get("artifact_sha256", ""))}
+             "artifacts": [{"plan": json.dumps(r.params, sort_keys=True), "sha256": str(r.metrics.get("artifact_sha256", "")),
+                            # the modes change the bytes of MatMulNBits layers only
+                            "kernel_modes": str(r.metrics.get("kernel_modes", ""))
+                            if "MatMulNBits" in str(r.metrics.get("kernels", "")) else ""}
                            for r in done if not r.metrics.get("cached")]}
     for record in result.records:
         if record.status != "completed":
