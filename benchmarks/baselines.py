@@ -15,13 +15,15 @@ from pathlib import Path
 from optimum_baseline import ensure_optimum_venv, optimum_artifacts, optimum_pooled
 from search_runs import Point, Run
 
+from slimtune.evaluators.latency import latency_inputs
 from slimtune.evaluators.node_lock import NodeLock
 from slimtune.evaluators.quality import measure_quality, session
 from slimtune.export import build_artifact
 from slimtune.model import OutputSpec
 from slimtune.plan import CompressionPlan
+from slimtune.search.measure import PlanInputs, measure_plan
 from slimtune.search.sensitivity import cached_profile, greedy_path, measure_profile, profile_key
-from slimtune.search.trial import WorkerState, latency_inputs, measure_plan, task_calibration
+from slimtune.search.trial import task_calibration
 from slimtune.tasks import KINDS
 
 
@@ -75,9 +77,7 @@ def greedy_run(prepared, space, folder: Path, budget: int, tolerance_points: flo
     """The greedy per-layer baseline: sensitivity measured once (its time is part of the run), then the
     path's plans measured in order until one falls more than ``tolerance_points`` below fp32 or the
     budget is spent. Trials run one at a time with every core (no second worker to wait for)."""
-    from slimtune.evaluators.hardware import fingerprint
     from slimtune.search.sensitivity import PROFILE_TEXTS
-    from slimtune.search.shipping import inputs_fingerprints
 
     config, task = prepared.config, prepared.task
     started = time.perf_counter()
@@ -86,11 +86,8 @@ def greedy_run(prepared, space, folder: Path, budget: int, tolerance_points: flo
     profile, _ = cached_profile(results / ".cache", key, lambda: measure_profile(
         prepared.loaded.module, space, task, calibration, PROFILE_TEXTS, config.task.seed))
     path = greedy_path(profile, space)
-    state = WorkerState(model=prepared.loaded.module, space=space, task=task,
-                        feeds=latency_inputs(task.input_ids, task.attention_mask, config.latency),
-                        calibration=calibration,
-                        inputs_fingerprint=fingerprint(*inputs_fingerprints(prepared.loaded.source,
-                                                                            prepared.task_path.read_bytes())))
+    inputs = PlanInputs(model=prepared.loaded.module, task=task, calibration=calibration,
+                        feeds=latency_inputs(task.input_ids, task.attention_mask, config.latency))
     folder.mkdir(parents=True, exist_ok=True)
     lock = NodeLock(folder / "greedy.lock")
     points, times = [], []
@@ -98,7 +95,7 @@ def greedy_run(prepared, space, folder: Path, budget: int, tolerance_points: flo
     for index, (choices, _) in enumerate([(dict(), 0.0), *path][:budget]):
         began = time.time()
         plan = space.plan_from_choices(choices)
-        result = measure_plan(state, plan, folder / f"greedy-{index}.onnx", config.latency, config.latency.threads, lock)
+        result = measure_plan(inputs, plan, folder / f"greedy-{index}.onnx", config.latency, config.latency.threads, lock)
         point = Point(float(result[task.metric]), float(result["latency_ms"]), float(result["size_mb"]),
                       f"greedy step {index}", str(folder / f"greedy-{index}.onnx"))
         fp32 = fp32 or point

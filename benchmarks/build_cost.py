@@ -32,16 +32,15 @@ def build_all(plans: int, out: Path) -> None:
     and digests to ``out``."""
     import optuna
     import torch
-    from rich.console import Console
 
     from slimtune.config import load_config
     from slimtune.export import build_artifact
+    from slimtune.prepare import prepare
     from slimtune.search.trial import make_space, task_calibration
-    from slimtune.workflow import prepare
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(1)
-    prepared = prepare(load_config(None), ROOT / "results", Console(quiet=True))
+    prepared = prepare(load_config(None), ROOT / "results")
     model = prepared.loaded.module
     calibration = task_calibration(model, prepared.task)
     space = make_space(prepared.config, model, calibration)

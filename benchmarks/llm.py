@@ -39,7 +39,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import yaml
-from rich.console import Console
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -61,10 +60,10 @@ from slimtune.export import build_artifact  # noqa: E402
 from slimtune.export.decoder import with_empty_past  # noqa: E402
 from slimtune.model import builtin_llm_gguf, resolve_model_source  # noqa: E402
 from slimtune.plan import CompressionPlan  # noqa: E402
+from slimtune.prepare import prepare  # noqa: E402
 from slimtune.search.trial import make_space, task_calibration  # noqa: E402
 from slimtune.tasks import KINDS, scoring_run  # noqa: E402
 from slimtune.tasks.base import run_batches  # noqa: E402
-from slimtune.workflow import prepare  # noqa: E402
 
 
 def score(path: Path, task, head_dim: int | None, threads: int) -> dict[str, float]:
@@ -85,7 +84,7 @@ def artifacts_of(name: str, results: Path) -> tuple[dict[str, Path], dict[str, i
     the prepared task and the search's config."""
     folder = results / name
     config = Config.model_validate(yaml.safe_load((folder / "search_config.yaml").read_text()))
-    prepared = prepare(config, results, Console(quiet=True))
+    prepared = prepare(config, results)
     task, model = prepared.task, prepared.loaded.module
     calibration = task_calibration(model, task)
     trials = {row["trial"]: row for row in csv.DictReader((folder / "trials.csv").open())}

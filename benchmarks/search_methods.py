@@ -45,8 +45,9 @@ from toolbox import _time_interleaved  # noqa: E402
 from slimtune.config import load_config  # noqa: E402
 from slimtune.evaluators.hardware import cpu_description  # noqa: E402
 from slimtune.evaluators.quality import session  # noqa: E402
+from slimtune.phases import phases_on  # noqa: E402
+from slimtune.prepare import prepare  # noqa: E402
 from slimtune.search.trial import make_space, task_calibration  # noqa: E402
-from slimtune.workflow import prepare  # noqa: E402
 
 SAMPLER_LABELS = {"nsga2": "slimtune nsga2 (default: sensitivity-seeded)", "tpe": "slimtune tpe",
                   "random": "random search"}
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     (work / "runs").mkdir(parents=True)
     (work / "runs" / ".cache").symlink_to(Path("results/.cache").resolve())  # prepared task and profile: once
     config = load_config(None)
-    prepared = prepare(config, Path("results"), console)
+    prepared = prepare(config, Path("results"), phases_on(console))
     config, task = prepared.config, prepared.task
     threads = config.latency.threads
     n = args.budget

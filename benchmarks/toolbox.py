@@ -33,11 +33,12 @@ from slimtune.evaluators.latency import latency_inputs  # noqa: E402
 from slimtune.evaluators.quality import measure_quality, session  # noqa: E402
 from slimtune.export import build_artifact  # noqa: E402
 from slimtune.model import OutputSpec  # noqa: E402
+from slimtune.phases import phases_on  # noqa: E402
 from slimtune.plan import CompressionPlan, QuantSpec  # noqa: E402
+from slimtune.prepare import prepare  # noqa: E402
 from slimtune.search.trial import recovery_spec, task_calibration  # noqa: E402
 from slimtune.tasks import KINDS  # noqa: E402
 from slimtune.transforms.heads import head_groups  # noqa: E402
-from slimtune.workflow import prepare  # noqa: E402
 
 
 def _plans(prepared, calibration, steps: int, recovery) -> dict[str, CompressionPlan]:
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps:
         config = config.model_copy(update={"recovery": config.recovery.model_copy(update={"steps": args.steps})})
     threads = config.latency.threads
-    prepared = prepare(config, Path("results"), console)
+    prepared = prepare(config, Path("results"), phases_on(console))
     config = prepared.config
     calibration = task_calibration(prepared.loaded.module, prepared.task)
     recovery = recovery_spec(config)

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,21 +29,23 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from slimtune.config import METRIC_GOALS, LatencyConfig
+from slimtune.config import FORMAT_OF_BITS, METRIC_GOALS, LatencyConfig
 from slimtune.errors import first_line
 from slimtune.evaluators import as_dict
+from slimtune.evaluators.hardware import HardwareTarget, fingerprint
 from slimtune.evaluators.latency import measure_latency
 from slimtune.evaluators.node_lock import NodeLock, exclusive_file
 from slimtune.evaluators.quality import StagedQuality
 from slimtune.export import build_artifact
 from slimtune.export.modes import EXACT, KernelModes
+from slimtune.files import write_atomically
 from slimtune.plan import CompressionPlan, QuantSpec
 from slimtune.tasks import PreparedTask
 
 MODE_TOLERANCE = 0.01  # a mode may cost at most 1% of the exact mode's metric (perplexity +1%, accuracy -1%)
 SAMPLE_TEXTS = 32
 CANDIDATES = ((0, False), (4, False), (0, True), (4, True))  # (accuracy level, symmetric); the first is exact
-_FORMATS = {4: "int4", 2: "int2"}
+
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def measure_modes(model, task: PreparedTask, linears: tuple[str, ...], bit_width
     figures = []
     work.mkdir(parents=True, exist_ok=True)
     for bits in bit_widths:
-        plan = CompressionPlan(quantize={name: QuantSpec(_FORMATS[bits], block) for name in linears})
+        plan = CompressionPlan(quantize={name: QuantSpec(FORMAT_OF_BITS[bits], block) for name in linears})
         built, timed, refused = {}, [], []
         for symmetric in (False, True):
             path = build_artifact(model, plan, work / f"{bits}-{symmetric}.onnx", output=task.output, hold=shared,
@@ -169,6 +169,14 @@ def _scored_as_needed(timed: list[ModeFigures], built: dict[bool, onnx.ModelProt
     return [done.get(f.mode, f) for f in timed]
 
 
+def modes_key(hardware: HardwareTarget, inputs_fingerprint: str, bit_widths: tuple[int, ...], block: int,
+              latency: LatencyConfig) -> str:
+    """The cache key of a node's measured modes: the hardware target, the model and task
+    (``inputs_fingerprint``), the formats and the latency settings. Not the build threads (front
+    recovery builds with more): the modes are timed at the latency's threads."""
+    return fingerprint(hardware.key, inputs_fingerprint, str(bit_widths), str(block), latency.model_dump_json())
+
+
 def cached_modes(cache: Path, measure) -> tuple[KernelModes, list[dict]]:
     """(modes, figures) from ``cache`` when it exists, else from ``measure()`` -> (modes, figures),
     written atomically to ``cache``. One process measures at a time: the others wait and read its result."""
@@ -178,9 +186,7 @@ def cached_modes(cache: Path, measure) -> tuple[KernelModes, list[dict]]:
             data = json.loads(cache.read_text())
             return KernelModes.loads(data["modes"]), data["figures"]
         modes, figures = measure()
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(json.dumps({"modes": modes.dumps(), "figures": figures}, indent=1))
-        tmp.replace(cache)
+        write_atomically(cache, json.dumps({"modes": modes.dumps(), "figures": figures}, indent=1))
     return modes, figures
 
 

@@ -11,6 +11,7 @@ import optuna
 
 from slimtune.search.objectives import Objectives
 from slimtune.search.records import TrialRecord
+from slimtune.search.samplers import quiet_optuna
 
 _DIRECTION = {"max": optuna.study.StudyDirection.MAXIMIZE, "min": optuna.study.StudyDirection.MINIMIZE}
 
@@ -29,11 +30,11 @@ def pareto_numbers(records: list[TrialRecord], objectives: Objectives) -> set[in
     Latencies of different hardware targets are not comparable: with several targets, the front is
     computed per target and the fronts are joined.
     """
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     front: set[int] = set()
     for target in hardware_targets(records):
         seen: set[str] = set()
-        study = optuna.create_study(directions=[_DIRECTION[mode] for _, mode in objectives])
+        with quiet_optuna():
+            study = optuna.create_study(directions=[_DIRECTION[mode] for _, mode in objectives])
         for record in records:
             digest = record.metrics.get("plan_digest")
             if (record.status != "completed" or digest in seen or record.metrics.get("screened")

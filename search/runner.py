@@ -10,9 +10,10 @@ same seed, configuration and number of workers propose the same plans.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from slimtune.search.front_progress import FrontProgress
 from slimtune.search.objectives import objectives
 from slimtune.search.ordered import OrderedOptunaSearch
 from slimtune.search.records import TrialListener, TrialRecord
-from slimtune.search.samplers import make_sampler
+from slimtune.search.samplers import make_sampler, quiet_optuna
 from slimtune.search.shipping import report_fault
 from slimtune.search.trial import TrialContext, run_trial
 from slimtune.search.trial_log import TrialLog
@@ -72,17 +73,40 @@ def start_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no tables over the progress display
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     try:
-        if address:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-        else:
-            ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-                     _node_ip_address="127.0.0.1")
+        with ray_output_settings():
+            _init_ray(address)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
         raise ClusterError(f"cannot start {where} ({first_line(exc)})") from exc
+
+
+RAY_OUTPUT = {"RAY_AIR_NEW_OUTPUT": "0", "RAY_DEDUP_LOGS": "0"}
+"""Ray's output settings while slimtune drives it (where the caller has not set them): with
+``verbose=0``, no tables over the progress display, and worker log lines as they are."""
+
+
+@contextlib.contextmanager
+def ray_output_settings() -> Iterator[None]:
+    """``RAY_OUTPUT`` in the environment inside the block (Ray reads it at ``ray.init`` and
+    ``Tuner.fit``), and the environment as it was after."""
+    added = {name: value for name, value in RAY_OUTPUT.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+                 _node_ip_address="127.0.0.1")
 
 
 def patience_stopper(front: FrontProgress):
@@ -145,46 +169,47 @@ def run_search(config: Config, ctx: TrialContext, space: SearchSpace, storage: P
 
     search = config.search
     if config.task.metric is None:
-        raise ValueError("config.task.metric is not resolved: pass the config that slimtune.workflow.prepare returns")
+        raise ValueError("config.task.metric is not resolved: pass the config that slimtune.prepare.prepare returns")
     goals = objectives(config.task.metric)
     go_on = continuation or Continuation("", "")
     study = {"storage": optuna.storages.RDBStorage(go_on.study_uri), "study_name": go_on.study_name} \
         if go_on.study_uri else {}
-    searcher = OrderedOptunaSearch(
-        lag=search.workers,
-        space=DefineByRun(space),
-        metric=[m for m, _ in goals],
-        mode=[mode for _, mode in goals],
-        sampler=make_sampler(config),
-        points_to_evaluate=None if go_on.resumed else enqueued_points(space, seeds) or None,
-        **study,
-    )
-    trainable = tune.with_resources(tune.with_parameters(_trainable, ctx=ctx, measure=measure),
-                                    {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial})
-    trial_log = TrialLog(space, goals, ([front] if front else []) + list(listeners), first_number=go_on.first_number,
-                         seeds=seeds)
-    trials = go_on.trials_left if go_on.trials_left is not None else search.trials
-    budget = go_on.time_left_s if go_on.resumed else search.time_budget_s
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            search_alg=searcher, num_samples=trials, max_concurrent_trials=search.workers,
-            time_budget_s=budget, reuse_actors=True, trial_dirname_creator=_trial_dirname,
-        ),
-        run_config=tune.RunConfig(
-            name=name, storage_path=str(storage.resolve()), callbacks=[trial_log], verbose=0,
-            stop=patience_stopper(front) if front is not None and front.patience else None,
-            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-        ),
-    )
-    try:
-        tuner.fit()
-    finally:
-        searcher.flush()  # the last trials' results, told after Tune's last save of the searcher: save it again
-        for state_file in (storage / name).glob("searcher-state-*.pkl"):
-            searcher.save(str(state_file))
-        trial_log.close_open_trials()
-    return trial_log.records
+    with quiet_optuna(), ray_output_settings():  # Optuna's INFO lines and Ray's tables, not over the display
+        searcher = OrderedOptunaSearch(
+            lag=search.workers,
+            space=DefineByRun(space),
+            metric=[m for m, _ in goals],
+            mode=[mode for _, mode in goals],
+            sampler=make_sampler(config),
+            points_to_evaluate=None if go_on.resumed else enqueued_points(space, seeds) or None,
+            **study,
+        )
+        trainable = tune.with_resources(tune.with_parameters(_trainable, ctx=ctx, measure=measure),
+                                        {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial})
+        trial_log = TrialLog(space, goals, ([front] if front else []) + list(listeners), first_number=go_on.first_number,
+                             seeds=seeds)
+        trials = go_on.trials_left if go_on.trials_left is not None else search.trials
+        budget = go_on.time_left_s if go_on.resumed else search.time_budget_s
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher, num_samples=trials, max_concurrent_trials=search.workers,
+                time_budget_s=budget, reuse_actors=True, trial_dirname_creator=_trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=name, storage_path=str(storage.resolve()), callbacks=[trial_log], verbose=0,
+                stop=patience_stopper(front) if front is not None and front.patience else None,
+                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            ),
+        )
+        try:
+            tuner.fit()
+        finally:
+            searcher.flush()  # the last trials' results, told after Tune's last save of the searcher: save it again
+            for state_file in (storage / name).glob("searcher-state-*.pkl"):
+                searcher.save(str(state_file))
+            trial_log.close_open_trials()
+        return trial_log.records
 
 
 def enqueued_points(space: SearchSpace, seeds: dict[str, dict[str, Any]] | None) -> list[dict[str, Any]]:

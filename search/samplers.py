@@ -10,7 +10,9 @@ means nothing in another.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import optuna
@@ -44,9 +46,20 @@ class PicklableNSGAIISampler(_LocksMadeAnew, optuna.samplers.NSGAIISampler):
     """``optuna.samplers.NSGAIISampler`` that Ray Tune can pickle (see module doc)."""
 
 
+@contextlib.contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """Optuna's log at warnings inside the block, as it was after: it announces every study and
+    trial at INFO, which would run over the progress display."""
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
 def make_sampler(config: Config) -> optuna.samplers.BaseSampler:
     """The sampler ``search.sampler`` names, seeded with ``search.seed``."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     search = config.search
     if search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=search.seed)

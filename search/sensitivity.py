@@ -33,9 +33,11 @@ from torch import nn
 
 from slimtune.config import METRIC_GOALS
 from slimtune.evaluators.hardware import fingerprint
+from slimtune.files import write_atomically
 from slimtune.model import wrap_output
 from slimtune.plan import CompressionPlan
-from slimtune.spaces import BITS_OF_FORMAT, SearchSpace
+from slimtune.spaces import SearchSpace
+from slimtune.spaces.dimensions import LOWER_COMPRESSES, UNCOMPRESSED, is_layer_bits, knob
 from slimtune.tasks import KINDS, PreparedTask, scoring_run
 from slimtune.tasks.base import run_batches, torch_run
 from slimtune.transforms import Calibration, apply_structural
@@ -96,8 +98,7 @@ class SensitivityProfile:
 
 def fp32_choices(space: SearchSpace) -> dict[str, Any]:
     """The open dimensions' uncompressed options: fp32 weights, nothing removed, full rank."""
-    uncompressed = {"bits": 32, "sparsity": 0.0, "rank": 1.0, "heads": 0.0, "dropped": 0}
-    return {dim: uncompressed.get(dim.rpartition(".")[2], options[0])
+    return {dim: UNCOMPRESSED.get(knob(dim), options[0])
             for dim, options in space.dimensions().items() if len(options) > 1}
 
 
@@ -107,7 +108,7 @@ def compressing_options(space: SearchSpace) -> list[tuple[str, Any]]:
     base = fp32_choices(space)
     pairs = []
     for dim, options in space.dimensions().items():
-        if dim not in base or dim.rpartition(".")[2] not in ("bits", "sparsity", "rank", "heads", "dropped"):
+        if dim not in base or knob(dim) not in UNCOMPRESSED:
             continue
         pairs += [(dim, option) for option in options if option != base[dim]]
     return pairs
@@ -141,7 +142,7 @@ def rounded_model(model: nn.Module, plan: CompressionPlan, calibration: Calibrat
         if spec.format == "fp32" or not isinstance(module, nn.Linear | nn.Embedding):
             continue
         # (out, in) for a Linear; (tokens, hidden) for a table, whose rows are scaled like output channels
-        module.weight.data = _round_weight(module.weight.data, BITS_OF_FORMAT[spec.format], spec.block_size)
+        module.weight.data = _round_weight(module.weight.data, spec.bits, spec.block_size)
     return out
 
 
@@ -193,10 +194,7 @@ def cached_profile(cache_dir: Path, key: str, measure) -> tuple[SensitivityProfi
     if path.is_file():
         return SensitivityProfile.from_json(path.read_text()), True
     profile = measure()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(profile.to_json())
-    tmp.replace(path)
+    write_atomically(path, profile.to_json())
     return profile, False
 
 
@@ -225,7 +223,7 @@ def greedy_path(profile: SensitivityProfile, space: SearchSpace, quality_floor: 
 
 def _compression_rank(dim: str, option: Any) -> float:
     """Higher compresses more: fewer bits, a lower rank, a larger removed fraction, more blocks dropped."""
-    return -float(option) if dim.rpartition(".")[2] in ("bits", "rank") else float(option)
+    return -float(option) if knob(dim) in LOWER_COMPRESSES else float(option)
 
 
 def seed_plans(path: list[tuple[dict[str, Any], float]], count: int) -> list[dict[str, Any]]:
@@ -275,7 +273,7 @@ def guide(space: SearchSpace, profile: SensitivityProfile, quality_floor: float,
     if start is not None and "int4.method" in open_dims:
         # The reference quantizes in one command (round to nearest); seeds take the space's first method.
         start = {**start, "int4.method": dims["int4.method"][0]}
-    fixed = frozenset(d for d in dims if d.endswith((".attention.bits", ".ffn.bits"))) if start else frozenset()
+    fixed = frozenset(d for d in dims if is_layer_bits(d)) if start else frozenset()
     seeds: dict[str, dict[str, Any]] = {}
     for params in seed_plans(greedy_path(profile, narrowed, quality_floor, start, fixed), seed_count):
         params = {k: v for k, v in params.items() if k in open_dims}

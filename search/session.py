@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from slimtune.files import write_atomically
 from slimtune.search.records import TrialRecord
 
 STATE_FILE = "search.json"
@@ -46,10 +47,7 @@ class SearchState:
     started_at: float  # time.time() when the search first started
 
     def save(self, work: Path) -> None:
-        work.mkdir(parents=True, exist_ok=True)
-        tmp = work / f".{STATE_FILE}.tmp"
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        tmp.replace(work / STATE_FILE)
+        write_atomically(work / STATE_FILE, json.dumps(asdict(self), indent=1))
 
     @classmethod
     def load(cls, work: Path) -> SearchState:

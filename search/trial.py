@@ -6,7 +6,8 @@ search's work folder under a key of everything that changes them (the plan, the 
 prepared task's bytes, the latency settings and threads, the hardware target), written atomically;
 artifacts are built under a name of their own and renamed into place, so workers measuring the
 same plan at once never write the same file. A trial that raises, or measures a non-finite
-figure, fails loudly so that Ray, Optuna and MLflow all record it as failed.
+figure, fails loudly so that Ray, Optuna and MLflow all record it as failed. Measuring itself is
+``slimtune.search.measure``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import time
 import uuid
@@ -22,33 +22,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from slimtune.config import METRIC_GOALS, Config, LatencyConfig, SearchConfig
-from slimtune.evaluators import as_dict
-from slimtune.evaluators.hardware import HardwareTarget, current_target, fingerprint
-from slimtune.evaluators.kernel_modes import measured_modes
-from slimtune.evaluators.latency import latency_inputs, measure_latency
+from slimtune.config import BLOCKWISE_FORMATS, WEIGHT_FORMAT_BITS, Config, LatencyConfig
+from slimtune.evaluators.hardware import HardwareTarget, fingerprint
+from slimtune.evaluators.kernel_modes import measured_modes, modes_key
+from slimtune.evaluators.latency import latency_inputs
 from slimtune.evaluators.node_lock import NodeLock
-from slimtune.evaluators.quality import StagedQuality
-from slimtune.evaluators.size import measure_size
-from slimtune.export import build_artifact
 from slimtune.export.modes import EXACT, KernelModes
-from slimtune.export.quantize import BLOCKWISE_BITS
 from slimtune.export.size import file_sha256
+from slimtune.files import write_atomically
 from slimtune.layout import discover_layout
 from slimtune.model import load_model
 from slimtune.plan import CompressionPlan, RecoverySpec
+from slimtune.search.measure import PlanInputs, measure_plan
 from slimtune.search.shipping import Shipment, inputs_fingerprints, node_work_dir, unpack
 from slimtune.spaces import SearchSpace
 from slimtune.tasks import PreparedTask
 from slimtune.transforms import Calibration, collect_calibration
 from slimtune.transforms.heads import head_groups
-
-SCREEN_MIN_TEXTS = 50  # staged scoring needs a sample that says something: smaller held-out sets are scored whole
-class NonFiniteMetricError(FloatingPointError):
-    """A measured objective is NaN or infinite; the trial is failed rather than reported."""
 
 
 @dataclass(frozen=True)
@@ -90,17 +82,13 @@ class TrialContext:
 
 @dataclass(frozen=True)
 class WorkerState:
-    """What a worker loads once. ``inputs_fingerprint``: the model's files and the prepared task's bytes;
-    ``modes``: how this node runs the blockwise kernels (``trial_modes``)."""
+    """What a worker loads once: what measuring needs (``inputs``, built with exact kernel modes;
+    a trial sets the node's), the search space, and ``inputs_fingerprint``: the model's files and
+    the prepared task's bytes."""
 
-    model: torch.nn.Module
+    inputs: PlanInputs
     space: SearchSpace
-    task: PreparedTask
-    feeds: dict[str, np.ndarray]
-    calibration: Calibration
     inputs_fingerprint: str = ""
-    hardware: HardwareTarget = field(default_factory=current_target)
-    modes: KernelModes = EXACT
 
 
 def recovery_spec(config: Config) -> RecoverySpec:
@@ -110,11 +98,14 @@ def recovery_spec(config: Config) -> RecoverySpec:
                         hidden_weight=cfg.hidden_weight, seed=config.search.seed, flat_patience=cfg.flat_patience)
 
 
+def with_task_training(calibration: Calibration, task: PreparedTask) -> Calibration:
+    """``calibration`` with the task's training texts and the uncompressed model's targets on them."""
+    return calibration.with_training(task.train_ids, task.train_mask, task.train_targets)
+
+
 def task_calibration(model: torch.nn.Module, task: PreparedTask) -> Calibration:
     """Activation statistics on the task's calibration texts, plus its training texts for recovery."""
-    calibration = collect_calibration(model, task.calibration_ids, task.calibration_mask)
-    return dataclasses.replace(calibration, training_ids=task.train_ids, training_mask=task.train_mask,
-                               training_targets=task.train_targets)
+    return with_task_training(collect_calibration(model, task.calibration_ids, task.calibration_mask), task)
 
 
 def make_space(config: Config, model: torch.nn.Module, calibration: Calibration,
@@ -131,31 +122,29 @@ def worker_state(ctx: TrialContext) -> WorkerState:
     source, task_path = ctx.inputs()
     task = PreparedTask.load(task_path)
     model = load_model(source, classification_head=task.output.kind == "logits", causal_lm=task.output.kind == "lm").module
-    calibration = (dataclasses.replace(ctx.calibration, training_ids=task.train_ids, training_mask=task.train_mask,
-                                       training_targets=task.train_targets)
-                   if ctx.calibration is not None else task_calibration(model, task))
+    calibration = (with_task_training(ctx.calibration, task) if ctx.calibration is not None
+                   else task_calibration(model, task))
     shipped = ctx.shipment
     model_fp, task_fp = ((shipped.model_fingerprint, shipped.task_fingerprint) if shipped
                          else inputs_fingerprints(source, task_path.read_bytes()))
     return WorkerState(
-        model=model,
+        inputs=PlanInputs(model=model, task=task, calibration=calibration,
+                          feeds=latency_inputs(task.input_ids, task.attention_mask, ctx.config.latency)),
         space=make_space(ctx.config, model, calibration, ctx.excluded),
-        task=task,
-        feeds=latency_inputs(task.input_ids, task.attention_mask, ctx.config.latency),
-        calibration=calibration,
         inputs_fingerprint=fingerprint(model_fp, task_fp),
     )
 
 
 def search_bit_widths(config: Config) -> tuple[int, ...]:
     """The blockwise (MatMulNBits) bit widths a search's space offers, widest first."""
-    return tuple(sorted({BLOCKWISE_BITS[f] for f in config.space.weight_formats if f in BLOCKWISE_BITS}, reverse=True))
+    return tuple(sorted({WEIGHT_FORMAT_BITS[f] for f in config.space.weight_formats if f in BLOCKWISE_FORMATS},
+                        reverse=True))
 
 
 def plan_bit_widths(plan: CompressionPlan) -> tuple[int, ...]:
     """The blockwise bit widths ``plan`` stores weights at: its artifact's bytes depend on the kernel
     modes of these alone (none: the modes change nothing)."""
-    return tuple(sorted({BLOCKWISE_BITS[spec.format] for spec in plan.quantize.values() if spec.is_blockwise}))
+    return tuple(sorted({spec.bits for spec in plan.quantize.values() if spec.is_blockwise}))
 
 
 @functools.lru_cache(maxsize=2)
@@ -165,137 +154,53 @@ def trial_modes(ctx: TrialContext, lock_path: str) -> tuple[KernelModes, tuple[d
     under the node's exclusive lock, and cached. Asked for by the first trial whose plan has
     blockwise weights: the trials before it do not wait."""
     state = worker_state(ctx)
-    config = ctx.config
+    inputs, config = state.inputs, ctx.config
     widths = search_bit_widths(config)
-    # Not keyed by the trial's build threads (front recovery uses more): the modes are timed at the latency's.
-    key = fingerprint(state.hardware.key, state.inputs_fingerprint, str(widths), str(config.space.block_sizes[0]),
-                      config.latency.model_dump_json())
-    modes, figures = measured_modes(state.model, state.task, state.space.layout.linears, widths,
-                                    config.space.block_sizes[0], state.feeds, config.latency, config.latency.threads,
+    key = modes_key(inputs.hardware, state.inputs_fingerprint, widths, config.space.block_sizes[0], config.latency)
+    modes, figures = measured_modes(inputs.model, inputs.task, state.space.layout.linears, widths,
+                                    config.space.block_sizes[0], inputs.feeds, config.latency, config.latency.threads,
                                     ctx.trial_dir / "kernel-modes" / f"{key}.json", lock=NodeLock(Path(lock_path)))
     return modes, tuple(figures)
 
 
-def measurement_key(state: WorkerState, plan: CompressionPlan, latency_cfg: LatencyConfig, threads: int) -> str:
-    """Everything a measurement depends on, as one digest: a cached result is reused only when all match."""
-    return fingerprint(plan.digest, state.inputs_fingerprint, latency_cfg.model_dump_json(), str(threads),
-                       state.hardware.key, state.modes.dumps())
+def build_threads(config: Config) -> int:
+    """The torch threads a trial builds with (and ONNX Runtime scores with): the CPUs Ray reserves
+    for it. Front recovery runs its trials with every core reserved."""
+    return max(1, int(config.search.cpus_per_trial))
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write under a name of this writer's own, then rename: readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def dominating_point(measured_dir: Path, goal: str, screen_score: float, texts: int, latency_ms: float,
-                     size_mb: float, margin: float, hardware: str) -> str | None:
-    """The measured result (file stem) in ``measured_dir`` that dominates a candidate for sure, if any:
-    on the same hardware, at most as slow and as large, and better on the same sampled texts by more
-    than ``margin`` (a fraction of its score). None when no measured point does."""
-    for path in sorted(measured_dir.glob("*.json")):
-        try:
-            other = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if other.get("hardware") != hardware or other.get("screen_texts") != texts:
-            continue
-        theirs = float(other["screen_score"])
-        better = screen_score < theirs - margin * abs(theirs) if goal == "max" else \
-            screen_score > theirs + margin * abs(theirs)
-        if better and other["latency_ms"] <= latency_ms and other["size_mb"] <= size_mb:
-            return path.stem
-    return None
-
-
-def measure_plan(state: WorkerState, plan: CompressionPlan, path: Path, latency_cfg: LatencyConfig,
-                 threads: int, lock: NodeLock, search: SearchConfig | None = None,
-                 measured_dir: Path | None = None) -> dict[str, Any]:
-    """Build the artifact for ``plan`` at ``path`` and measure it: metrics, timings (s), kernels.
-
-    Staged scoring (``search.screen_fraction`` below 1 and a ``measured_dir`` of this search's
-    results): the task's metric on a seeded sample of the held-out texts first (``screen_score``),
-    then latency and size; the remaining texts are scored unless a measured point already
-    dominates the candidate (``dominating_point``), in which case the sample's figures are its
-    quality figures, ``quality_texts`` says how many texts, ``screened`` is 1 and ``screened_by``
-    is that point's measurement key.
-    Building holds ``lock`` shared stage by stage, scoring (``threads`` ORT threads) batch by batch;
-    latency holds it exclusively. Timings: ``compress_s``, ``export_s``, ``quantize_s``, ``recover_s`` (the
-    artifact's build), ``quality_s`` (scoring), ``latency_s`` (timing), ``wait_s`` (waiting for the lock).
-    """
-    task = state.task
-    total = len(task.input_ids)
-    fraction = search.screen_fraction if search is not None and measured_dir is not None else 1.0
-    first = task.sample_rows(max(SCREEN_MIN_TEXTS, math.ceil(fraction * total)), seed=0)
-    timings = {"wait_s": 0.0, "quality_s": 0.0}
-    waited = time.perf_counter()
-    artifact = build_artifact(state.model, plan, path, state.calibration, task.output, hold=lock.shared,
-                              modes=state.modes)
-    timings["wait_s"] += time.perf_counter() - waited - artifact.build_s  # stage by stage, under the lock
-    started = time.perf_counter()
-    quality = StagedQuality(path, task, threads, first, hold=lock.shared)  # held batch by batch
-    sampled = as_dict(quality.first_stage())
-    timings["quality_s"] += time.perf_counter() - started
-    waited = time.perf_counter()
-    with lock.exclusive():
-        timings["wait_s"] += time.perf_counter() - waited
-        started = time.perf_counter()
-        latency = as_dict(measure_latency(path, state.feeds, latency_cfg))
-        timings["latency_s"] = time.perf_counter() - started
-    size = as_dict(measure_size(path))
-    screened = None
-    if len(first) < total:
-        screened = dominating_point(measured_dir, METRIC_GOALS[task.metric], sampled[task.metric], len(first),
-                                    latency["latency_ms"], size["size_mb"], search.screen_margin, state.hardware.key)
-    if screened is None:
-        started = time.perf_counter()
-        scored = as_dict(quality.full())
-        timings["quality_s"] += time.perf_counter() - started
-    else:
-        scored = sampled
-    metrics = {**scored, **latency, **size}
-    bad = [name for name, value in metrics.items() if not math.isfinite(value)]
-    if bad:
-        raise NonFiniteMetricError(f"non-finite {', '.join(bad)} for plan {plan.digest}")
-    return {
-        **metrics, "compress_s": artifact.compress_s, "export_s": artifact.export_s,
-        "quantize_s": artifact.quantize_s, "recover_s": artifact.recover_s, "recover_steps": artifact.recover_steps,
-        **timings,
-        "screen_score": sampled[task.metric], "screen_texts": len(first),
-        "quality_texts": len(first) if screened else total, "screened": int(screened is not None),
-        "screened_by": screened or "",
-        "kernels": json.dumps(artifact.matmul_kernels, sort_keys=True), "exporter": artifact.exporter,
-        "kernel_modes": state.modes.dumps(),
-        "artifact": str(path),
-        "hardware": state.hardware.key, "node": state.hardware.node,
-    }
+def measurement_key(plan: CompressionPlan, inputs_fingerprint: str, hardware: HardwareTarget, modes: KernelModes,
+                    latency_cfg: LatencyConfig, threads: int) -> str:
+    """Everything a measurement depends on, as one digest: a cached result is reused only when all
+    match (``inputs_fingerprint``: the model's files and the task's bytes)."""
+    return fingerprint(plan.digest, inputs_fingerprint, latency_cfg.model_dump_json(), str(threads), hardware.key,
+                       modes.dumps())
 
 
 def run_trial(params: dict[str, Any], ctx: TrialContext) -> dict[str, Any]:
     """Measure the plan that ``params`` (sampled by Optuna) describe; cached by ``measurement_key``."""
     began, started = time.time(), time.perf_counter()
-    torch.set_num_threads(max(1, int(ctx.config.search.cpus_per_trial)))
+    threads = build_threads(ctx.config)
+    torch.set_num_threads(threads)
     lock = NodeLock(Path(ctx.lock_path))
     with lock.shared():  # loading and calibrating is heavy work too
         state = worker_state(ctx)
     plan = state.space.plan_from_choices(params)
     modes, mode_figures = trial_modes(ctx, ctx.lock_path) if plan_bit_widths(plan) else (EXACT, ())
-    state = dataclasses.replace(state, modes=modes)
-    threads = max(1, int(ctx.config.search.cpus_per_trial))
-    key = measurement_key(state, plan, ctx.config.latency, threads)
+    inputs = dataclasses.replace(state.inputs, modes=modes)
+    key = measurement_key(plan, state.inputs_fingerprint, inputs.hardware, modes, ctx.config.latency, threads)
     cached = ctx.cache_dir / f"{key}.json"
     if cached.is_file():
         result = {**json.loads(cached.read_text()), "cached": 1}
     else:
         building = ctx.artifacts_dir / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.onnx"
-        result = {**measure_plan(state, plan, building, ctx.config.latency, threads, lock, ctx.config.search,
+        result = {**measure_plan(inputs, plan, building, ctx.config.latency, threads, lock, ctx.config.search,
                                  ctx.cache_dir), "cached": 0}
         path = building.with_name(f"{key}.onnx")
         building.replace(path)
         result["artifact"] = str(path)
         result["artifact_sha256"] = file_sha256(path)
+        result["build_threads"] = threads  # a rebuild reads them back: the bytes can depend on them
         write_atomically(cached, json.dumps(result))
     # Wall-clock bounds (epoch s) of the trial: a search's throughput and idle time are read from them.
     return {**result, "plan_digest": plan.digest, "measurement_key": key, "trial_s": time.perf_counter() - started,

@@ -28,6 +28,15 @@ errors = Console(stderr=True)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
+@app.callback()
+def _quiet_libraries() -> None:
+    """Once per command: MLflow's own log at warnings (its store migrations would run over the
+    progress display). The library leaves the caller's logging as it is."""
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
 def fail(message: str) -> typer.Exit:
     errors.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code=2)

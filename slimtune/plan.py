@@ -16,11 +16,16 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from slimtune.config import (
+    BLOCK_SIZES,
+    BLOCKWISE_FORMATS,
+    LOW_RANK_METHODS,
+    QUANT_METHODS,
+    WEIGHT_FORMAT_BITS,
+)
+
 PLAN_VERSION = 2
-WEIGHT_FORMATS = ("fp32", "int8", "int4", "int2")
-QUANT_METHODS = ("rtn", "gptq", "hqq", "grid")
-LOW_RANK_METHODS = ("svd", "asvd")
-BLOCK_SIZES = (16, 32, 64, 128, 256)
+WEIGHT_FORMATS = tuple(WEIGHT_FORMAT_BITS)
 
 
 class PlanError(ValueError):
@@ -59,7 +64,12 @@ class QuantSpec:
 
     @property
     def is_blockwise(self) -> bool:
-        return self.format in ("int4", "int2")
+        return self.format in BLOCKWISE_FORMATS
+
+    @property
+    def bits(self) -> int:
+        """Bits per stored weight (scales aside)."""
+        return WEIGHT_FORMAT_BITS[self.format]
 
     def to_json(self) -> dict[str, Any]:
         if not self.is_blockwise:

@@ -52,6 +52,7 @@ def _row(record: TrialRecord, pareto: set[int], not_faster: set[int], figures: t
     row["kernels"] = record.metrics.get("kernels", "")
     row["exporter"] = record.metrics.get("exporter", "")
     row["kernel_modes"] = record.metrics.get("kernel_modes", "")
+    row["build_threads"] = record.metrics.get("build_threads", "")  # a rebuild reads them back
     row["cpu_contention"] = round(float(record.metrics["cpu_contention"]), 4) if "cpu_contention" in record.metrics else ""
     row["machine_busy"] = int(bool(record.metrics["machine_busy"])) if "machine_busy" in record.metrics else ""
     row["error"] = record.error

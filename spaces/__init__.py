@@ -17,12 +17,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from slimtune.config import SpaceConfig
+from slimtune.config import BLOCKWISE_FORMATS, FORMAT_OF_BITS, WEIGHT_FORMAT_BITS, SpaceConfig
 from slimtune.layout import BlockLayout, ModelLayout
 from slimtune.plan import CompressionPlan, QuantSpec, RecoverySpec, factor_rank, pruned_width
-
-BITS_OF_FORMAT = {"fp32": 32, "int8": 8, "int4": 4, "int2": 2}
-FORMAT_OF_BITS = {bits: fmt for fmt, bits in BITS_OF_FORMAT.items()}
+from slimtune.spaces.dimensions import (
+    BITS,
+    BLOCK,
+    DROPPED,
+    HEADS,
+    LAYER_ROLES,
+    METHOD,
+    RANK,
+    SPARSITY,
+    STEPS,
+    dimension,
+    knob,
+)
 
 
 @dataclass(frozen=True)
@@ -98,40 +108,40 @@ class SearchSpace:
     def dimensions(self) -> dict[str, tuple[Any, ...]]:
         """Every param name with its choices, in suggestion order (fixed dimensions included)."""
         cfg = self.config
-        bits = tuple(BITS_OF_FORMAT[f] for f in cfg.weight_formats)
-        blockwise = bool({"int4", "int2"} & set(cfg.weight_formats))
+        bits = tuple(WEIGHT_FORMAT_BITS[f] for f in cfg.weight_formats)
+        blockwise = bool(set(BLOCKWISE_FORMATS) & set(cfg.weight_formats))
         dims: dict[str, tuple[Any, ...]] = {}
         if self.layout.embedding is not None:
-            dims["embeddings.bits"] = tuple(BITS_OF_FORMAT[f] for f in cfg.embedding_formats)
+            dims[dimension("embeddings", BITS)] = tuple(WEIGHT_FORMAT_BITS[f] for f in cfg.embedding_formats)
             if "int4" in cfg.embedding_formats:
-                dims["embeddings.block"] = cfg.embedding_block_sizes
+                dims[dimension("embeddings", BLOCK)] = cfg.embedding_block_sizes
         if self.layout.output_head is not None:
-            head = tuple(BITS_OF_FORMAT[f] for f in cfg.lm_head_formats) if cfg.lm_head_formats else bits
-            dims["lm_head.bits"] = head
-            if {4, 2} & set(head):
-                dims["lm_head.block"] = cfg.block_sizes
+            head = tuple(WEIGHT_FORMAT_BITS[f] for f in cfg.lm_head_formats) if cfg.lm_head_formats else bits
+            dims[dimension("lm_head", BITS)] = head
+            if any(FORMAT_OF_BITS[b] in BLOCKWISE_FORMATS for b in head):
+                dims[dimension("lm_head", BLOCK)] = cfg.block_sizes
         if self.block_order and len(self.layout.blocks) > 1:
-            dims["blocks.dropped"] = depth_counts(len(self.layout.blocks), cfg.depth_fractions)
+            dims[dimension("blocks", DROPPED)] = depth_counts(len(self.layout.blocks), cfg.depth_fractions)
         if blockwise:
-            dims["int4.method"] = cfg.int4_methods
+            dims[dimension("int4", METHOD)] = cfg.int4_methods
         for group in self.groups:
             block = group.blocks[0]
             if block.attention:
-                dims[f"{group.label}.attention.bits"] = bits
+                dims[dimension(group.label, "attention", BITS)] = bits
                 if blockwise:
-                    dims[f"{group.label}.attention.block"] = cfg.block_sizes
-                dims[f"{group.label}.attention.heads"] = cfg.head_fractions if self._heads_prunable(group) else (0.0,)
-                dims[f"{group.label}.attention.rank"] = self._useful_ranks(block, "attention")
+                    dims[dimension(group.label, "attention", BLOCK)] = cfg.block_sizes
+                dims[dimension(group.label, "attention", HEADS)] = cfg.head_fractions if self._heads_prunable(group) else (0.0,)
+                dims[dimension(group.label, "attention", RANK)] = self._useful_ranks(block, "attention")
             if block.ffn:
-                dims[f"{group.label}.ffn.bits"] = bits
+                dims[dimension(group.label, "ffn", BITS)] = bits
                 if blockwise:
-                    dims[f"{group.label}.ffn.block"] = cfg.block_sizes
-                dims[f"{group.label}.ffn.sparsity"] = cfg.ffn_sparsities
-                dims[f"{group.label}.ffn.rank"] = self._useful_ranks(block, "ffn")
-        if any(len(options) > 1 for name, options in dims.items() if name.endswith(".rank")):
-            dims["low_rank.method"] = cfg.low_rank_methods
+                    dims[dimension(group.label, "ffn", BLOCK)] = cfg.block_sizes
+                dims[dimension(group.label, "ffn", SPARSITY)] = cfg.ffn_sparsities
+                dims[dimension(group.label, "ffn", RANK)] = self._useful_ranks(block, "ffn")
+        if any(len(options) > 1 for name, options in dims.items() if knob(name) == RANK):
+            dims[dimension("low_rank", METHOD)] = cfg.low_rank_methods
         if self.recover_in_trials and self.recovery is not None:
-            dims["recovery.steps"] = (self.recovery.steps,)
+            dims[dimension("recovery", STEPS)] = (self.recovery.steps,)
         for name, options in self.excluded.items():
             if name in dims:
                 dims[name] = tuple(o for o in dims[name] if o not in options) or dims[name][:1]
@@ -155,41 +165,41 @@ class SearchSpace:
         low_rank: dict[str, float] = {}
         ffn_prune: dict[str, float] = {}
         head_prune: dict[str, float] = {}
-        method = pick("int4.method") or "rtn"
+        method = pick(dimension("int4", METHOD)) or "rtn"
         if self.layout.embedding is not None:
-            table = QuantSpec(FORMAT_OF_BITS[int(pick("embeddings.bits"))], int(pick("embeddings.block") or 32))
+            table = QuantSpec(FORMAT_OF_BITS[int(pick(dimension("embeddings", BITS)))],
+                              int(pick(dimension("embeddings", BLOCK)) or 32))
             quantize[self.layout.embedding] = table
             # Position / type tables follow as int8 rows whenever the token table is quantized: near
             # lossless (MiniLM: pooled cosine 0.9975 with every table int8), where 4-bit positions are not (0.975).
             for other in self.layout.other_tables:
                 quantize[other] = QuantSpec("int8" if table.format != "fp32" else "fp32")
         if self.layout.output_head is not None:
-            quantize[self.layout.output_head] = QuantSpec(FORMAT_OF_BITS[int(pick("lm_head.bits"))],
-                                                          int(pick("lm_head.block") or 32), method)
+            quantize[self.layout.output_head] = QuantSpec(FORMAT_OF_BITS[int(pick(dimension("lm_head", BITS)))],
+                                                          int(pick(dimension("lm_head", BLOCK)) or 32), method)
         for group in self.groups:
             for block in group.blocks:
-                for role, names in (("attention", block.attention), ("ffn", block.ffn)):
+                for role, names in zip(LAYER_ROLES, (block.attention, block.ffn), strict=True):
                     if not names:
                         continue
-                    prefix = f"{group.label}.{role}"
-                    spec = QuantSpec(FORMAT_OF_BITS[int(pick(f"{prefix}.bits"))], int(pick(f"{prefix}.block") or 32),
-                                     method)
-                    rank = float(pick(f"{prefix}.rank"))
+                    spec = QuantSpec(FORMAT_OF_BITS[int(pick(dimension(group.label, role, BITS)))],
+                                     int(pick(dimension(group.label, role, BLOCK)) or 32), method)
+                    rank = float(pick(dimension(group.label, role, RANK)))
                     for name in names:
                         quantize[name] = spec
                         low_rank[name] = rank
                 if block.ffn:
-                    ffn_prune[block.name] = float(pick(f"{group.label}.ffn.sparsity"))
+                    ffn_prune[block.name] = float(pick(dimension(group.label, "ffn", SPARSITY)))
                 if block.attention:
-                    head_prune[block.name] = float(pick(f"{group.label}.attention.heads"))
-        dropped = int(pick("blocks.dropped") or 0)
+                    head_prune[block.name] = float(pick(dimension(group.label, "attention", HEADS)))
+        dropped = int(pick(dimension("blocks", DROPPED)) or 0)
         depth_prune = tuple(sorted(self.block_order[:dropped]))
         steps = int(choices.get("recovery.steps", pick("recovery.steps") or 0))  # fixed in trials mode
         # front recovery runs with a time budget and records the steps it did, exactly (no flat rule)
         exact = {key: choices[f"recovery.{key}"] for key in ("flat_patience", "budget_s") if f"recovery.{key}" in choices}
         recovery = dataclasses.replace(self.recovery, steps=steps, **exact) if steps and self.recovery else None
         return CompressionPlan(quantize=quantize, low_rank=low_rank, ffn_prune=ffn_prune, head_prune=head_prune,
-                               depth_prune=depth_prune, low_rank_method=pick("low_rank.method") or "svd",
+                               depth_prune=depth_prune, low_rank_method=pick(dimension("low_rank", METHOD)) or "svd",
                                recovery=recovery)
 
     def reference_points(self) -> dict[str, dict[str, Any]]:

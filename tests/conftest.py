@@ -6,6 +6,7 @@ import contextlib
 import csv
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -19,6 +20,13 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 
 from slimtune.config import BUILTIN_MODEL
 from slimtune.model import resolve_model_source
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on now (for servers a test starts itself)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def tiny_bert(vocab_size: int = 1000, seed: int = 0, layers: int = 2) -> BertModel:

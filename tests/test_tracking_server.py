@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,13 +12,9 @@ import urllib.request
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.conftest import free_port
+
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_healthy(url: str, server: subprocess.Popen, seconds: float = 90) -> None:
@@ -39,7 +34,7 @@ def test_search_logs_to_the_server_that_ui_started(tmp_path, search_config):
     results = tmp_path / "results"
     results.mkdir()
     MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}").search_experiments()  # creates the store
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "slimtune", "ui", "--port", str(port), "--results-dir", str(results)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -33,12 +34,6 @@ def _selenium():
 
 if not (CHROMIUM and DRIVER and _selenium()):
     pytest.skip("needs Chromium, chromedriver (Debian: chromium chromium-driver) and selenium", allow_module_level=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _browser():
@@ -65,7 +60,7 @@ def _wait_for(browser, pattern: str, seconds: float = 60) -> str:
 
 def test_the_printed_links_open_the_front_in_the_mlflow_ui(finished_search, tmp_path):
     results = finished_search.results  # a real search's store and what it printed (tests/conftest.py)
-    port = _free_port()
+    port = free_port()
     front_link = re.search(r"front:\s+(\S+)", finished_search.stdout).group(1).replace("127.0.0.1:5000",
                                                                                      f"127.0.0.1:{port}")
     ui = subprocess.Popen([sys.executable, "-m", "slimtune", "ui", "--port", str(port), "--results-dir", str(results)],

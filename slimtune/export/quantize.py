@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, version_converter
 
+from slimtune.config import BLOCKWISE_FORMATS, WEIGHT_FORMAT_BITS
 from slimtune.export.decoder import with_empty_past
 from slimtune.export.grid import grid_matmuls, pack_bits
 from slimtune.export.onnx_export import ExportError
@@ -40,7 +41,7 @@ from slimtune.export.weightless import without_weights
 # MatMulNBits' accuracy level when none is given: 0, fp32 activations (exact). Searches measure the
 # modes per hardware target instead (slimtune.export.modes).
 INT4_ACCURACY_LEVEL = 0
-BLOCKWISE_BITS = {"int4": 4, "int2": 2}
+BLOCKWISE_BITS = {name: WEIGHT_FORMAT_BITS[name] for name in BLOCKWISE_FORMATS}  # the formats MatMulNBits runs
 GPTQ_DAMPING = 0.01  # fraction of the mean Hessian diagonal added to it (the GPTQ paper's default)
 INT4_TABLE_OPSET = 21
 

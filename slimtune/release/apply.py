@@ -9,7 +9,6 @@ machine, as a search measures them), and written with its figures.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,13 +17,15 @@ from torch import nn
 
 from slimtune.config import Config
 from slimtune.evaluators.hardware import current_target, fingerprint
-from slimtune.evaluators.kernel_modes import measured_modes
+from slimtune.evaluators.kernel_modes import measured_modes, modes_key
 from slimtune.evaluators.latency import latency_inputs
 from slimtune.evaluators.node_lock import NodeLock
-from slimtune.phases import Phase
+from slimtune.files import staged_folder
+from slimtune.phases import Phase, phases_on
 from slimtune.plan import CompressionPlan, PlanError
+from slimtune.search.measure import PlanInputs, measure_plan
 from slimtune.search.shipping import inputs_fingerprints
-from slimtune.search.trial import WorkerState, measure_plan, search_bit_widths, task_calibration
+from slimtune.search.trial import search_bit_widths, task_calibration
 
 
 def read_plan(path: Path) -> CompressionPlan:
@@ -61,32 +62,31 @@ class AppliedPlan:
 def apply_plan(plan_path: Path, model_name: str, config: Config, out: Path, results: Path,
                console: Console | None = None) -> AppliedPlan:
     """Compress ``model_name`` with the plan, score and time it on ``config``'s task; write ``out``."""
-    from slimtune.workflow import prepare
+    from slimtune.prepare import prepare
 
     console = console or Console(quiet=True)
     if out.exists():
         raise PlanError(f"{out} already exists: choose another --out or remove it")
     plan = read_plan(plan_path)
     config = config.model_copy(update={"model": config.model.model_copy(update={"name": model_name})})
-    prepared = prepare(config, results, console)
+    prepared = prepare(config, results, phases_on(console))
+    for line in prepared.findings():
+        console.print(line)
     model, task = prepared.loaded.module, prepared.task
     check_plan_fits(plan, model)
     feeds = latency_inputs(task.input_ids, task.attention_mask, config.latency)
     widths = search_bit_widths(config)
-    key = fingerprint(current_target().key, *inputs_fingerprints(prepared.loaded.source, prepared.task_path.read_bytes()),
-                      str(widths),
-                      str(config.space.block_sizes[0]), config.latency.model_dump_json())
-    with Phase(console, "measuring the 4-bit kernel modes on this machine"), NodeLock().exclusive():
+    key = modes_key(current_target(), fingerprint(*inputs_fingerprints(prepared.loaded.source,
+                                                                       prepared.task_path.read_bytes())),
+                    widths, config.space.block_sizes[0], config.latency)
+    with Phase(console, "measuring the 4-bit kernel modes on this machine"):
         modes, _ = measured_modes(model, task, prepared.layout.linears, widths, config.space.block_sizes[0], feeds,
                                   config.latency, config.latency.threads,
-                                  results / ".work" / "kernel-modes" / f"{key}.json")
-    state = WorkerState(model=model, space=None, task=task, calibration=task_calibration(model, task), feeds=feeds,
-                        modes=modes)
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+                                  results / ".work" / "kernel-modes" / f"{key}.json", lock=NodeLock())
+    inputs = PlanInputs(model=model, task=task, calibration=task_calibration(model, task), feeds=feeds, modes=modes)
+    with staged_folder(out) as staging:
         with Phase(console, f"applying the plan to {model_name} and measuring it"):
-            measured = measure_plan(state, plan, staging / "model.onnx", config.latency, config.latency.threads,
+            measured = measure_plan(inputs, plan, staging / "model.onnx", config.latency, config.latency.threads,
                                     NodeLock())
         figures = {k: v for k, v in measured.items() if isinstance(v, float)}
         (staging / "plan.json").write_text(plan.dumps() + "\n")
@@ -95,8 +95,4 @@ def apply_plan(plan_path: Path, model_name: str, config: Config, out: Path, resu
             "fp32_torch_figures": task.reference, "hardware": current_target().as_dict(),
             "kernels": json.loads(measured["kernels"]), "kernel_modes": json.loads(measured["kernel_modes"])},
             indent=1, sort_keys=True) + "\n")
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return AppliedPlan(out, figures, task.metric)

@@ -11,6 +11,7 @@ the tokenizer files, ``labels.json``, ``plan.json``, ``metrics.json`` and a mode
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from slimtune.evaluators.hardware import current_target
+from slimtune.export.size import file_sha256
+from slimtune.plan import CompressionPlan
 from slimtune.tasks import PreparedTask
 
 
@@ -96,3 +100,50 @@ GENERATE_SNIPPET = [
 
 def write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
+
+
+def _plan_summary(plan: CompressionPlan) -> str:
+    formats = Counter(f"{spec.format}" + (f" ({spec.method}, block {spec.block_size})" if spec.is_blockwise else "")
+                      for spec in plan.quantize.values())
+    lines = [f"- weights: {', '.join(f'{n} x {f}' for f, n in formats.most_common()) or 'all fp32'}"]
+    if plan.depth_prune:
+        lines.append(f"- blocks removed: {', '.join(plan.depth_prune)}")
+    if plan.head_prune:
+        lines.append(f"- attention heads removed (fraction per block): {dict(plan.head_prune)}")
+    if plan.ffn_prune:
+        lines.append(f"- FFN neurons removed (fraction per block): {dict(plan.ffn_prune)}")
+    if plan.low_rank:
+        lines.append(f"- low-rank ({plan.low_rank_method}), rank fraction per layer: {dict(plan.low_rank)}")
+    if plan.recovery is not None:
+        lines.append(f"- distillation recovery: {plan.recovery.steps} steps of {plan.recovery.batch_size} texts")
+    return "\n".join(lines)
+
+
+def logged_figures(row: dict[str, str] | None, keys) -> dict[str, float]:
+    """The figures of a ``pareto.csv`` / ``trials.csv`` row among ``keys`` (the ones it has)."""
+    return {k: float(row[k]) for k in keys if row and row.get(k)}
+
+
+def write_shipped(folder: Path, artifact: Path, row: dict[str, str], plan: CompressionPlan, task, tokenizer,
+             figures: dict[str, dict[str, Any]], fp32: dict[str, float], name: str, digest: str) -> None:
+    """Write the shipped folder; ``fp32``: the search's uncompressed figures, for the model card."""
+    shipped = with_probabilities(onnx.load(str(artifact)), task)
+    outputs = [o.name for o in shipped.graph.output]
+    onnx.save_model(shipped, str(folder / "model.onnx"))
+    artifact.unlink()
+    tokenizer.save_pretrained(folder)
+    (folder / "plan.json").write_text(plan.dumps() + "\n")
+    if task.label_names:
+        write_json(folder / "labels.json", list(task.label_names))
+    target = current_target()
+    tokens = {"max_length": int(task.input_ids.shape[1]), "pad_id": int(tokenizer.pad_token_id),
+              "pad_token": str(tokenizer.pad_token)}
+    write_json(folder / "metrics.json", {
+        "search": name, "trial": row["trial"], "task_kind": task.kind, "metric": task.metric,
+        "export": figures, "export_hardware": target.as_dict(), "export_hardware_target": target.key,
+        "search_figures": logged_figures(row, figures), "search_hardware_target": row.get("hardware"),
+        "fp32_search_figures": fp32, "artifact_sha256": digest, "model_sha256": file_sha256(folder / "model.onnx"),
+        "outputs": outputs, "tokenizer": tokens,
+    })
+    (folder / "README.md").write_text(model_card(name, row["trial"], task, figures, fp32, _plan_summary(plan),
+                                                 outputs, tokens))

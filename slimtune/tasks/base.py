@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from slimtune.files import write_with
 from slimtune.model import LoadedModel, OutputSpec, wrap_output
 from slimtune.tasks.data import tokenize
 
@@ -95,9 +96,7 @@ class PreparedTask:
             elif isinstance(value, dict):
                 value = json.dumps(value)
             arrays[f.name] = np.array(value) if not isinstance(value, np.ndarray) else value
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
+        write_with(path, lambda tmp: np.savez(tmp, **arrays))
 
     @classmethod
     def load(cls, path: Path) -> PreparedTask:

@@ -20,6 +20,7 @@ to the same bytes.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -55,6 +56,15 @@ class Calibration:
     def least_important_blocks(self, count: int) -> tuple[str, ...]:
         """The ``count`` blocks depth pruning removes first, in model order."""
         return tuple(sorted(self.blocks_by_importance()[:count], key=_index))
+
+    def with_training(self, ids: np.ndarray | None, mask: np.ndarray | None,
+                      targets: np.ndarray | None) -> Calibration:
+        """These statistics with the task's training texts and targets (what recovery distils on)."""
+        return dataclasses.replace(self, training_ids=ids, training_mask=mask, training_targets=targets)
+
+    def without_training(self) -> Calibration:
+        """These statistics alone: what a driver sends to workers that hold the training texts already."""
+        return self.with_training(None, None, None)
 
 
 def _index(block_name: str) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,17 +14,12 @@ import pytest
 import yaml
 
 from slimtune.search.session import end_session, session_processes
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
 RAY = str(Path(sys.executable).parent / "ray")
 ENV = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": ""}
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _session_dir(address: str) -> str:
@@ -37,7 +31,7 @@ def _session_dir(address: str) -> str:
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     temp = tmp_path_factory.mktemp("ray")
     common = ["--num-cpus=1", "--disable-usage-stats", "--include-dashboard=false"]

@@ -13,14 +13,13 @@ import cloudpickle
 import pytest
 import ray
 from mlflow.tracking import MlflowClient
-from rich.console import Console
 
 from slimtune.config import Config
+from slimtune.prepare import prepare
 from slimtune.search.runner import run_search, start_ray
 from slimtune.search.trial import TrialContext
 from slimtune.spaces import SearchSpace
 from slimtune.tracking import MlflowSearchRun
-from slimtune.workflow import prepare
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +55,8 @@ def faulty_measure(params, ctx):
     """The real trial, with one fault of FAULTS injected into each trial."""
     import numpy as np
 
-    import slimtune.search.trial as trial
+    import slimtune.search.measure as measure
+    from slimtune.search.trial import run_trial
     from slimtune.evaluators import Metric
 
     fault = _take_fault(ctx.work_dir)
@@ -73,7 +73,7 @@ def faulty_measure(params, ctx):
     if fault == "worker dies":
         os._exit(3)
     if fault == "non-finite":
-        real = trial.StagedQuality
+        real = measure.StagedQuality
 
         class NonFinite(real):
             def first_stage(self):
@@ -81,12 +81,12 @@ def faulty_measure(params, ctx):
 
             full = first_stage
 
-        trial.StagedQuality = NonFinite
+        measure.StagedQuality = NonFinite
         try:
-            return trial.run_trial(params, ctx)
+            return run_trial(params, ctx)
         finally:
-            trial.StagedQuality = real
-    return trial.run_trial(params, ctx)
+            measure.StagedQuality = real
+    return run_trial(params, ctx)
 
 
 class FlakyStore:
@@ -111,12 +111,12 @@ def test_every_fault_is_a_failed_trial_everywhere_and_the_search_goes_on(tiny_mo
     # two workers: the timeout and the worker's death are waited out while the other trials go on
     config = Config.model_validate(tiny_config(search={"trials": len(FAULTS), "workers": 2, "trial_timeout_s": 20,
                                                        "trial_memory_mb": MEMORY_LIMIT_MB}))
-    prepared = prepare(config, tmp_path, Console(quiet=True))
+    prepared = prepare(config, tmp_path)
     space = SearchSpace(prepared.layout, prepared.config.space)
     ctx = TrialContext(config=prepared.config, model_source=str(tiny_model_dir), task_path=str(prepared.task_path),
                        work_dir=str(tmp_path / "work"), lock_path=str(tmp_path / "lock"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracker = MlflowSearchRun(uri, "faults", "faults", space, {}, artifact_root=tmp_path / "artifacts")
+    tracker = MlflowSearchRun.create(uri, "faults", "faults", space, {}, artifact_root=tmp_path / "artifacts")
     tracker.client._client.log_batch = FlakyStore(tracker.client._client.log_batch, failures=4)
     start_ray(None)
     try:

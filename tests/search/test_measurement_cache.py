@@ -10,33 +10,35 @@ import pytest
 
 from slimtune.config import LatencyConfig
 from slimtune.evaluators.hardware import HardwareTarget, current_target
+from slimtune.export.modes import EXACT, KernelModes
+from slimtune.files import write_atomically
 from slimtune.model import source_fingerprint
 from slimtune.plan import CompressionPlan, QuantSpec
 from slimtune.search.objectives import objectives
 from slimtune.search.pareto import pareto_numbers
 from slimtune.search.records import TrialRecord
-from slimtune.search.trial import WorkerState, measurement_key, write_atomically
+from slimtune.search.trial import measurement_key
 
 TARGET = HardwareTarget(cpu="Some CPU", cores=2, onnxruntime="1.0", provider="CPUExecutionProvider", node="a")
 
 
-def _state(fingerprint: str = "model+task", hardware: HardwareTarget = TARGET) -> WorkerState:
-    return WorkerState(model=None, space=None, task=None, feeds={}, calibration=None, hardware=hardware,
-                       inputs_fingerprint=fingerprint)
+def _key(plan: CompressionPlan = CompressionPlan(), fingerprint: str = "model+task", hardware: HardwareTarget = TARGET,
+         latency: LatencyConfig = LatencyConfig(), threads: int = 1, modes: KernelModes = EXACT) -> str:
+    return measurement_key(plan, fingerprint, hardware, modes, latency, threads)
 
 
 def test_the_key_changes_with_everything_a_measurement_depends_on():
-    plan = CompressionPlan()
-    base = measurement_key(_state(), plan, LatencyConfig(), 1)
-    assert base == measurement_key(_state(), plan, LatencyConfig(), 1)
-    assert base == measurement_key(_state(hardware=replace(TARGET, node="b")), plan, LatencyConfig(), 1)
+    base = _key()
+    assert base == _key()
+    assert base == _key(hardware=replace(TARGET, node="b"))
     changed = [
-        measurement_key(_state(), CompressionPlan(quantize={"x": QuantSpec("int8")}), LatencyConfig(), 1),
-        measurement_key(_state("other model"), plan, LatencyConfig(), 1),
-        measurement_key(_state(), plan, LatencyConfig(batch_size=1), 1),
-        measurement_key(_state(), plan, LatencyConfig(), 2),
-        measurement_key(_state(hardware=replace(TARGET, cpu="Other CPU")), plan, LatencyConfig(), 1),
-        measurement_key(_state(hardware=replace(TARGET, onnxruntime="2.0")), plan, LatencyConfig(), 1),
+        _key(CompressionPlan(quantize={"x": QuantSpec("int8")})),
+        _key(fingerprint="other model"),
+        _key(latency=LatencyConfig(batch_size=1)),
+        _key(threads=2),
+        _key(hardware=replace(TARGET, cpu="Other CPU")),
+        _key(hardware=replace(TARGET, onnxruntime="2.0")),
+        _key(modes=KernelModes(symmetric=(4,))),
     ]
     assert base not in changed and len(set(changed)) == len(changed)
 
@@ -70,10 +72,13 @@ def test_concurrent_writers_never_leave_a_partial_file(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["key.json"]
 
 
-def test_the_current_target_names_cpu_cores_runtime_and_node():
+def test_the_current_target_names_cpu_cores_runtime_provider_and_node():
     target = current_target()
     assert target.cores >= 1 and target.onnxruntime and target.node
-    assert target.key.endswith("/CPU") and f"/{target.cores}c/" in target.key
+    provider = target.provider.removesuffix("ExecutionProvider")
+    assert target.key.endswith(f"/{provider}") and f"/{target.cores}c/" in target.key
+    gpu = current_target("CUDAExecutionProvider")  # a GPU evaluator's target is another target
+    assert gpu.key.endswith("/CUDA") and gpu.key != target.key
 
 
 @pytest.mark.parametrize("second_target", ["fast machine", "slow machine"])

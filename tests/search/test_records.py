@@ -120,7 +120,7 @@ def test_trials_timed_on_a_busy_machine_are_flagged_in_the_csvs_mlflow_and_a_war
     assert float(rows["trial-001"]["cpu_contention"]) == 0.61
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracker = MlflowSearchRun(uri, "busy", "busy", space, {}, artifact_root=tmp_path / "artifacts")
+    tracker = MlflowSearchRun.create(uri, "busy", "busy", space, {}, artifact_root=tmp_path / "artifacts")
     for record in (quiet, busy):
         tracker.trial_started(TrialRecord(record.number, record.trial_id, record.params))
         tracker.trial_finished(record)

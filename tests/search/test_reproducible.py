@@ -12,13 +12,12 @@ import time
 import cloudpickle
 import pytest
 import ray
-from rich.console import Console
 
 from slimtune.config import Config
+from slimtune.prepare import prepare
 from slimtune.search.runner import run_search, start_ray
 from slimtune.search.trial import TrialContext
 from slimtune.spaces import SearchSpace
-from slimtune.workflow import prepare
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +32,7 @@ def jittered_measure(params, ctx):
 
 
 def _plans(config: Config, tmp_path, name: str) -> list[dict]:
-    prepared = prepare(config, tmp_path, Console(quiet=True))
+    prepared = prepare(config, tmp_path)
     space = SearchSpace(prepared.layout, prepared.config.space)
     ctx = TrialContext(config=prepared.config, model_source=prepared.loaded.source,
                        task_path=str(prepared.task_path), work_dir=str(tmp_path / name), lock_path=str(tmp_path / "lock"))

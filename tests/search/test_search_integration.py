@@ -38,7 +38,7 @@ def test_results_folder_holds_the_front(finished_search):
     assert {t["not_faster"] for t in trials} <= {"True", "False"}
     assert f"Pareto front of {name}" in stdout and "slimtune ui" in stdout
     assert "workflowType=machine_learning" in stdout and "viewStateShareKey=slimtune-front-" in stdout
-    assert not list(results.glob(".partial-*"))
+    assert not list(results.glob(".*.partial"))
     assert not (results / ".work" / name / "measured" / "stale.json").exists()
     assert len({t["hardware"] for t in trials}) == 1 and "/ort" in trials[0]["hardware"] and trials[0]["node"]
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from rich.console import Console
 
 from slimtune.config import Config
+from slimtune.prepare import prepare
 from slimtune.search.sensitivity import (
     ChoiceEffect,
     SensitivityProfile,
@@ -18,13 +18,12 @@ from slimtune.search.sensitivity import (
     seed_plans,
 )
 from slimtune.search.trial import make_space, task_calibration
-from slimtune.workflow import prepare
 
 
 @pytest.fixture(scope="module")
 def prepared_space(tiny_config, tmp_path_factory):
     config = Config.model_validate(tiny_config(space={"group_size": 1}))
-    prepared = prepare(config, tmp_path_factory.mktemp("results"), Console(quiet=True))
+    prepared = prepare(config, tmp_path_factory.mktemp("results"))
     calibration = task_calibration(prepared.loaded.module, prepared.task)
     return prepared, make_space(prepared.config, prepared.loaded.module, calibration), calibration
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from slimtune.search.trial import dominating_point
+from slimtune.search.measure import dominating_point
 
 
 def _measured(folder, name, score, latency, size, texts=100, hardware="cpu-a"):

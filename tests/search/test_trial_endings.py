@@ -8,18 +8,17 @@ from pathlib import Path
 import pytest
 import ray
 from mlflow.tracking import MlflowClient
-from rich.console import Console
 
 from slimtune.config import Config
 from slimtune.layout import discover_layout
 from slimtune.model import load_model
+from slimtune.prepare import prepare
 from slimtune.search.objectives import objectives
 from slimtune.search.pareto import pareto_numbers
 from slimtune.search.runner import run_search, start_ray
 from slimtune.search.trial import TrialContext
 from slimtune.spaces import SearchSpace
 from slimtune.tracking import MlflowSearchRun
-from slimtune.workflow import prepare
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +47,7 @@ def test_trials_that_raise_are_failed_in_ray_optuna_and_mlflow(local_ray, tiny_m
     ctx = TrialContext(config=config, model_source=str(tiny_model_dir), task_path=str(tmp_path / "missing.npz"),
                        work_dir=str(tmp_path / "work"), lock_path=str(tmp_path / "lock"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracker = MlflowSearchRun(uri, "failures", "broken", space, {"note": "task file missing"},
+    tracker = MlflowSearchRun.create(uri, "failures", "broken", space, {"note": "task file missing"},
                               artifact_root=tmp_path / "artifacts")
     records = run_search(config, ctx, space, tmp_path / "ray", "broken", listeners=(tracker,))
     assert [r.status for r in records] == ["failed"] * 3
@@ -78,13 +77,13 @@ def test_a_time_budget_ends_the_search_with_no_trial_left_running(local_ray, tin
     # The budget counts from the tuner's start, worker start-up included (several seconds on a slow
     # 2-core runner), so it leaves room for the first 1.5 s trials to complete before it ends the rest.
     config = Config.model_validate(tiny_config(search={"trials": 2000, "workers": 2, "time_budget_s": 20}))
-    prepared = prepare(config, tmp_path, Console(quiet=True))
+    prepared = prepare(config, tmp_path)
     config = prepared.config
     space = SearchSpace(prepared.layout, config.space)
     ctx = TrialContext(config=config, model_source=str(tiny_model_dir), task_path=str(prepared.task_path),
                        work_dir=str(tmp_path / "work"), lock_path=str(tmp_path / "lock"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracker = MlflowSearchRun(uri, "budget", "budget", space, {}, artifact_root=tmp_path / "artifacts")
+    tracker = MlflowSearchRun.create(uri, "budget", "budget", space, {}, artifact_root=tmp_path / "artifacts")
     started = time.monotonic()
     records = run_search(config, ctx, space, tmp_path / "ray", "budget", listeners=(tracker,), measure=steady_measure)
     assert time.monotonic() - started < 60
@@ -100,7 +99,7 @@ def test_patience_ends_a_search_that_stops_improving(local_ray, tiny_model_dir, 
         space={"weight_formats": ["fp32", "int8"], "ffn_sparsities": [0.0], "head_fractions": [0.0],
                "depth_fractions": [0.0], "rank_fractions": [1.0], "embedding_formats": ["fp32"]},
         search={"trials": 200, "workers": 1, "patience": 3}))
-    prepared = prepare(config, tmp_path, Console(quiet=True))
+    prepared = prepare(config, tmp_path)
     space = SearchSpace(prepared.layout, prepared.config.space)
     ctx = TrialContext(config=prepared.config, model_source=str(tiny_model_dir), task_path=str(prepared.task_path),
                        work_dir=str(tmp_path / "work"), lock_path=str(tmp_path / "lock"))

@@ -1,4 +1,4 @@
-"""MLflow tracking: one parent run per search, one nested run per trial.
+"""A search in MLflow: one parent run per search, one nested run per trial.
 
 Only the driver writes to the store (an SQLite file by default, which takes one writer well;
 a server when ``--tracking-uri`` names one). Nested runs carry the readable search params
@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,72 +27,21 @@ from mlflow.entities import Metric, Param
 from slimtune.config import QUALITY_METRICS
 from slimtune.errors import first_line
 from slimtune.search.records import TrialRecord
+from slimtune.tracking.store import (
+    RetryingClient,
+    TrackingError,
+    check_reachable,
+    client,
+    ensure_experiment,
+    tracking_uri,
+)
+from slimtune.tracking.views import front_view, run_title
 
 if TYPE_CHECKING:  # a type only: the space pulls in the model layout, and with it torch
     from slimtune.spaces import SearchSpace
 
 _RUN_STATUS = {"completed": "FINISHED", "failed": "FAILED", "stopped": "KILLED"}
 log = logging.getLogger("slimtune.tracking")
-
-
-class TrackingError(RuntimeError):
-    """The MLflow store could not be reached or written."""
-
-
-def default_tracking_uri(results_root: Path) -> str:
-    return f"sqlite:///{(results_root / 'mlflow.db').resolve()}"
-
-
-def check_scheme(uri: str) -> None:
-    """Fail at once on a URI MLflow has no store for (a mistyped scheme); the client would only
-    fail at its first write, after the model loads and the profile runs."""
-    try:
-        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
-    except ImportError:  # another MLflow layout: its own error comes at the first write
-        return
-    try:
-        _tracking_store_registry.get_store_builder(uri)
-    except Exception as exc:  # noqa: BLE001 - MLflow's unsupported-scheme exception has no stable import path
-        scheme = uri.split(":", 1)[0] if ":" in uri else uri
-        raise TrackingError(f"MLflow has no tracking store for {uri!r} (scheme {scheme!r}): give --tracking-uri as "
-                            "sqlite:///path.db, file:///folder, http(s)://host:port or a database URI") from exc
-
-
-def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast on a URI MLflow cannot store to or a tracking server that does not answer (the
-    client would retry for minutes)."""
-    check_scheme(uri)
-    if not uri.startswith(("http://", "https://")):
-        return
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
-            return
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise TrackingError(f"no MLflow server answers at {uri} ({reason}): start one (slimtune ui) or fix --tracking-uri") from exc
-
-
-def _client(uri: str):
-    import logging
-
-    import mlflow
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no schema-migration chatter over the progress display
-    from mlflow.tracking import MlflowClient
-
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri)
-
-
-def ensure_experiment(client, name: str, artifact_root: Path | None) -> str:
-    existing = client.get_experiment_by_name(name)
-    if existing is not None:
-        return existing.experiment_id
-    location = artifact_root.resolve().as_uri() if artifact_root else None
-    return client.create_experiment(name, artifact_location=location)
 
 
 def _digits(name: str) -> int:
@@ -112,120 +62,47 @@ def _flag(value: Any) -> str:
     return str(bool(value)).lower()
 
 
-def run_title(record: TrialRecord, on_front: bool = False, metric: str | None = None) -> str:
-    """``trial-003 [front] | accuracy 0.9730 | 24.8 ms | 23.1 MB | uniform-int8-ffn50``: the trial, a
-    front marker, once measured its figures, and its role (a reference, or ``recovered trial-005``).
-    The runs table shows run names at once, while metric columns must first be added by hand."""
-    role = record.reference or (f"recovered trial-{record.recovered_from:03d}" if record.recovered_from is not None else "")
-    parts = [record.name + (" [front]" if on_front else "")]
-    m = record.metrics
-    if metric and record.status == "completed" and metric in m:  # first: the table's name column is narrow
-        parts += [f"{metric} {float(m[metric]):.4f}", f"{float(m['latency_ms']):.1f} ms", f"{float(m['size_mb']):.1f} MB"]
-    return " | ".join(parts + ([role] if role else []))
-
-
-def ui_base(uri: str) -> str:
-    """Where the MLflow UI for ``uri`` is: the server itself, or what ``slimtune ui`` serves."""
-    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-
-
-VIEW_TAG_PREFIX = "mlflow.sharedViewState."
-"""MLflow's saved views of the runs table are experiment tags under this prefix; the UI lists them
-under "Views" and opens one from ``?viewStateShareKey=<the rest of the key>``."""
-
-
-def front_view_key(parent_id: str) -> str:
-    return f"slimtune-front-{parent_id}"
-
-
-def front_view(search: str, parent_id: str, metric: str, generation: bool, now_ms: int) -> tuple[str, str]:
-    """(experiment tag key, value) of the saved view "the front of ``search``": the front's runs,
-    fastest first, with the searched metric, latency, size (and time to first token for a causal
-    LM) as columns, so the morning review reads figures without picking columns by hand. The value
-    is the UI's own envelope (name, times, and the view state as JSON text)."""
-    import json
-
-    columns = [f"metrics.`{name}`" for name in (metric, "latency_ms", *(("ttft_ms",) if generation else ()), "size_mb")]
-    state = {"searchFilter": f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`slimtune.pareto` = 'true'",
-             "orderByKey": "metrics.`latency_ms`", "orderByAsc": True,
-             "selectedColumns": [*columns, "tags.`slimtune.reference`", "tags.`slimtune.machine_busy`"],
-             "runsHiddenMode": "SHOW_ALL"}
-    envelope = {"name": f"slimtune front: {search}", "createdAt": now_ms, "updatedAt": now_ms, "state": json.dumps(state)}
-    return VIEW_TAG_PREFIX + front_view_key(parent_id), json.dumps(envelope)
-
-
-def review_links(uri: str, experiment_id: str, parent_id: str) -> dict[str, str]:
-    """Direct links into the MLflow UI's runs table (not the GenAI overview): the search's trials,
-    and its front as the saved view ``front_view`` (figures as columns)."""
-    from urllib.parse import urlencode
-
-    search = f"tags.`mlflow.parentRunId` = '{parent_id}'"
-    view = f"{ui_base(uri)}/#/experiments/{experiment_id}/runs?"
-    # sorted by a metric, the table lists the trials themselves instead of their parent run folded
-    fastest_first = {"workflowType": "machine_learning", "orderByKey": "metrics.`latency_ms`", "orderByAsc": "true"}
-    return {"trials": view + urlencode({**fastest_first, "searchFilter": search}),
-            "front": view + urlencode({"viewStateShareKey": front_view_key(parent_id)})}
-
-
-class RetryingClient:
-    """An MlflowClient whose calls are retried ``attempts`` times, waiting ``backoff_s`` x 2^n between."""
-
-    def __init__(self, client, attempts: int = 3, backoff_s: float = 0.5) -> None:
-        self._client, self._attempts, self._backoff_s = client, attempts, backoff_s
-
-    def __getattr__(self, name: str):
-        method = getattr(self._client, name)
-
-        def call(*args, **kwargs):
-            for attempt in range(self._attempts):
-                try:
-                    return method(*args, **kwargs)
-                except Exception:  # MLflow raises many types for a store that failed this time
-                    if attempt == self._attempts - 1:
-                        raise
-                    time.sleep(self._backoff_s * 2 ** attempt)
-            return None
-
-        return call
-
-
+@dataclass
 class MlflowSearchRun:
-    """Listener that mirrors a search into MLflow as it runs."""
+    """Listener that mirrors a search into MLflow as it runs: ``create`` one for a new search,
+    ``attach`` to the parent run of a search being resumed."""
 
-    def __init__(self, uri: str, experiment: str, run_name: str, space: SearchSpace,
-                 params: dict[str, Any], artifact_root: Path | None = None) -> None:
+    client: RetryingClient
+    uri: str
+    experiment_id: str
+    parent_id: str
+    space: SearchSpace
+    run_ids: dict[int, str] = field(default_factory=dict)
+    unsynced: dict[int, TrialRecord] = field(default_factory=dict)  # logging failed: logged again at the end
+    started: set[int] = field(default_factory=set)  # trials whose run, params and plan are logged
+
+    @classmethod
+    def create(cls, uri: str, experiment: str, run_name: str, space: SearchSpace, params: dict[str, Any],
+               artifact_root: Path | None = None) -> MlflowSearchRun:
+        """A new search's parent run (in ``experiment``, made if missing), with its ``params``."""
         check_reachable(uri)
         try:
-            self.client = _client(uri)
-            self.experiment_id = ensure_experiment(self.client, experiment, artifact_root)
-            self.parent = self.client.create_run(self.experiment_id, run_name=run_name,
-                                                 tags={"slimtune.kind": "search"})
+            mlflow_client = client(uri)
+            experiment_id = ensure_experiment(mlflow_client, experiment, artifact_root)
+            parent = mlflow_client.create_run(experiment_id, run_name=run_name, tags={"slimtune.kind": "search"})
         except Exception as exc:  # MLflow raises many types for an unreachable or broken store
             raise TrackingError(f"cannot use the MLflow store {uri} ({first_line(exc)})") from exc
-        self.client = RetryingClient(self.client)
-        self.uri = uri
-        self.space = space
-        self.parent_id = self.parent.info.run_id
-        self.run_ids: dict[int, str] = {}
-        self.unsynced: dict[int, TrialRecord] = {}  # trials whose logging failed: logged again at the end
-        self.started: set[int] = set()  # trials whose run, params and plan are logged
-        self._log_params(self.parent_id, params)
+        tracker = cls(RetryingClient(mlflow_client), uri, experiment_id, parent.info.run_id, space)
+        tracker._log_params(tracker.parent_id, params)
+        return tracker
 
     @classmethod
     def attach(cls, uri: str, parent_id: str, space: SearchSpace) -> MlflowSearchRun:
         """The tracker of a search being resumed: its parent run found and set running again."""
         check_reachable(uri)
-        self = cls.__new__(cls)
+        retrying = RetryingClient(client(uri))
         try:
-            self.client = RetryingClient(_client(uri))
-            parent = self.client.get_run(parent_id)
-            self.client.update_run(parent_id, status="RUNNING")
+            parent = retrying.get_run(parent_id)
+            retrying.update_run(parent_id, status="RUNNING")
         except Exception as exc:  # MLflow raises many types for an unreachable store or a missing run
             raise TrackingError(f"cannot reopen the search's MLflow run {parent_id} in {uri} "
                                 f"({first_line(exc)})") from exc
-        self.experiment_id, self.parent_id, self.space, self.uri = parent.info.experiment_id, parent_id, space, uri
-        self.run_ids, self.unsynced, self.started = {}, {}, set()
-        return self
+        return cls(retrying, uri, parent.info.experiment_id, parent_id, space)
 
     def adopt(self, finished: list[TrialRecord]) -> int:
         """Take over the runs a dead driver left: match its trial runs to the ``finished`` trials (by
@@ -272,7 +149,7 @@ class MlflowSearchRun:
         except Exception as exc:  # noqa: BLE001 - a failing store must not end the search
             self.unsynced[record.number] = record
             log.warning("MLflow: could not log %s (%s: %s); it is logged again when the search finishes",
-                        record.name, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+                        record.name, type(exc).__name__, first_line(exc, 200))
 
     def trial_started(self, record: TrialRecord) -> None:
         self._guarded(record, self._start_run)
@@ -348,37 +225,65 @@ class MlflowSearchRun:
 
     def finish(self, records: list[TrialRecord], pareto: set[int], results_dir: Path | None,
                summary: dict[str, float], not_faster: set[int] = frozenset(), metric: str | None = None) -> None:
-        """Tag every trial run (``slimtune.pareto``, ``slimtune.not_faster``: compressed but not faster
-        than fp32), log the summary and the results folder to the parent run, and close it.
-        Trials whose logging failed during the search are logged first."""
+        """The search's end, in order: trials whose logging failed logged again, every trial run
+        tagged and titled, the front's models logged, the summary and the results folder on the
+        parent run, the front note and saved view, and the parent run closed."""
+        self.sync_unsynced(records)
+        self.tag_trials(records, pareto, not_faster, metric)
+        self.log_front_models(records, pareto, results_dir)
+        self.log_summary(summary, results_dir)
+        self.publish_front(records, pareto, metric)
+        self.client.set_terminated(self.parent_id, "FINISHED")
+
+    def sync_unsynced(self, records: list[TrialRecord]) -> None:
+        """Log again the trials whose logging failed during the search (their latest record)."""
         for record in list(self.unsynced.values()):
             self._guarded(next((r for r in records if r.number == record.number), record), self._sync)
+
+    def tag_trials(self, records: list[TrialRecord], pareto: set[int], not_faster: set[int] = frozenset(),
+                   metric: str | None = None) -> None:
+        """``slimtune.pareto`` on every trial run, ``slimtune.not_faster`` (compressed but not faster
+        than fp32) on the completed ones, and run names with the figures (``run_title``)."""
         for record in records:
             run_id = self.run_ids.get(record.number)
-            if run_id is not None:
-                self.client.set_tag(run_id, "slimtune.pareto", str(record.number in pareto).lower())
-                self.client.update_run(run_id, name=run_title(record, record.number in pareto, metric))
-                if record.number in pareto:
-                    model = results_dir / "models" / f"{record.name}.onnx" if results_dir else None
-                    if model is not None and model.is_file():
-                        self._guarded(record, lambda r, path=model, run=run_id: self._log_onnx_model(run, path))
-                if record.status == "completed":
-                    self.client.set_tag(run_id, "slimtune.not_faster", str(record.number in not_faster).lower())
+            if run_id is None:
+                continue
+            self.client.set_tag(run_id, "slimtune.pareto", str(record.number in pareto).lower())
+            self.client.update_run(run_id, name=run_title(record, record.number in pareto, metric))
+            if record.status == "completed":
+                self.client.set_tag(run_id, "slimtune.not_faster", str(record.number in not_faster).lower())
+
+    def log_front_models(self, records: list[TrialRecord], pareto: set[int], results_dir: Path | None) -> None:
+        """Each front point's ONNX file kept in ``results_dir/models`` as an MLflow model of its run."""
+        if results_dir is None:
+            return
+        for record in records:
+            run_id, model = self.run_ids.get(record.number), results_dir / "models" / f"{record.name}.onnx"
+            if run_id is not None and record.number in pareto and model.is_file():
+                self._guarded(record, lambda r, path=model, run=run_id: self._log_onnx_model(run, path))
+
+    def log_summary(self, summary: dict[str, float], results_dir: Path | None) -> None:
+        """The search's summary figures, and everything in ``results_dir`` but the ONNX files (which
+        stay in results/ only), on the parent run."""
         now = int(time.time() * 1000)
         self.client.log_batch(self.parent_id, metrics=[Metric(k, v, now, 0) for k, v in summary.items()])
-        if results_dir is not None:  # everything but the ONNX files, which stay in results/ only
-            for path in sorted(results_dir.iterdir()):
-                if path.is_dir() and path.name != "models":
-                    self.client.log_artifacts(self.parent_id, str(path), path.name)
-                elif path.is_file():
-                    self.client.log_artifact(self.parent_id, str(path))
+        if results_dir is None:
+            return
+        for path in sorted(results_dir.iterdir()):
+            if path.is_dir() and path.name != "models":
+                self.client.log_artifacts(self.parent_id, str(path), path.name)
+            elif path.is_file():
+                self.client.log_artifact(self.parent_id, str(path))
+
+    def publish_front(self, records: list[TrialRecord], pareto: set[int], metric: str | None = None) -> None:
+        """The front as the parent run's note, and (given the searched ``metric``) as the saved view
+        of the runs table (``front_view``)."""
         self.client.set_tag(self.parent_id, "mlflow.note.content", self._front_note(records, pareto))
         if metric:
             generation = any("ttft_ms" in r.metrics for r in records)
             search = self.client.get_run(self.parent_id).info.run_name
             self.client.set_experiment_tag(self.experiment_id, *front_view(
                 search, self.parent_id, metric, generation, int(time.time() * 1000)))
-        self.client.set_terminated(self.parent_id, "FINISHED")
 
     def _log_onnx_model(self, run_id: str, path: Path) -> None:
         """The front point's ONNX file as an MLflow model of its trial run: listed in the runs table's
@@ -389,14 +294,9 @@ class MlflowSearchRun:
         import mlflow.onnx
         import onnx
 
-        previous = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(self.uri)
-        try:
-            with mlflow.start_run(run_id=run_id):
-                mlflow.onnx.log_model(onnx.load(str(path)), name="model",
-                                      pip_requirements=mlflow.onnx.get_default_pip_requirements())
-        finally:
-            mlflow.set_tracking_uri(previous)
+        with tracking_uri(self.uri), mlflow.start_run(run_id=run_id):
+            mlflow.onnx.log_model(onnx.load(str(path)), name="model",
+                                  pip_requirements=mlflow.onnx.get_default_pip_requirements())
 
     def _front_note(self, records: list[TrialRecord], pareto: set[int]) -> str:
         """The parent run's description: the front as a Markdown table, each trial linked to its run."""
