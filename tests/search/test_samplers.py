@@ -35,3 +35,26 @@ def test_locks_are_left_out_of_the_pickle_and_made_anew():
     assert copy._thread_lock.acquire(blocking=False)
     assert type(copy._reentrant) is type(threading.RLock())
     assert "_slimtune_locks" not in vars(copy)
+
+
+def test_optuna_and_ray_settings_are_scoped(monkeypatch):
+    """The search quiets Optuna and sets Ray's output inside its own block only: the caller's
+    settings come back as they were."""
+    import os
+
+    import optuna
+
+    from slimtune.search.runner import RAY_OUTPUT, ray_output_settings
+    from slimtune.search.samplers import quiet_optuna
+
+    optuna.logging.set_verbosity(optuna.logging.DEBUG)
+    with quiet_optuna():
+        assert optuna.logging.get_verbosity() == optuna.logging.WARNING
+    assert optuna.logging.get_verbosity() == optuna.logging.DEBUG
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    name, value = next(iter(RAY_OUTPUT.items()))
+    monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RAY_DEDUP_LOGS", "1")  # the caller's own setting wins and stays
+    with ray_output_settings():
+        assert os.environ[name] == value and os.environ["RAY_DEDUP_LOGS"] == "1"
+    assert name not in os.environ and os.environ["RAY_DEDUP_LOGS"] == "1"
