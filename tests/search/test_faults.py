@@ -56,8 +56,8 @@ def faulty_measure(params, ctx):
     import numpy as np
 
     import slimtune.search.measure as measure
-    from slimtune.search.trial import run_trial
     from slimtune.evaluators import Metric
+    from slimtune.search.trial import run_trial
 
     fault = _take_fault(ctx.work_dir)
     if fault == "raises":
