@@ -69,7 +69,7 @@ class SearchSession:
     results: Path
     prepared: Prepared
     space: SearchSpace
-    seeds: Any  # the sensitivity profile's seed plans (None without a profile)
+    seeds: dict[str, dict[str, Any]] | None  # the sensitivity profile's seed plans (params by name)
     tracker: MlflowSearchRun
     ctx: TrialContext
     continuation: Continuation
@@ -91,7 +91,7 @@ class SearchSession:
         uri = config.tracking.uri or default_tracking_uri(results)
         prepared, space, calibration, guidance = _prepare_search(config, uri, results, console)
         config = prepared.config
-        work = results / ".work" / name
+        work, tracker = results / ".work" / name, None
         try:
             tracker = MlflowSearchRun.create(uri, config.tracking.experiment, name, space,
                                              _tracking_params(config, prepared.task, out),
@@ -101,7 +101,8 @@ class SearchSession:
                                 local_ray_session(), time.time())
             shutil.rmtree(work, ignore_errors=True)  # an earlier, failed search of this name: never reuse its leftovers
             state.save(work)
-        except BaseException:
+        except BaseException as exc:
+            _abort(tracker, exc)
             _stop_local_ray(config)
             raise
         return cls(name, out, results, prepared, space, guidance.seeds if guidance else None, tracker,
@@ -132,8 +133,7 @@ class SearchSession:
             state = replace(state, driver_pid=os.getpid(), ray_session=local_ray_session())
             state.save(work)
         except BaseException as exc:
-            if tracker is not None:
-                tracker.abort("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            _abort(tracker, exc)
             _stop_local_ray(config)
             raise
         return cls(name, out, results, prepared, space, guidance.seeds if guidance else None, tracker,
@@ -180,11 +180,17 @@ class SearchSession:
 
     def abort(self, exc: BaseException) -> None:
         """Interrupted or broken before the end: the parent run must not stay RUNNING."""
-        self.tracker.abort("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        _abort(self.tracker, exc)
 
     def close(self) -> None:
         """Shut down the Ray runtime this session started locally (a cluster's stays up)."""
         _stop_local_ray(self.config)
+
+
+def _abort(tracker: MlflowSearchRun | None, exc: BaseException) -> None:
+    """The parent run ended KILLED (interrupted) or FAILED (broken), when there is one."""
+    if tracker is not None:
+        tracker.abort("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
 
 
 def _stop_local_ray(config: Config) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 
 from slimtune.config import Config, ConfigError
 from slimtune.layout import LayoutError
@@ -17,6 +18,9 @@ from slimtune.search.runner import ClusterError
 from slimtune.search.session import ResumeError
 from slimtune.tasks import DataError
 from slimtune.tracking import TrackingError
+
+if TYPE_CHECKING:  # the session imports Ray: only when a search runs
+    from slimtune.search_session import Published, SearchSession
 
 BAD_INPUT = (ConfigError, ModelLoadError, LayoutError, DataError, PlanError, TrackingError, ClusterError, ResumeError)
 
@@ -40,7 +44,7 @@ def run_search_job(config: Config, name: str, out: Path, results: Path, console:
     return published.records, published.pareto
 
 
-def published_lines(session, published) -> list:
+def published_lines(session: SearchSession, published: Published) -> list[RenderableType]:
     """What a finished search says: its front as a table, the kernel modes, any busy-machine warning,
     and where its results and review are."""
     from rich.text import Text
@@ -50,7 +54,7 @@ def published_lines(session, published) -> list:
     from slimtune.tracking import review_links
 
     records, pareto, metric, config = published.records, published.pareto, session.prepared.task.metric, session.config
-    lines: list = []
+    lines: list[RenderableType] = []
     targets = hardware_targets(records)
     if len(targets) > 1:
         lines.append(f"front computed per hardware target ({len(targets)}: {'; '.join(targets)}): latencies of "
