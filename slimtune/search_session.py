@@ -60,9 +60,10 @@ class Published:
     pareto: set[int]
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchSession:
-    """What one search holds between its steps. ``earlier``: the trials a resumed search keeps."""
+    """What one search holds between its steps (the MLflow run and Ray live on behind it).
+    ``earlier``: the trials a resumed search keeps."""
 
     name: str
     out: Path
