@@ -20,7 +20,7 @@ from typing import Any
 
 from rich.console import Console
 
-from slimtune.config import Config, ConfigError, load_config
+from slimtune.config import Config, ConfigError, config_from_mapping, load_config
 from slimtune.release import ExportedModel, Rule, export_search, register
 from slimtune.release.apply import AppliedPlan, apply_plan
 from slimtune.search.records import TrialRecord
@@ -33,10 +33,7 @@ def as_config(config: ConfigLike) -> Config:
     if isinstance(config, Config):
         return config
     if isinstance(config, dict):
-        try:
-            return Config.model_validate(config)
-        except ValueError as exc:
-            raise ConfigError(str(exc).splitlines()[0]) from exc
+        return config_from_mapping(config)
     return load_config(Path(config) if config is not None else None)
 
 

@@ -301,10 +301,15 @@ def load_config(path: Path | None, overrides: dict[str, dict] | None = None) -> 
             if not isinstance(raw[section], dict):
                 raise ConfigError(f"config section {section!r} must be a mapping")
             raw[section] = {**raw[section], **clean}
+    return config_from_mapping(raw, f"{path}: " if path else "")
+
+
+def config_from_mapping(raw: dict, origin: str = "") -> Config:
+    """Validate a mapping of sections (model, task, space, ...) into a Config; ConfigError names the
+    key and what is wrong, after ``origin`` (e.g. the file's name)."""
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        origin = f"{path}: " if path else ""
         raise ConfigError(f"{origin}{_describe(exc)}") from exc
 
 
