@@ -19,7 +19,7 @@ import numpy as np
 
 from slimtune.config import LatencyConfig
 from slimtune.evaluators import Metric
-from slimtune.evaluators.machine_load import contention, is_busy, take_sample
+from slimtune.evaluators.machine_load import contention, is_busy, median_contention, take_sample
 from slimtune.evaluators.node_lock import NodeLock
 from slimtune.evaluators.quality import session
 from slimtune.export.decoder import KV_CACHE_KEY, is_decoder
@@ -43,15 +43,20 @@ def time_runs_ms(path: Path, feeds: dict[str, np.ndarray], cfg: LatencyConfig) -
     return time_batches_ms(session(path, cfg.threads), feeds, cfg)
 
 
-def time_batches_ms(sess, feeds: dict[str, np.ndarray], cfg: LatencyConfig) -> np.ndarray:
-    """Wall times (ms) of ``timed_runs`` runs of ``sess`` on ``feeds`` after ``warmup_runs``."""
+def time_batches_ms(sess, feeds: dict[str, np.ndarray], cfg: LatencyConfig,
+                    loads: list[float | None] | None = None) -> np.ndarray:
+    """Wall times (ms) of ``timed_runs`` runs of ``sess`` on ``feeds`` after ``warmup_runs``;
+    ``loads``, when given, gets each timed run's contention (``machine_load``), read outside its timing."""
     for _ in range(cfg.warmup_runs):
         sess.run(None, feeds)
     times = np.empty(cfg.timed_runs)
     for i in range(cfg.timed_runs):
+        before = take_sample() if loads is not None else None
         start = time.perf_counter()
         sess.run(None, feeds)
         times[i] = (time.perf_counter() - start) * 1e3
+        if before is not None:
+            loads.append(contention(before, take_sample(), cfg.threads, wall_s=times[i] / 1e3))
     return times
 
 
@@ -138,13 +143,18 @@ def greedy_generation(sess, prompt: np.ndarray, new_tokens: int, head_dim: int |
 
 
 def time_generation_ms(sess, prompt: np.ndarray, cfg: LatencyConfig, head_dim: int | None = None,
-                       share_buffer: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                       share_buffer: bool = False,
+                       loads: list[float | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(prefill ms per run, decode ms per step over all runs) of greedy generation at batch 1
     (``greedy_generation``) from ``prompt`` (1, tokens): ``warmup_runs`` untimed generations, then
-    ``timed_runs`` timed ones of ``cfg.new_tokens`` tokens."""
+    ``timed_runs`` timed ones of ``cfg.new_tokens`` tokens; ``loads``, when given, gets each timed
+    generation's contention (``machine_load``)."""
     ttft, steps = [], []
     for run in range(cfg.warmup_runs + cfg.timed_runs):
+        before = take_sample() if loads is not None and run >= cfg.warmup_runs else None
         _, times = greedy_generation(sess, prompt, cfg.new_tokens, head_dim, share_buffer)
+        if before is not None:
+            loads.append(contention(before, take_sample(), cfg.threads, wall_s=float(times.sum()) / 1e3))
         if run >= cfg.warmup_runs:
             ttft.append(times[0])
             steps.extend(times[1:])
@@ -169,12 +179,17 @@ def generation_prompt(feeds: dict[str, np.ndarray]) -> np.ndarray:
     return feeds["input_ids"][:1, :max(1, length)].astype(np.int64)
 
 
-def _timed_once(path: Path | bytes, feeds: dict[str, np.ndarray], cfg: LatencyConfig) -> tuple[Metric, ...]:
+def _timed_once(path: Path | bytes, feeds: dict[str, np.ndarray],
+                cfg: LatencyConfig) -> tuple[tuple[Metric, ...], float | None]:
+    """The figures of one timing and their contention (the median of the timed runs')."""
     sess = session(path, cfg.threads)
+    loads: list[float | None] = []
     if is_decoder(sess.get_inputs()):
-        return summarize_generation_ms(*time_generation_ms(sess, generation_prompt(feeds), cfg,
-                                                           share_buffer=shares_kv_buffer(path, sess)))
-    return summarize_ms(time_batches_ms(sess, feeds, cfg))
+        figures = summarize_generation_ms(*time_generation_ms(sess, generation_prompt(feeds), cfg,
+                                                              share_buffer=shares_kv_buffer(path, sess), loads=loads))
+    else:
+        figures = summarize_ms(time_batches_ms(sess, feeds, cfg, loads=loads))
+    return figures, median_contention(loads)
 
 
 def measure_latency(path: Path | bytes, feeds: dict[str, np.ndarray], cfg: LatencyConfig,
@@ -183,18 +198,17 @@ def measure_latency(path: Path | bytes, feeds: dict[str, np.ndarray], cfg: Laten
     ``feeds``, module docstring); under ``lock`` held exclusively when given (callers that hold it
     already pass None).
 
-    Other programs are not bound by the lock: a timing that lost more than ``cfg.busy_threshold``
-    of its threads' CPU time to them (``machine_load``) is repeated up to ``cfg.busy_retries``
-    times after a pause, and the quietest attempt is kept. Its ``cpu_contention`` (fraction) is
-    among the figures, and ``machine_busy`` is 1.0 when even that attempt was over the threshold."""
-    attempts: list[tuple[float, tuple[Metric, ...]]] = []
+    Other programs are not bound by the lock: a timing whose median run lost more than
+    ``cfg.busy_threshold`` of its threads' CPU time to them (``machine_load``) is repeated up to
+    ``cfg.busy_retries`` times after a pause, and the quietest attempt is kept. Its
+    ``cpu_contention`` (fraction) is among the figures, and ``machine_busy`` is 1.0 when even that
+    attempt was over the threshold."""
+    attempts: list[tuple[float | None, tuple[Metric, ...]]] = []
     with lock.exclusive() if lock is not None else contextlib.nullcontext():
         for attempt in range(cfg.busy_retries + 1):
             if attempt:
                 time.sleep(BUSY_PAUSE_S)
-            before = take_sample()
-            figures = _timed_once(path, feeds, cfg)
-            lost = contention(before, take_sample(), cfg.threads)
+            figures, lost = _timed_once(path, feeds, cfg)
             attempts.append((lost, figures))
             if lost is None or not is_busy(lost, cfg.busy_threshold):
                 break

@@ -12,6 +12,12 @@ two counters say how much of the CPU the measurement did not get:
 ``contention`` is their sum as a fraction of the CPU time the measurement's threads could have had
 (wall time x threads): 0.0 on a quiet machine, 0.5 when half of it went elsewhere. Where the
 kernel offers neither counter (not Linux), it is None: unknown, never reported as quiet.
+
+A latency figure is the median of its timed runs, so it is judged the same way: each timed run's
+contention is read around that run alone (not the session's creation or the warm-up), and the
+figure's is their median (``median_contention``). A burst that crowds out a few runs (one of Ray's
+own threads waking, a steal tick of 10 ms landing on a sub-millisecond run) leaves the median, and
+the figure, as they were; a program that takes the cores for the whole measurement shows in every run.
 """
 
 from __future__ import annotations
@@ -63,10 +69,11 @@ def take_sample() -> LoadSample:
     return LoadSample(time.perf_counter(), _run_queue_wait_s(), _steal_s())
 
 
-def contention(before: LoadSample, after: LoadSample, threads: int) -> float | None:
+def contention(before: LoadSample, after: LoadSample, threads: int, wall_s: float | None = None) -> float | None:
     """The fraction (0..1) of the CPU time ``threads`` threads could have had between the two
-    samples that went to other work instead; None when neither counter is available."""
-    wall = after.wall_s - before.wall_s
+    samples that went to other work instead; None when neither counter is available. ``wall_s``:
+    the timed span, when the caller timed it itself (the samples' own reading then not counted)."""
+    wall = after.wall_s - before.wall_s if wall_s is None else wall_s
     if wall <= 0 or (before.wait_s is None and before.steal_s is None):
         return None
     lost = 0.0
@@ -81,3 +88,13 @@ def contention(before: LoadSample, after: LoadSample, threads: int) -> float | N
 def is_busy(value: float | None, threshold: float) -> bool:
     """``threshold``: ``LatencyConfig.busy_threshold``, the fraction of lost CPU time that flags a timing."""
     return value is not None and value > threshold
+
+
+def median_contention(per_run: list[float | None]) -> float | None:
+    """The contention of a figure that is the median of timed runs: the median of the runs' own
+    contention; None when a run's is unknown (no counters) or there are no runs."""
+    if not per_run or any(value is None for value in per_run):
+        return None
+    ordered = sorted(per_run)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2

@@ -111,6 +111,19 @@ def test_contention_is_the_share_of_cpu_time_lost_to_other_work():
     assert contention(LoadSample(10.0, 1.0, None), LoadSample(11.0, 1.5, None), threads=2) == pytest.approx(0.25)
     assert contention(LoadSample(10.0, None, None), LoadSample(11.0, None, None), threads=2) is None
     assert not is_busy(None, 0.2) and is_busy(0.25, 0.2) and not is_busy(0.15, 0.2)
+    # the span the caller timed itself, not the samples' own reading, when given
+    assert contention(LoadSample(10.0, 1.0, None), LoadSample(11.0, 1.5, None), threads=2,
+                      wall_s=0.5) == pytest.approx(0.5)
+
+
+def test_a_median_figure_is_busy_only_when_its_median_run_was():
+    from slimtune.evaluators.machine_load import median_contention
+
+    # a burst that crowds out a few of the runs (a 10 ms steal tick on a sub-millisecond run) leaves
+    # the median run, and with it the median latency, as it was
+    assert median_contention([0.0, 1.0, 0.01, 0.9, 0.02]) == pytest.approx(0.02)
+    assert median_contention([0.3, 0.5, 0.4, 0.0]) == pytest.approx(0.35)  # crowded out throughout
+    assert median_contention([0.1, None]) is None and median_contention([]) is None
 
 
 @pytest.mark.skipif(not __import__("pathlib").Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
@@ -126,8 +139,10 @@ def test_a_timing_other_programs_crowd_out_is_repeated_then_flagged(scored, monk
     timed_once = latency._timed_once
     monkeypatch.setattr(latency, "BUSY_PAUSE_S", 0.0)
     monkeypatch.setattr(latency, "_timed_once", lambda *a: attempts.append(1) or timed_once(*a))
-    cfg = LatencyConfig(batch_size=3, sequence_length=16, threads=min(2, os.cpu_count() or 1), warmup_runs=1,
-                        timed_runs=2000, busy_retries=1)
+    # runs of a few ms (longer than a scheduler time slice, so a program taking the cores preempts
+    # them; the figure is their median, and so is the contention judged)
+    cfg = LatencyConfig(batch_size=32, sequence_length=64, threads=min(2, os.cpu_count() or 1), warmup_runs=1,
+                        timed_runs=60, busy_retries=1)
     feeds = latency_inputs(task.input_ids, task.attention_mask, cfg)
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
     try:
