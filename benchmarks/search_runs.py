@@ -20,7 +20,7 @@ from slimtune.search.front_progress import normalised_hypervolume
 from slimtune.search.records import TrialRecord
 
 # Where a trial's worker time goes (s), as run_trial reports it; "overhead" is the rest of the wall time.
-TIME_PARTS = ("compress_s", "export_s", "quantize_s", "quality_s", "latency_s", "wait_s")
+TIME_PARTS = ("load_s", "compress_s", "export_s", "quantize_s", "quality_s", "latency_s", "wait_s")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,11 @@ machine-wide exclusive lock, so no other trial's work shares the cores while it 
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +30,39 @@ from slimtune.export.decoder import KV_CACHE_KEY, is_decoder
 
 BUSY_PAUSE_S = 2.0
 """Seconds to wait before timing again after a busy attempt: long enough for a short burst to pass."""
+MEDIAN_CONFIDENCE = 0.95
+
+
+@functools.lru_cache(maxsize=256)
+def median_interval_ranks(runs: int, confidence: float = MEDIAN_CONFIDENCE) -> tuple[int, int] | None:
+    """The 0-based order statistics (lo, hi) of ``runs`` sorted times that bound their median with
+    at least ``confidence``, whatever the times' distribution (each time falls below the true median
+    with probability 1/2, so the count below it is Binomial(runs, 1/2)); None when no interval of
+    ``runs`` times reaches it (5 or fewer at 95%)."""
+    below = 0.0
+    rank = 0
+    for k in range(runs // 2 + 1):  # P(X <= k) summed while it stays within the lower tail
+        below += math.comb(runs, k) / 2 ** runs
+        if below > (1 - confidence) / 2:
+            break
+        rank = k + 1
+    return (rank - 1, runs - rank) if rank else None
+
+
+def median_is_known(times: np.ndarray, precision: float | None) -> bool:
+    """Whether the median of ``times`` is known to within ``precision`` (a fraction of it): its
+    confidence interval (``median_interval_ranks``) lies within median x (1 +- precision)."""
+    ranks = median_interval_ranks(len(times)) if precision is not None else None
+    if ranks is None:
+        return False
+    ordered = np.sort(times)
+    median = float(np.median(ordered))
+    return median - ordered[ranks[0]] <= precision * median and ordered[ranks[1]] - median <= precision * median
+
+
+def _stop_timing(times: np.ndarray, cfg: LatencyConfig) -> bool:
+    """After a timed run: ``times`` so far are enough (``median_is_known`` after the least runs)."""
+    return len(times) >= min(cfg.min_timed_runs, cfg.timed_runs) and median_is_known(times, cfg.median_precision)
 
 
 def latency_inputs(input_ids: np.ndarray, attention_mask: np.ndarray, cfg: LatencyConfig) -> dict[str, np.ndarray]:
@@ -45,7 +82,8 @@ def time_runs_ms(path: Path, feeds: dict[str, np.ndarray], cfg: LatencyConfig) -
 
 def time_batches_ms(sess, feeds: dict[str, np.ndarray], cfg: LatencyConfig,
                     loads: list[float | None] | None = None) -> np.ndarray:
-    """Wall times (ms) of ``timed_runs`` runs of ``sess`` on ``feeds`` after ``warmup_runs``;
+    """Wall times (ms) of the timed runs of ``sess`` on ``feeds`` after ``warmup_runs``: up to
+    ``timed_runs``, fewer once their median is known (``LatencyConfig.median_precision``);
     ``loads``, when given, gets each timed run's contention (``machine_load``), read outside its timing."""
     for _ in range(cfg.warmup_runs):
         sess.run(None, feeds)
@@ -57,16 +95,22 @@ def time_batches_ms(sess, feeds: dict[str, np.ndarray], cfg: LatencyConfig,
         times[i] = (time.perf_counter() - start) * 1e3
         if before is not None:
             loads.append(contention(before, take_sample(), cfg.threads, wall_s=times[i] / 1e3))
+        if _stop_timing(times[: i + 1], cfg):
+            return times[: i + 1]
     return times
 
 
-def summarize_ms(times: np.ndarray) -> tuple[Metric, ...]:
+def summarize_ms(times: np.ndarray, runs: int | None = None) -> tuple[Metric, ...]:
+    """Median, 90th percentile and spread of ``times`` (ms), and ``runs``: how many timed runs they
+    come from (default: one a time)."""
     median = float(np.median(times))
     p10, p90 = (float(x) for x in np.percentile(times, [10, 90]))
     return (
         Metric("latency_ms", median, "ms", "median wall time of one batch"),
         Metric("latency_p90_ms", p90, "ms", "90th percentile wall time of one batch"),
         Metric("latency_spread", (p90 - p10) / median, "fraction", "(p90 - p10) / median"),
+        Metric("latency_runs", float(len(times) if runs is None else runs), "runs",
+               "timed runs the figures are of (fewer than timed_runs once the median was known)"),
     )
 
 
@@ -147,9 +191,10 @@ def time_generation_ms(sess, prompt: np.ndarray, cfg: LatencyConfig, head_dim: i
                        loads: list[float | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(prefill ms per run, decode ms per step over all runs) of greedy generation at batch 1
     (``greedy_generation``) from ``prompt`` (1, tokens): ``warmup_runs`` untimed generations, then
-    ``timed_runs`` timed ones of ``cfg.new_tokens`` tokens; ``loads``, when given, gets each timed
-    generation's contention (``machine_load``)."""
-    ttft, steps = [], []
+    up to ``timed_runs`` timed ones of ``cfg.new_tokens`` tokens, fewer once the median of the
+    generations' median step times is known (``LatencyConfig.median_precision``); ``loads``, when
+    given, gets each timed generation's contention (``machine_load``)."""
+    ttft, steps, step_medians = [], [], []
     for run in range(cfg.warmup_runs + cfg.timed_runs):
         before = take_sample() if loads is not None and run >= cfg.warmup_runs else None
         _, times = greedy_generation(sess, prompt, cfg.new_tokens, head_dim, share_buffer)
@@ -158,16 +203,20 @@ def time_generation_ms(sess, prompt: np.ndarray, cfg: LatencyConfig, head_dim: i
         if run >= cfg.warmup_runs:
             ttft.append(times[0])
             steps.extend(times[1:])
+            step_medians.append(float(np.median(times[1:])))
+            if _stop_timing(np.asarray(step_medians), cfg):
+                break
     return np.asarray(ttft), np.asarray(steps)
 
 
 def summarize_generation_ms(ttft: np.ndarray, steps: np.ndarray) -> tuple[Metric, ...]:
-    per_token = summarize_ms(steps)
+    per_token = summarize_ms(steps, runs=len(ttft))
     median = per_token[0].value
     return (
         Metric("latency_ms", median, "ms", "median time per generated token (batch 1, KV cache)"),
         Metric("latency_p90_ms", per_token[1].value, "ms", "90th percentile time per generated token"),
         per_token[2],
+        per_token[3],
         Metric("ttft_ms", float(np.median(ttft)), "ms", "median time to first token (the prompt's prefill)"),
         Metric("tokens_per_s", 1e3 / median, "tokens/s", "generated tokens per second at the median step time"),
     )
@@ -179,10 +228,10 @@ def generation_prompt(feeds: dict[str, np.ndarray]) -> np.ndarray:
     return feeds["input_ids"][:1, :max(1, length)].astype(np.int64)
 
 
-def _timed_once(path: Path | bytes, feeds: dict[str, np.ndarray],
+def _timed_once(sess, path: Path | bytes, feeds: dict[str, np.ndarray],
                 cfg: LatencyConfig) -> tuple[tuple[Metric, ...], float | None]:
-    """The figures of one timing and their contention (the median of the timed runs')."""
-    sess = session(path, cfg.threads)
+    """The figures of one timing of the session ``sess`` (of ``path``) and their contention (the
+    median of the timed runs')."""
     loads: list[float | None] = []
     if is_decoder(sess.get_inputs()):
         figures = summarize_generation_ms(*time_generation_ms(sess, generation_prompt(feeds), cfg,
@@ -193,10 +242,12 @@ def _timed_once(path: Path | bytes, feeds: dict[str, np.ndarray],
 
 
 def measure_latency(path: Path | bytes, feeds: dict[str, np.ndarray], cfg: LatencyConfig,
-                    lock: NodeLock | None = None) -> tuple[Metric, ...]:
+                    lock: NodeLock | None = None,
+                    hold: Callable[[], AbstractContextManager] | None = None) -> tuple[Metric, ...]:
     """Time ``path`` (a file, or a serialized graph in memory) on ``feeds`` (a decoder with a KV cache: generation from the first text of
-    ``feeds``, module docstring); under ``lock`` held exclusively when given (callers that hold it
-    already pass None).
+    ``feeds``, module docstring); the timing under ``lock`` held exclusively when given, or inside
+    ``hold()`` (callers that hold it already pass neither). The session is opened before: opening
+    it (graph optimisation, weight prepacking) is not what is timed and needs no quiet machine.
 
     Other programs are not bound by the lock: a timing whose median run lost more than
     ``cfg.busy_threshold`` of its threads' CPU time to them (``machine_load``) is repeated up to
@@ -204,11 +255,13 @@ def measure_latency(path: Path | bytes, feeds: dict[str, np.ndarray], cfg: Laten
     ``cpu_contention`` (fraction) is among the figures, and ``machine_busy`` is 1.0 when even that
     attempt was over the threshold."""
     attempts: list[tuple[float | None, tuple[Metric, ...]]] = []
-    with lock.exclusive() if lock is not None else contextlib.nullcontext():
+    sess = session(path, cfg.threads)
+    hold = hold or (lock.exclusive if lock is not None else contextlib.nullcontext)
+    with hold():
         for attempt in range(cfg.busy_retries + 1):
             if attempt:
                 time.sleep(BUSY_PAUSE_S)
-            figures, lost = _timed_once(path, feeds, cfg)
+            figures, lost = _timed_once(sess, path, feeds, cfg)
             attempts.append((lost, figures))
             if lost is None or not is_busy(lost, cfg.busy_threshold):
                 break

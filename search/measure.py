@@ -8,9 +8,11 @@ candidate after a sample of the held-out texts when a measured point already dom
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,12 +102,17 @@ def measure_plan(inputs: PlanInputs, plan: CompressionPlan, path: Path, latency_
     quality = StagedQuality(path, task, threads, first, hold=lock.shared)  # held batch by batch
     sampled = as_dict(quality.first_stage())
     timings["quality_s"] += time.perf_counter() - started
-    waited = time.perf_counter()
-    with lock.exclusive():
-        timings["wait_s"] += time.perf_counter() - waited
-        started = time.perf_counter()
-        latency = as_dict(measure_latency(path, inputs.feeds, latency_cfg))
-        timings["latency_s"] = time.perf_counter() - started
+
+    @contextlib.contextmanager
+    def timing() -> Iterator[None]:  # the node to itself: the wait for it and the time holding it
+        waited = time.perf_counter()
+        with lock.exclusive():
+            timings["wait_s"] += time.perf_counter() - waited
+            started = time.perf_counter()
+            yield
+            timings["latency_s"] = time.perf_counter() - started
+
+    latency = as_dict(measure_latency(path, inputs.feeds, latency_cfg, hold=timing))
     size = as_dict(measure_size(path))
     screened = None
     if len(first) < total:

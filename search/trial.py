@@ -32,7 +32,7 @@ from slimtune.evaluators.node_lock import NodeLock
 from slimtune.export.modes import EXACT, KernelModes
 from slimtune.export.size import file_sha256
 from slimtune.files import write_atomically
-from slimtune.layout import discover_layout
+from slimtune.layout import ModelLayout, discover_layout
 from slimtune.model import load_model
 from slimtune.plan import CompressionPlan, RecoverySpec
 from slimtune.search.measure import PlanInputs, measure_plan
@@ -141,10 +141,12 @@ def search_bit_widths(config: Config) -> tuple[int, ...]:
                         reverse=True))
 
 
-def plan_bit_widths(plan: CompressionPlan) -> tuple[int, ...]:
-    """The blockwise bit widths ``plan`` stores weights at: its artifact's bytes depend on the kernel
-    modes of these alone (none: the modes change nothing)."""
-    return tuple(sorted({spec.bits for spec in plan.quantize.values() if spec.is_blockwise}))
+def plan_bit_widths(plan: CompressionPlan, layout: ModelLayout) -> tuple[int, ...]:
+    """The blockwise bit widths ``plan`` stores Linear weights at (MatMulNBits): its artifact's bytes
+    depend on the kernel modes of these alone (none: the modes change nothing). A 4-bit lookup table
+    (GatherBlockQuantized) is built the same in any mode, so it does not wait for them."""
+    tables = {layout.embedding, *layout.other_tables}
+    return tuple(sorted({spec.bits for name, spec in plan.quantize.items() if spec.is_blockwise and name not in tables}))
 
 
 @functools.lru_cache(maxsize=2)
@@ -185,8 +187,9 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> dict[str, Any]:
     lock = NodeLock(Path(ctx.lock_path))
     with lock.shared():  # loading and calibrating is heavy work too
         state = worker_state(ctx)
+    load_s = time.perf_counter() - started  # the worker's first trial loads the model and the task
     plan = state.space.plan_from_choices(params)
-    modes, mode_figures = trial_modes(ctx, ctx.lock_path) if plan_bit_widths(plan) else (EXACT, ())
+    modes, mode_figures = trial_modes(ctx, ctx.lock_path) if plan_bit_widths(plan, state.space.layout) else (EXACT, ())
     inputs = dataclasses.replace(state.inputs, modes=modes)
     key = measurement_key(plan, state.inputs_fingerprint, inputs.hardware, modes, ctx.config.latency, threads)
     cached = ctx.cache_dir / f"{key}.json"
@@ -204,5 +207,6 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> dict[str, Any]:
         write_atomically(cached, json.dumps(result))
     # Wall-clock bounds (epoch s) of the trial: a search's throughput and idle time are read from them.
     return {**result, "plan_digest": plan.digest, "measurement_key": key, "trial_s": time.perf_counter() - started,
+            "load_s": load_s,
             "kernel_mode_figures": json.dumps(mode_figures),
             "started_at": began, "finished_at": time.time()}

@@ -95,7 +95,11 @@ class TaskConfig(_Frozen):
     label_column: str = Field("label", description="classification kinds only")
     encoding: str | None = Field(None, description="text encoding of a data file; None: UTF-8")
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    eval_limit: int | None = Field(None, ge=10, description="score on at most this many held-out texts")
+    eval_limit: int | None = Field(None, ge=10, description="score on at most this many held-out texts (causal-lm: "
+                                   "windows): a seeded choice")
+    train_limit: int | None = Field(None, ge=10, description="use at most this many training texts (the frozen "
+                                    "head's fit, calibration, distillation; causal-lm: windows): a seeded choice, "
+                                    "stratified by label; the uncompressed model runs over each of them once")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -202,7 +206,13 @@ class LatencyConfig(_Frozen):
     sequence_length: int = Field(128, ge=8)
     threads: int = Field(2, ge=1)
     warmup_runs: int = Field(3, ge=0)
-    timed_runs: int = Field(20, ge=3)
+    timed_runs: int = Field(20, ge=3, description="the most timed runs (causal LMs: generations) of one timing")
+    median_precision: float | None = Field(0.02, gt=0, lt=1, description="timing stops once the median's 95% "
+                                           "confidence interval (order statistics, no assumed distribution) lies "
+                                           "within this fraction of it, after at least min_timed_runs; null: always "
+                                           "timed_runs")
+    min_timed_runs: int = Field(6, ge=1, description="timed runs before median_precision may stop a timing (95% "
+                                                     "needs 6: the interval of 5 runs covers only 94%)")
     new_tokens: int = Field(32, ge=2, description="causal LMs: tokens generated per timed run after a prompt of "
                                                   "sequence_length tokens (batch 1, KV cache)")
     busy_threshold: float = Field(0.20, ge=0, le=1, description="a timing that lost more than this fraction of its "

@@ -28,7 +28,7 @@ import numpy as np
 from slimtune.config import TaskConfig
 from slimtune.model import LoadedModel, OutputSpec, wrap_output
 from slimtune.tasks.base import CALIBRATION_TEXTS, Metric, PreparedTask, Progress, Run, run_batches, torch_run
-from slimtune.tasks.data import DataError, TextData, task_split
+from slimtune.tasks.data import DataError, TextData, limit_rows, split_indices
 
 WINDOWS_PER_RUN = 4  # windows whose full logits are held at once (memory: 4 x 25 MB at a 49k vocabulary)
 NOT_SCORED = -1
@@ -95,15 +95,18 @@ def prepare(loaded: LoadedModel, output: OutputSpec, max_length: int, cfg: TaskC
     if stride > max_length:
         raise DataError(f"task.stride {stride} is longer than the context (model.max_length {max_length}): "
                         "tokens between windows would never be scored; use a stride up to the context length")
-    train, test = task_split(cfg, len(data.texts))
+    # split by document; task.eval_limit and task.train_limit count windows, cut below
+    train, test = split_indices(len(data.texts), cfg.test_fraction, cfg.seed)
     train_ids, _ = windows(token_stream(loaded.tokenizer, [data.texts[i] for i in train]), max_length, max_length)
     test_ids, targets = windows(token_stream(loaded.tokenizer, [data.texts[i] for i in test]), max_length, stride)
     if len(test_ids) == 0 or len(train_ids) == 0:
         raise DataError(f"{data.origin} leaves fewer than {max_length} tokens of training or held-out text: give "
                         "more text or lower model.max_length")
-    if cfg.eval_limit is not None and len(test_ids) > cfg.eval_limit:
-        rows = np.sort(np.random.default_rng(cfg.seed).permutation(len(test_ids))[: cfg.eval_limit])
+    if cfg.eval_limit is not None:  # windows
+        rows = limit_rows(np.arange(len(test_ids)), cfg.eval_limit, cfg.seed)
         test_ids, targets = test_ids[rows], targets[rows]
+    if cfg.train_limit is not None:
+        train_ids = train_ids[limit_rows(np.arange(len(train_ids)), cfg.train_limit, cfg.seed)]
     mask = np.ones_like(test_ids)
     outputs = run_batches(reduced_run(torch_run(wrap_output(loaded.module, output).eval())), test_ids, mask,
                           batch_size=WINDOWS_PER_RUN, progress=progress)

@@ -200,11 +200,30 @@ def split_indices(count: int, test_fraction: float, seed: int,
 
 def task_split(cfg: TaskConfig, count: int, labels: tuple[str, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The task's (train, held-out) rows: ``split_indices`` by ``cfg``, the held-out part cut to at most
-    ``cfg.eval_limit`` texts by a seeded choice, kept in their original order."""
+    ``cfg.eval_limit`` texts and the training part to ``cfg.train_limit`` (``limit_rows``)."""
     train, test = split_indices(count, cfg.test_fraction, cfg.seed, labels)
     if cfg.eval_limit is not None:
-        test = np.sort(test[np.random.default_rng(cfg.seed).permutation(len(test))[: cfg.eval_limit]])
+        test = limit_rows(test, cfg.eval_limit, cfg.seed)
+    if cfg.train_limit is not None:
+        train = limit_rows(train, cfg.train_limit, cfg.seed, labels)
     return train, test
+
+
+def limit_rows(rows: np.ndarray, limit: int, seed: int, labels: tuple[str, ...] | None = None) -> np.ndarray:
+    """At most ``limit`` of ``rows`` by a seeded choice, in their original order; stratified by
+    ``labels`` (of all texts, indexed by row) when given, so every class keeps its share."""
+    if len(rows) <= limit:
+        return rows
+    if labels is None:
+        return np.sort(rows[np.random.default_rng(seed).permutation(len(rows))[:limit]])
+    from sklearn.model_selection import train_test_split
+
+    try:
+        kept, _ = train_test_split(rows, train_size=limit, random_state=seed, stratify=[labels[i] for i in rows])
+    except ValueError as exc:
+        raise DataError(f"cannot keep {limit} training texts stratified by label ({exc}): raise task.train_limit "
+                        "to at least the number of labels") from exc
+    return np.sort(kept)
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:

@@ -16,6 +16,8 @@ texts (padding excluded) with hooks on the planned Linears only.
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Mapping
 
 import torch
@@ -49,9 +51,17 @@ ASVD_ALPHA = 0.5  # exponent on the channel magnitudes: 0 is plain SVD, 1 weighs
 _SCALE_FLOOR = 1e-3  # channel scales below this fraction of the largest are raised to it (see asvd_scales)
 
 
-def factorise(linear: nn.Linear, rank: int, scales: torch.Tensor | None = None) -> LowRankLinear:
-    """Truncated SVD of W, or of W diag(scales) with diag(scales)^-1 folded into the first factor (ASVD)."""
-    weight = linear.weight.detach().double()
+FACTOR_CACHE_BYTES = 64 * 2**20
+"""Plain-SVD factors kept per process: a search factorises the same (pruned) matrices at the same
+ranks again and again. ASVD's are not kept: its scales come from the activations of each plan's
+own pruned model, so its matrices seldom repeat."""
+_factor_cache: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+
+def _factor_weights(weight: torch.Tensor, rank: int, scales: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, second) float64 factor weights of W (out x in), or of W diag(scales) with the scales
+    folded back into the first (ASVD)."""
+    weight = weight.double()
     if scales is not None:
         weight = weight * scales[None, :]
     u, s, vh = torch.linalg.svd(weight, full_matrices=False)
@@ -59,11 +69,36 @@ def factorise(linear: nn.Linear, rank: int, scales: torch.Tensor | None = None) 
     first_weight = root[:, None] * vh[:rank]
     if scales is not None:
         first_weight = first_weight / scales[None, :]
+    return first_weight, u[:, :rank] * root[None, :]
+
+
+def _cached_factor_weights(weight: torch.Tensor, rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_factor_weights`` of a plain SVD in ``dtype``, remembered by the matrix's bytes and the rank
+    (the same matrix gives the same factors, so a plan builds the same bytes either way); the least
+    recently used are dropped past ``FACTOR_CACHE_BYTES``."""
+    key = hashlib.sha256(weight.numpy().tobytes()).digest() + f"{tuple(weight.shape)}/{rank}/{dtype}".encode()
+    if key in _factor_cache:
+        _factor_cache.move_to_end(key)
+        return _factor_cache[key]
+    factors = tuple(f.to(dtype) for f in _factor_weights(weight, rank, None))
+    _factor_cache[key] = factors
+    while sum(t.numel() * t.element_size() for f in _factor_cache.values() for t in f) > FACTOR_CACHE_BYTES:
+        _factor_cache.popitem(last=False)
+    return factors
+
+
+def factorise(linear: nn.Linear, rank: int, scales: torch.Tensor | None = None) -> LowRankLinear:
+    """Truncated SVD of W, or of W diag(scales) with diag(scales)^-1 folded into the first factor (ASVD)."""
+    weight, dtype = linear.weight.detach(), linear.weight.dtype
+    if scales is None:
+        first_weight, second_weight = _cached_factor_weights(weight, rank, dtype)
+    else:
+        first_weight, second_weight = (f.to(dtype) for f in _factor_weights(weight, rank, scales))
     first = nn.Linear(linear.in_features, rank, bias=False)
     second = nn.Linear(rank, linear.out_features, bias=linear.bias is not None)
     with torch.no_grad():
-        first.weight.copy_(first_weight.to(linear.weight.dtype))
-        second.weight.copy_((u[:, :rank] * root[None, :]).to(linear.weight.dtype))
+        first.weight.copy_(first_weight)
+        second.weight.copy_(second_weight)
         if linear.bias is not None:
             second.bias.copy_(linear.bias.detach())
     return LowRankLinear(first, second)

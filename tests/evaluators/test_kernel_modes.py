@@ -119,11 +119,14 @@ def test_modes_change_nothing_without_blockwise_weights(tmp_path):
 
     model = tiny_llama(300)
     layout = discover_layout(model)
-    plan = CompressionPlan(quantize={n: QuantSpec("int8") for n in layout.linears})
-    assert plan_bit_widths(plan) == ()
+    # int8 Linears and a 4-bit table (GatherBlockQuantized reads no kernel mode)
+    plan = CompressionPlan(quantize={**{n: QuantSpec("int8") for n in layout.linears},
+                                     layout.embedding: QuantSpec("int4", 32)})
+    assert plan_bit_widths(plan, layout) == ()
     exact = build_artifact(model, plan, tmp_path / "exact.onnx", output=OutputSpec("lm"))
     fast = build_artifact(model, plan, tmp_path / "fast.onnx", output=OutputSpec("lm"),
                           modes=KernelModes(levels=((4, 4),), symmetric=(4,)))
     assert exact.path.read_bytes() == fast.path.read_bytes()
+    assert "GatherBlockQuantized" in exact.kernels
     mixed = CompressionPlan(quantize={**plan.quantize, layout.linears[0]: QuantSpec("int4")})
-    assert plan_bit_widths(mixed) == (4,)
+    assert plan_bit_widths(mixed, layout) == (4,)

@@ -58,6 +58,15 @@ def test_a_causal_lm_is_detected_and_reads_python_docs_by_default(lm_task):
     assert task.reference["next_token_agreement"] == 1.0
 
 
+def test_train_limit_keeps_that_many_training_windows(lm_task, tiny_llama_dir, tmp_path):
+    loaded, choice, data, task = lm_task
+    limited, _ = prepare_task(ModelConfig(name=str(tiny_llama_dir), max_length=32), TaskConfig(eval_limit=12, train_limit=50),
+                              choice, loaded, data, tmp_path)
+    assert len(task.train_ids) > 50 and limited.train_ids.shape == (50, 32)
+    assert {row.tobytes() for row in limited.train_ids} <= {row.tobytes() for row in task.train_ids}
+    assert limited.calibration_ids.shape[0] <= 50 and limited.reference == task.reference  # held-out part as it was
+
+
 def test_perplexity_is_exp_of_the_mean_cross_entropy_of_the_scored_tokens(lm_task):
     loaded, _, _, task = lm_task
     with torch.no_grad():

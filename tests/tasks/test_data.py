@@ -12,6 +12,7 @@ from slimtune.tasks.data import (
     load_texts,
     require_labels,
     split_indices,
+    task_split,
 )
 
 
@@ -70,6 +71,20 @@ def test_split_is_seeded_and_stratified():
     again_train, again_test = split_indices(100, 0.2, 0, labels)
     assert np.array_equal(test, again_test) and len(test) == 20 and not set(train) & set(test)
     assert sum(labels[i] == "a" for i in test) == 10
+
+
+def test_train_limit_keeps_a_seeded_stratified_share_of_the_training_texts():
+    labels = tuple("aaab"[i % 4] for i in range(200))  # three a to one b
+    full_train, full_test = task_split(TaskConfig(), 200, labels)
+    train, test = task_split(TaskConfig(train_limit=40, eval_limit=20), 200, labels)
+    assert len(train) == 40 and set(train) <= set(full_train) and list(train) == sorted(train)
+    assert sum(labels[i] == "b" for i in train) == 10  # the classes keep their shares
+    assert len(test) == 20 and set(test) <= set(full_test)
+    assert np.array_equal(train, task_split(TaskConfig(train_limit=40, eval_limit=20), 200, labels)[0])
+    assert np.array_equal(task_split(TaskConfig(train_limit=1000), 200, labels)[0], full_train)  # fewer: all kept
+    assert len(task_split(TaskConfig(train_limit=15), 200)[0]) == 15  # no labels: a seeded choice
+    with pytest.raises(DataError, match="train_limit"):
+        task_split(TaskConfig(train_limit=10), 200, tuple("abcdefghijkl"[i % 12] for i in range(200)))
 
 
 @pytest.mark.parametrize(("counts", "metric"), [((40, 40, 8), "macro_f1"), ((40, 40, 10), "accuracy"),
