@@ -93,7 +93,7 @@ def measure_plan(inputs: PlanInputs, plan: CompressionPlan, path: Path, latency_
     total = len(task.input_ids)
     fraction = search.screen_fraction if search is not None and measured_dir is not None else 1.0
     first = task.sample_rows(max(SCREEN_MIN_TEXTS, math.ceil(fraction * total)), seed=0)
-    timings = {"wait_s": 0.0, "quality_s": 0.0}
+    timings = {"wait_s": 0.0, "quality_s": 0.0, "latency_s": 0.0}
     waited = time.perf_counter()
     artifact = build_artifact(inputs.model, plan, path, inputs.calibration, task.output, hold=lock.shared,
                               modes=inputs.modes)
@@ -104,13 +104,13 @@ def measure_plan(inputs: PlanInputs, plan: CompressionPlan, path: Path, latency_
     timings["quality_s"] += time.perf_counter() - started
 
     @contextlib.contextmanager
-    def timing() -> Iterator[None]:  # the node to itself: the wait for it and the time holding it
+    def timing() -> Iterator[None]:  # the node to itself (each attempt): the wait for it and the time holding it
         waited = time.perf_counter()
         with lock.exclusive():
             timings["wait_s"] += time.perf_counter() - waited
             started = time.perf_counter()
             yield
-            timings["latency_s"] = time.perf_counter() - started
+            timings["latency_s"] += time.perf_counter() - started
 
     latency = as_dict(measure_latency(path, inputs.feeds, latency_cfg, hold=timing))
     size = as_dict(measure_size(path))

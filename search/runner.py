@@ -20,13 +20,14 @@ from typing import Any
 
 from slimtune.config import Config
 from slimtune.errors import first_line
+from slimtune.evaluators.node_lock import NodeLock
 from slimtune.search.front_progress import FrontProgress
 from slimtune.search.objectives import objectives
 from slimtune.search.ordered import OrderedOptunaSearch
 from slimtune.search.records import TrialListener, TrialRecord
 from slimtune.search.samplers import make_sampler, quiet_optuna
 from slimtune.search.shipping import report_fault
-from slimtune.search.trial import TrialContext, run_trial
+from slimtune.search.trial import TrialContext, measure_modes_on_node, run_trial, search_bit_widths
 from slimtune.search.trial_log import TrialLog
 from slimtune.search.watchdog import TrialWatchdog
 from slimtune.spaces import SearchSpace
@@ -187,7 +188,7 @@ def run_search(config: Config, ctx: TrialContext, space: SearchSpace, storage: P
         trainable = tune.with_resources(tune.with_parameters(_trainable, ctx=ctx, measure=measure),
                                         {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial})
         trial_log = TrialLog(space, goals, ([front] if front else []) + list(listeners), first_number=go_on.first_number,
-                             seeds=seeds)
+                             seeds=seeds, hold=NodeLock(Path(ctx.lock_path)).shared)
         trials = go_on.trials_left if go_on.trials_left is not None else search.trials
         budget = go_on.time_left_s if go_on.resumed else search.time_budget_s
         tuner = tune.Tuner(
@@ -202,14 +203,43 @@ def run_search(config: Config, ctx: TrialContext, space: SearchSpace, storage: P
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
             ),
         )
+        early_modes = start_kernel_modes(ctx) if measure is run_trial else []
         try:
             tuner.fit()
         finally:
+            stop_tasks(early_modes)
             searcher.flush()  # the last trials' results, told after Tune's last save of the searcher: save it again
             for state_file in (storage / name).glob("searcher-state-*.pkl"):
                 searcher.save(str(state_file))
             trial_log.close_open_trials()
         return trial_log.records
+
+
+def start_kernel_modes(ctx: TrialContext) -> list:
+    """When the space offers blockwise formats: this search's kernel modes measured on every node
+    with CPUs as a Ray task that reserves none (``trial.measure_modes_on_node``), started with the
+    search; the references run meanwhile. Its references, for ``stop_tasks``."""
+    if not search_bit_widths(ctx.config):
+        return []
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(num_cpus=0, max_retries=0)(measure_modes_on_node)
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+    return [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(ctx)
+            for node in nodes]
+
+
+def stop_tasks(tasks: list) -> None:
+    """End the Ray tasks still running (a search that ended before its kernel modes did; a trial
+    that needs them measures them itself); a failed one is left to the trials, which measure again."""
+    if not tasks:
+        return
+    import ray
+
+    _, running = ray.wait(tasks, num_returns=len(tasks), timeout=0)
+    for task in running:
+        ray.cancel(task, force=True)
 
 
 def enqueued_points(space: SearchSpace, seeds: dict[str, dict[str, Any]] | None) -> list[dict[str, Any]]:

@@ -165,6 +165,15 @@ def trial_modes(ctx: TrialContext, lock_path: str) -> tuple[KernelModes, tuple[d
     return modes, tuple(figures)
 
 
+def measure_modes_on_node(ctx: TrialContext) -> None:
+    """This node's kernel modes for the search (``trial_modes``), measured as a Ray task started
+    with the search (``runner.start_kernel_modes``): the first trials (the reference points, which
+    need no modes) run meanwhile, and a later trial with blockwise weights finds them measured
+    instead of waiting with its slot idle."""
+    torch.set_num_threads(build_threads(ctx.config))
+    trial_modes(ctx, ctx.lock_path)
+
+
 def build_threads(config: Config) -> int:
     """The torch threads a trial builds with (and ONNX Runtime scores with): the CPUs Ray reserves
     for it. Front recovery runs its trials with every core reserved."""

@@ -9,6 +9,8 @@ guarantees that even when the driver is interrupted.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from typing import Any
 
@@ -37,18 +39,22 @@ def _error_text(trial: Any) -> str:
 class TrialLog(Callback):
     def __init__(self, space: SearchSpace, objectives: Objectives,
                  listeners: tuple[TrialListener, ...] | list = (), first_number: int = 0,
-                 seeds: dict[str, dict[str, Any]] | None = None) -> None:
+                 seeds: dict[str, dict[str, Any]] | None = None,
+                 hold: Callable[[], AbstractContextManager] = nullcontext) -> None:
         """``first_number``: the number of the first trial (after a resumed search's earlier ones);
-        ``seeds``: other enqueued plans by name (they are labelled like the reference points)."""
+        ``seeds``: other enqueued plans by name (they are labelled like the reference points);
+        ``hold``: entered around the listeners' work (the node lock held shared: logging a trial to
+        MLflow takes the CPU a trial's timing on this machine would otherwise lose to it)."""
         self.first_number = first_number
         self.listeners = tuple(listeners)
+        self.hold = hold
         self.objectives = objectives
         self._references = {**space.reference_points(), **(seeds or {})}
         self._by_id: dict[str, TrialRecord] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # Ray pickles callbacks with the experiment state; live listeners (consoles, clients) stay here.
-        return {**self.__dict__, "listeners": ()}
+        return {**self.__dict__, "listeners": (), "hold": nullcontext}
 
     @property
     def records(self) -> list[TrialRecord]:
@@ -56,11 +62,13 @@ class TrialLog(Callback):
 
     def _tell(self, event: str, record: TrialRecord) -> None:
         """Pass a trial event to every listener; one that raises is reported and the search goes on."""
-        for listener in self.listeners:
-            try:
-                getattr(listener, event)(record)
-            except Exception as exc:  # noqa: BLE001 - a display or a store must not end the search
-                log.warning("%s failed for %s: %s: %s", type(listener).__name__, record.name, type(exc).__name__, exc)
+        with self.hold():
+            for listener in self.listeners:
+                try:
+                    getattr(listener, event)(record)
+                except Exception as exc:  # noqa: BLE001 - a display or a store must not end the search
+                    log.warning("%s failed for %s: %s: %s", type(listener).__name__, record.name,
+                                type(exc).__name__, exc)
 
     def _reference_of(self, params: dict[str, Any]) -> str:
         return next((name for name, ref in self._references.items() if ref == params), "")

@@ -56,6 +56,59 @@ def test_latency_reports_median_p90_and_spread(scored, tmp_path):
     metrics = {m.name: m for m in measure_latency(path, feeds, cfg, NodeLock(tmp_path / "lock"))}
     assert 0 < metrics["latency_ms"].value <= metrics["latency_p90_ms"].value
     assert metrics["latency_ms"].unit == "ms" and metrics["latency_spread"].value >= 0
+    assert metrics["latency_runs"].value == 5  # fewer than 6 runs bound no median at 95%: all were run
+
+
+def test_the_median_interval_is_distribution_free_order_statistics():
+    from slimtune.evaluators.latency import median_interval_ranks, median_is_known
+
+    assert median_interval_ranks(5) is None  # 2 / 2**5 = 6.25% outside: no 95% interval
+    assert median_interval_ranks(6) == (0, 5)  # the extremes: 2 / 64 = 3.1% outside
+    assert median_interval_ranks(20) == (5, 14)  # the 6th and 15th of 20, as the binomial tables give
+    times = np.array([10.0, 10.1, 9.9, 10.05, 9.95, 10.0])
+    assert median_is_known(times, 0.02) and not median_is_known(times, 0.001)
+    assert not median_is_known(np.append(times[:5], 30.0), 0.02)  # with 6 runs the interval spans them all
+    assert median_is_known(np.append(times, [10.02, 30.0, 9.98]), 0.02)  # with 9, one far run is outside it
+    assert not median_is_known(times[:5], 0.5) and not median_is_known(times, None)
+
+
+def test_timing_stops_once_the_median_is_known(scored):
+    from slimtune.evaluators.latency import time_batches_ms
+    from slimtune.evaluators.quality import session
+
+    _, task, path = scored
+    sess = session(path, 1)
+    base = LatencyConfig(batch_size=3, sequence_length=16, threads=1, warmup_runs=1, timed_runs=40)
+    feeds = latency_inputs(task.input_ids, task.attention_mask, base)
+    loose = base.model_copy(update={"median_precision": 0.9})  # any 6 runs bound it that well
+    assert len(time_batches_ms(sess, feeds, loose)) == 6
+    assert len(time_batches_ms(sess, feeds, base.model_copy(update={"median_precision": None}))) == 40
+    assert len(time_batches_ms(sess, feeds, loose.model_copy(update={"timed_runs": 4}))) == 4
+
+
+def test_a_busy_retry_pauses_without_holding_the_node(scored, monkeypatch):
+    import contextlib
+
+    import slimtune.evaluators.latency as latency
+    from slimtune.evaluators import Metric
+
+    _, task, path = scored
+    events = []
+    contention = iter([0.9, 0.01])  # the first attempt crowded out, the second quiet
+    monkeypatch.setattr(latency, "_timed_once", lambda *a: ((Metric("latency_ms", 1.0, "ms"),), next(contention)))
+    monkeypatch.setattr(latency.time, "sleep", lambda s: events.append(("pause", s)))
+
+    @contextlib.contextmanager
+    def hold():
+        events.append("held")
+        yield
+        events.append("released")
+
+    cfg = LatencyConfig(batch_size=3, sequence_length=16, threads=1, busy_retries=2)
+    figures = {m.name: m.value for m in measure_latency(path, latency_inputs(task.input_ids, task.attention_mask, cfg),
+                                                        cfg, hold=hold)}
+    assert events == ["held", "released", ("pause", latency.BUSY_PAUSE_S), "held", "released"]
+    assert figures["cpu_contention"] == 0.01 and figures["machine_busy"] == 0.0
 
 
 def test_summary_statistics():

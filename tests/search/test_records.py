@@ -53,6 +53,35 @@ def test_every_trial_ends_exactly_once(bert, tmp_path):
     assert "listeners" in log.__getstate__() and log.__getstate__()["listeners"] == ()
 
 
+def test_the_listeners_work_inside_the_hold_they_are_given(bert):
+    """The driver logs a trial to MLflow holding the node lock shared: never while a trial times."""
+    import contextlib
+
+    space = SearchSpace(discover_layout(bert), SpaceConfig(group_size=2))
+    held: list[bool] = []
+    inside = [False]
+
+    @contextlib.contextmanager
+    def hold():
+        inside[0] = True
+        yield
+        inside[0] = False
+
+    class Watching(Listener):
+        def trial_started(self, record):
+            held.append(inside[0])
+
+        def trial_finished(self, record):
+            held.append(inside[0])
+
+    log = TrialLog(space, objectives("accuracy"), [Watching()], hold=hold)
+    trials = [_trial("a", space.reference_points()["fp32"], {"accuracy": 0.9, "latency_ms": 1.0, "size_mb": 1.0})]
+    log.on_trial_start(0, trials, trials[0])
+    log.on_trial_complete(0, trials, trials[0])
+    assert held == [True, True] and not inside[0]
+    assert log.__getstate__()["hold"] is contextlib.nullcontext  # Ray pickles the callback, not the lock
+
+
 def _record(number, accuracy, latency, size, digest=None, status="completed"):
     metrics = {"accuracy": accuracy, "latency_ms": latency, "size_mb": size, "plan_digest": digest or str(number)}
     return TrialRecord(number=number, trial_id=str(number), params={}, status=status, metrics=metrics)

@@ -101,3 +101,24 @@ def test_asvd_without_calibration_texts_names_the_fix(bert):
     for calibration in (None, Calibration()):
         with pytest.raises(PlanError, match="collect_calibration"):
             apply_structural(bert, plan, calibration)
+
+
+def test_plain_svd_factors_are_remembered_and_the_same(bert):
+    """A search factorises the same (pruned) matrices at the same rank again: the second time comes
+    from the per-process cache, with the very same bytes."""
+    from slimtune.transforms import lowrank
+
+    linear = bert.encoder.layer[0].intermediate.dense
+    lowrank._factor_cache.clear()
+    first = lowrank.factorise(linear, 16)
+    assert len(lowrank._factor_cache) == 1
+    again = lowrank.factorise(linear, 16)
+    assert len(lowrank._factor_cache) == 1  # a hit, nothing added
+    fresh = [f.to(linear.weight.dtype) for f in lowrank._factor_weights(linear.weight.detach(), 16, None)]
+    for a, b, c in ((first.first.weight, again.first.weight, fresh[0]), (first.second.weight, again.second.weight, fresh[1])):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    lowrank.factorise(linear, 8)  # another rank is another entry
+    assert len(lowrank._factor_cache) == 2
+    scales = torch.rand(linear.in_features, dtype=torch.float64) + 0.5
+    lowrank.factorise(linear, 16, scales)  # ASVD's scales follow each plan's activations: not kept
+    assert len(lowrank._factor_cache) == 2
