@@ -115,12 +115,14 @@ def kernel_counts(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def _quantize(proto: onnx.ModelProto, model: nn.Module, plan: CompressionPlan,
-              calibration: Calibration | None = None, modes: KernelModes = EXACT) -> onnx.ModelProto:
+              calibration: Calibration | None = None, modes: KernelModes = EXACT,
+              hold: Callable[[], AbstractContextManager] = nullcontext) -> onnx.ModelProto:
     """Apply the plan's quantization passes to the fp32 graph, then verify every layer's kernel.
 
     Order: embedding tables (a 4-bit table converts the graph to opset 21 first), int8 Linears,
     then one blockwise pass per (format, block size, method) with every other MatMul excluded, in
     the kernel ``modes`` of its bit width. GPTQ measures its Hessians on ``calibration``'s texts.
+    ``hold`` is entered around each pass (GPTQ's: each of its steps).
     """
     embeddings = {n for n in plan.quantize if isinstance(model.get_submodule(n), nn.Embedding)}
     linears = set(plan.quantize) - embeddings
@@ -131,9 +133,11 @@ def _quantize(proto: onnx.ModelProto, model: nn.Module, plan: CompressionPlan,
         raise ExportError(f"no MatMul found in the exported graph for {sorted(missing)[:3]}; cannot quantize them")
     tables = {f"{WRAPPED}.{name}.weight": (name, plan.quantize[name]) for name in embeddings}
     for table, (_, spec) in sorted(tables.items()):
-        proto = quantize_embedding(proto, table, spec.format, spec.block_size, spec.method)
+        with hold():
+            proto = quantize_embedding(proto, table, spec.format, spec.block_size, spec.method)
     int8 = {node for node, name in node_of.items() if plan.quantize[name].format == "int8"}
-    proto = quantize_int8_matmuls(proto, int8)
+    with hold():
+        proto = quantize_int8_matmuls(proto, int8)
     groups: dict[tuple[str, int, str], set[str]] = {}
     for node, name in node_of.items():
         spec = plan.quantize[name]
@@ -148,8 +152,9 @@ def _quantize(proto: onnx.ModelProto, model: nn.Module, plan: CompressionPlan,
     for (weight_format, block, method), nodes in sorted(groups.items()):
         bits = BLOCKWISE_BITS[weight_format]
         proto = quantize_blockwise_matmuls(proto, nodes, bits, block, method, feeds, accuracy_level=modes.level(bits),
-                                           symmetric=modes.is_symmetric(bits))
-    verify_quantized(proto, before, {node: (name, plan.quantize[name]) for node, name in node_of.items()}, tables)
+                                           symmetric=modes.is_symmetric(bits), hold=hold)
+    with hold():
+        verify_quantized(proto, before, {node: (name, plan.quantize[name]) for node, name in node_of.items()}, tables)
     return proto
 
 
@@ -172,33 +177,42 @@ def build_artifact(model: nn.Module, plan: CompressionPlan, path: Path, calibrat
     (pooled embeddings by default, the model's class logits, or a causal LM's next-token logits
     with a KV cache: ``slimtune.export.decoder``).
 
-    ``hold`` is entered around each stage (transforms, recovery, export, quantization): a trial
-    passes its shared node lock, so a waiting latency measurement gets the cores between stages.
+    ``hold`` is entered around each stage (transforms, recovery, export) and each quantization pass
+    (GPTQ's steps): a trial passes its shared node lock, so a waiting latency measurement gets the
+    cores between them.
     Timings (s): ``compress_s`` the structural transforms, ``recover_s`` the distillation recovery,
     ``export_s`` the fp32 export, ``quantize_s`` the graph passes; waits for ``hold`` not included.
     ``modes``: how the blockwise kernels run (``slimtune.export.modes``; the bytes depend on them).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
+    waited = [0.0]
 
     @contextlib.contextmanager
-    def stage(name: str) -> Iterator[None]:
+    def held() -> Iterator[None]:  # ``hold``, its wait counted apart
+        asked = time.perf_counter()
         with hold():
-            started = time.perf_counter()
+            waited[0] += time.perf_counter() - asked
             yield
-            seconds[name] = time.perf_counter() - started
 
-    with stage("compress"):
+    @contextlib.contextmanager
+    def stage(name: str) -> Iterator[None]:  # its time, less the waits for ``hold`` within it
+        started, before = time.perf_counter(), waited[0]
+        yield
+        seconds[name] = time.perf_counter() - started - (waited[0] - before)
+
+    with stage("compress"), held():
         transformed = apply_structural(model, plan, calibration)
     steps = 0
     if plan.recovery is not None:
-        with stage("recover"):
+        with stage("recover"), held():
             transformed, steps = recover(model, transformed, plan, calibration, output)
     exporter = exporter_for(transformed, output)
-    with stage("export"):
+    with stage("export"), held():
         fp32 = EXPORTERS[exporter](transformed, output, path.with_name(path.stem + ".fp32.onnx"))
-    with stage("quantize"):
-        proto = _quantize(fp32, model, plan, calibration, modes)
+    with stage("quantize"):  # held pass by pass (a GPTQ pass step by step): each can take seconds
+        proto = _quantize(fp32, model, plan, calibration, modes, held)
+    with stage("quantize_rest"), held():
         table = input_table_name(model) if output.kind == "lm" else None
         if table is not None:
             proto = share_tied_lm_head(proto, table)
@@ -209,7 +223,8 @@ def build_artifact(model: nn.Module, plan: CompressionPlan, path: Path, calibrat
                                            else "concatenated"})
         onnx.save_model(strip_debug_info(proto), str(path))
     return Artifact(path=path, plan=plan, kernels=kernel_counts(proto), export_s=seconds["export"],
-                    quantize_s=seconds["quantize"], recover_s=seconds.get("recover", 0.0), recover_steps=steps,
+                    quantize_s=seconds["quantize"] + seconds["quantize_rest"], recover_s=seconds.get("recover", 0.0),
+                    recover_steps=steps,
                     compress_s=seconds["compress"], exporter=exporter)
 
 

@@ -26,7 +26,8 @@ import contextlib
 import logging
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import onnx
@@ -102,12 +103,14 @@ def _names(model: onnx.ModelProto, op_type: str) -> set[str]:
 
 def quantize_blockwise_matmuls(model: onnx.ModelProto, nodes: set[str], bits: int, block_size: int,
                                method: str = "rtn", feeds: Feeds | None = None,
-                               accuracy_level: int = INT4_ACCURACY_LEVEL, symmetric: bool = False) -> onnx.ModelProto:
+                               accuracy_level: int = INT4_ACCURACY_LEVEL, symmetric: bool = False,
+                               hold: Callable[[], AbstractContextManager] = nullcontext) -> onnx.ModelProto:
     """``bits``-bit weights in blocks of ``block_size`` for the named MatMul nodes (MatMulNBits kernels).
 
     ``feeds`` (graph input dicts of calibration texts) are what GPTQ measures its Hessians on;
     ``accuracy_level`` is the kernel's mode; ``symmetric`` stores round-to-nearest codes without
-    zero points (GPTQ and HQQ always keep theirs).
+    zero points (GPTQ and HQQ always keep theirs). ``hold`` is entered around the pass, or around
+    each of GPTQ's steps (a calibration batch, a Hessian's factor, a Linear's weights): seconds each.
     """
     if not nodes:
         return model
@@ -118,12 +121,13 @@ def quantize_blockwise_matmuls(model: onnx.ModelProto, nodes: set[str], bits: in
             raise ExportError("GPTQ needs calibration texts: pass calibration=collect_calibration(model, ids, mask) "
                               "to build_artifact, or plan method 'rtn' / 'hqq'")
         with _single_threaded():
-            return _gptq_matmuls(model, nodes, bits, block_size, feeds, accuracy_level)
+            return _gptq_matmuls(model, nodes, bits, block_size, feeds, accuracy_level, hold)
     if method == "grid":
         if bits != 4:
             raise ExportError(f"the grid method keeps a 4-bit source grid; it cannot store {bits}-bit weights")
-        left = grid_matmuls(model, nodes, block_size, accuracy_level)  # off-grid weights: round to nearest
-        return quantize_blockwise_matmuls(model, left, bits, block_size, "rtn", None, accuracy_level, symmetric)
+        with hold():
+            left = grid_matmuls(model, nodes, block_size, accuracy_level)  # off-grid weights: round to nearest
+        return quantize_blockwise_matmuls(model, left, bits, block_size, "rtn", None, accuracy_level, symmetric, hold)
     if method not in ("rtn", "hqq"):
         raise ExportError(f"unknown blockwise quantization method {method!r}")
     config = _nbits_module().HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits) if method == "hqq" else None
@@ -133,7 +137,7 @@ def quantize_blockwise_matmuls(model: onnx.ModelProto, nodes: set[str], bits: in
         op_types_to_quantize=("MatMul",),
         algo_config=config,
     )
-    with _quiet(), _single_threaded():
+    with hold(), _quiet(), _single_threaded():
         quantizer.process()
     return quantizer.model.model
 
@@ -145,8 +149,10 @@ def calibration_feeds(input_ids: np.ndarray, attention_mask: np.ndarray, batch_s
             for i in range(0, len(input_ids), batch_size)]
 
 
-def _hessians(model: onnx.ModelProto, tensors: set[str], feeds: Feeds) -> dict[str, np.ndarray]:
-    """2/n X^T X of every named activation over its n rows (tokens; padding tokens dropped).
+def _hessians(model: onnx.ModelProto, tensors: set[str], feeds: Feeds,
+              hold: Callable[[], AbstractContextManager] = nullcontext) -> dict[str, np.ndarray]:
+    """2/n X^T X of every named activation over its n rows (tokens; padding tokens dropped), ``hold``
+    entered per feed.
 
     Each feed holds the graph's inputs and an ``attention_mask`` marking the real tokens.
     """
@@ -162,14 +168,15 @@ def _hessians(model: onnx.ModelProto, tensors: set[str], feeds: Feeds) -> dict[s
     sums: dict[str, np.ndarray] = {}
     rows: dict[str, int] = {}
     for feed in feeds:
-        feed = with_empty_past(session.get_inputs(), feed)  # a decoder's cache inputs, empty
-        outputs = session.run(sorted(tensors), {k: v for k, v in feed.items() if k in inputs})
-        keep = np.asarray(feed["attention_mask"]).astype(bool)  # drop padding tokens
-        for name, value in zip(sorted(tensors), outputs, strict=True):
-            x = value[keep] if value.shape[:2] == keep.shape else value.reshape(-1, value.shape[-1])
-            x = x.astype(np.float64)
-            sums[name] = sums.get(name, 0.0) + x.T @ x
-            rows[name] = rows.get(name, 0) + len(x)
+        with hold():
+            feed = with_empty_past(session.get_inputs(), feed)  # a decoder's cache inputs, empty
+            outputs = session.run(sorted(tensors), {k: v for k, v in feed.items() if k in inputs})
+            keep = np.asarray(feed["attention_mask"]).astype(bool)  # drop padding tokens
+            for name, value in zip(sorted(tensors), outputs, strict=True):
+                x = value[keep] if value.shape[:2] == keep.shape else value.reshape(-1, value.shape[-1])
+                x = x.astype(np.float64)
+                sums[name] = sums.get(name, 0.0) + x.T @ x
+                rows[name] = rows.get(name, 0) + len(x)
     return {name: 2.0 * total / max(rows[name], 1) for name, total in sums.items()}
 
 
@@ -219,19 +226,24 @@ def _gptq(weight: np.ndarray, upper: np.ndarray, bits: int, block: int) -> tuple
 
 
 def _gptq_matmuls(model: onnx.ModelProto, nodes: set[str], bits: int, block: int, feeds: Feeds,
-                  accuracy_level: int) -> onnx.ModelProto:
-    """Replace each named MatMul by a MatMulNBits node holding its GPTQ weights (one-shot Hessians)."""
+                  accuracy_level: int, hold: Callable[[], AbstractContextManager] = nullcontext) -> onnx.ModelProto:
+    """Replace each named MatMul by a MatMulNBits node holding its GPTQ weights (one-shot Hessians);
+    ``hold`` entered around each step (a calibration batch, a Hessian's factor, a Linear)."""
     graph = model.graph
     inits = {init.name: init for init in graph.initializer}
     targets = [n for n in graph.node if n.name in nodes]
     if any(n.op_type != "MatMul" or n.input[1] not in inits or len(inits[n.input[1]].dims) != 2 for n in targets):
         raise ExportError("GPTQ quantizes only MatMul nodes with a constant 2-D weight")
-    factors = {name: _inverse_factor(h) for name, h in _hessians(model, {n.input[0] for n in targets}, feeds).items()}
+    factors = {}
+    for name, h in _hessians(model, {n.input[0] for n in targets}, feeds, hold).items():
+        with hold():
+            factors[name] = _inverse_factor(h)
     replacement = {}
     for node in targets:
         weight = numpy_helper.to_array(inits[node.input[1]])
         k, n = weight.shape
-        codes, scales, zeros = _gptq(weight, factors[node.input[0]], bits, block)
+        with hold():
+            codes, scales, zeros = _gptq(weight, factors[node.input[0]], bits, block)
         blocks = scales.shape[0]
         codes = np.concatenate([codes, np.repeat(zeros[-1:], blocks * block - k, axis=0)])  # pad: dequantizes to 0
         packed = pack_bits(codes.T.reshape(n, blocks, block), bits)

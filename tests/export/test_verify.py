@@ -155,3 +155,38 @@ def test_matmulnbits_computes_what_the_stored_blocks_say(method, bits, block):
     np.testing.assert_allclose(out, x @ dequantized, atol=1e-4, rtol=1e-4)
     error = np.linalg.norm(out - x @ weight) / np.linalg.norm(x @ weight)
     assert error < (0.6 if bits == 2 else 0.15)  # measured 0.33-0.50 (2-bit), 0.07-0.09 (4-bit)
+
+
+def test_a_build_lets_go_of_the_node_between_its_passes_and_gptq_steps(bert, tmp_path):
+    """A trial's build holds the node lock shared pass by pass (GPTQ step by step), so a timing that
+    waits for the node waits for one step, not the whole quantization; the waits are not build time."""
+    import contextlib
+    import time
+
+    from slimtune.export import build_artifact
+    from slimtune.transforms import collect_calibration
+
+    layout = discover_layout(bert)
+    ids = np.random.default_rng(0).integers(1, 1000, (16, 12))
+    calibration = collect_calibration(bert, ids, np.ones_like(ids)).with_training(ids, np.ones_like(ids), None)
+    plan_of = {"gptq": {n: QuantSpec("int4", 32, "gptq") for n in layout.linears[:3]},
+               "int8": {n: QuantSpec("int8") for n in layout.linears[3:]}}
+    entered = []
+
+    @contextlib.contextmanager
+    def hold():
+        time.sleep(0.25)  # a wait for the node, outside the build's timings
+        entered.append(1)
+        yield
+
+    from slimtune.plan import CompressionPlan
+
+    plan = CompressionPlan(quantize={**plan_of["gptq"], **plan_of["int8"]})
+    artifact = build_artifact(bert, plan, tmp_path / "m.onnx", calibration, hold=hold)
+    batches = 2  # 16 calibration texts, 8 a batch
+    gptq_inputs = len({n.rsplit(".", 1)[0] for n in plan_of["gptq"]})  # q, k and v read one input
+    # compress, export, int8, each GPTQ batch, factor and Linear, verification, the rest
+    assert len(entered) >= 2 + 1 + batches + gptq_inputs + len(plan_of["gptq"]) + 2
+    assert 0 < artifact.build_s < 0.25 * len(entered)  # the waits (>= 2.5 s here) are not build time
+    quiet = build_artifact(bert, plan, tmp_path / "q.onnx", calibration)
+    assert artifact.path.read_bytes() == quiet.path.read_bytes()  # holding in steps builds the same bytes
