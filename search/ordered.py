@@ -6,7 +6,9 @@ when it proposes trial k, and with it the plan, depended on timing: two searches
 seed proposed different plans. Here trial k is proposed after exactly trials 0 .. k-workers-1
 have been told, in their order, and no others: the sequence of plans depends on the seed, the
 configuration and the number of workers only. The price is a wait when an old trial is still
-running while newer ones have ended (its slot idles until it ends).
+running while newer ones have ended (its slot idles until it ends). An enqueued plan that fixes
+every value the space asks for (the reference points, the sensitivity seeds) is proposed without
+that wait: the sampler proposes nothing for it, so what it has heard of changes nothing.
 """
 
 from __future__ import annotations
@@ -43,10 +45,27 @@ class OrderedOptunaSearch(OptunaSearch):
 
     def suggest(self, trial_id: str) -> dict | None:
         if trial_id not in self._ot_trials:
-            if not self._tell_up_to(max(0, len(self._order) - self.lag)):
+            told = self._tell_up_to(max(0, len(self._order) - self.lag))
+            if not told and not self._next_is_fixed():
                 return None  # Ray Tune asks again later
             self._order.append(trial_id)
         return super().suggest(trial_id)
+
+    def _next_is_fixed(self) -> bool:
+        """Whether the study's next trial is an enqueued plan that fixes every value the space asks
+        for (checked by running the space on an Optuna ``FixedTrial`` of it, which refuses a
+        value it lacks)."""
+        import optuna
+
+        waiting = self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+        if not waiting or not callable(self._space):
+            return False
+        fixed = min(waiting, key=lambda t: t.number).system_attrs.get("fixed_params", {})
+        try:
+            self._space(optuna.trial.FixedTrial(fixed))
+        except Exception:  # noqa: BLE001 - a value missing or out of range: the sampler would propose it
+            return False
+        return True
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id not in self._ot_trials or trial_id in self._completed_trials:
