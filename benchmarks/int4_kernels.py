@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     loaded = load_model("builtin:all-MiniLM-L6-v2")
     space = SearchSpace(discover_layout(loaded.module), SpaceConfig(ffn_sparsities=(0.0,), rank_fractions=(1.0,)))
-    cfg = LatencyConfig(timed_runs=args.runs)
+    cfg = LatencyConfig(timed_runs=args.runs, median_precision=None)  # every run: the kernels side by side
     texts = loaded.tokenizer(["slimtune measures what it ships. " * 40] * 8, padding="max_length", truncation=True,
                              max_length=128, return_tensors="np")
     feeds = latency_inputs(texts["input_ids"].astype(np.int64), texts["attention_mask"].astype(np.int64), cfg)
