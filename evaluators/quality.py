@@ -47,6 +47,14 @@ def measure_quality(path: Path, task: PreparedTask, threads: int = 1) -> tuple[M
     return score_task(task, session_run(session(path, threads)))
 
 
+SAME_OUTPUTS = 1e-3
+"""Largest difference (relative to the outputs' largest magnitude) between an artifact's outputs and
+the uncompressed model's for them to count as one function: float32 kernels that sum in another
+order differ by about 1e-6 of it (8e-7: the default model's fp32 export against torch), a
+quantized layer by far more (0.11: the same with every Linear in int8)."""
+SAME_METRICS = 1e-4
+
+
 class StagedQuality:
     """Scores an artifact on a sample of the held-out texts first and on the rest only when asked,
     in one ONNX Runtime session: candidates a measured point already dominates stop after the sample.
@@ -74,6 +82,29 @@ class StagedQuality:
         part = self.task.held_out_rows(self.first)
         self._first_outputs = run_batches(self.run, part.input_ids, part.attention_mask)
         return KINDS[self.task.kind].score(part, self._first_outputs)
+
+    def uncompressed_figures(self) -> tuple[Metric, ...] | None:
+        """The uncompressed model's metrics on every held-out text (the task's ``reference``, scored
+        from its kept outputs) when this artifact computes the same function: on the sampled texts its
+        outputs are within ``SAME_OUTPUTS`` of the uncompressed model's (relative to their largest
+        magnitude) and every metric is the same (``SAME_METRICS``, relative). None otherwise, or when
+        the task kept no uncompressed outputs. For an export of the uncompressed model, whose scoring
+        is the slowest of a search, this replaces scoring the rest of the texts."""
+        reference = self.task.uncompressed_outputs
+        if reference is None:
+            return None
+        if self._first_outputs is None:
+            self.first_stage()
+        kind = KINDS[self.task.kind]
+        expected, got = reference[self.first], self._first_outputs
+        part = self.task.held_out_rows(self.first)
+        if got.shape != expected.shape or \
+                np.max(np.abs(got - expected), initial=0.0) > SAME_OUTPUTS * np.max(np.abs(expected), initial=0.0):
+            return None
+        for mine, theirs in zip(kind.score(part, got), kind.score(part, expected), strict=True):
+            if abs(mine.value - theirs.value) > SAME_METRICS * max(abs(theirs.value), 1e-12):
+                return None
+        return kind.score(self.task, reference)
 
     def full(self) -> tuple[Metric, ...]:
         """Every metric on all held-out texts (the sample's outputs reused)."""

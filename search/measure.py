@@ -84,7 +84,10 @@ def measure_plan(inputs: PlanInputs, plan: CompressionPlan, path: Path, latency_
     then latency and size; the remaining texts are scored unless a measured point already
     dominates the candidate (``dominating_point``), in which case the sample's figures are its
     quality figures, ``quality_texts`` says how many texts, ``screened`` is 1 and ``screened_by``
-    is that point's measurement key.
+    is that point's measurement key. A plan that leaves the model as it is (``is_identity``) whose
+    artifact computes what the uncompressed model computed on the sample
+    (``StagedQuality.uncompressed_figures``) takes that model's figures on all held-out texts instead
+    of scoring the rest (``quality_by_uncompressed`` 1).
     Building holds ``lock`` shared stage by stage, scoring (``threads`` ORT threads) batch by batch;
     latency holds it exclusively. Timings: ``compress_s``, ``export_s``, ``quantize_s``, ``recover_s`` (the
     artifact's build), ``quality_s`` (scoring), ``latency_s`` (timing), ``wait_s`` (waiting for the lock).
@@ -114,11 +117,15 @@ def measure_plan(inputs: PlanInputs, plan: CompressionPlan, path: Path, latency_
 
     latency = as_dict(measure_latency(path, inputs.feeds, latency_cfg, hold=timing))
     size = as_dict(measure_size(path))
-    screened = None
-    if len(first) < total:
+    screened, by_uncompressed = None, None
+    if plan.is_identity and len(first) < total:
+        by_uncompressed = quality.uncompressed_figures()
+    if by_uncompressed is None and len(first) < total:
         screened = dominating_point(measured_dir, METRIC_GOALS[task.metric], sampled[task.metric], len(first),
                                     latency["latency_ms"], size["size_mb"], search.screen_margin, inputs.hardware.key)
-    if screened is None:
+    if by_uncompressed is not None:
+        scored = as_dict(by_uncompressed)
+    elif screened is None:
         started = time.perf_counter()
         scored = as_dict(quality.full())
         timings["quality_s"] += time.perf_counter() - started
@@ -134,6 +141,7 @@ def measure_plan(inputs: PlanInputs, plan: CompressionPlan, path: Path, latency_
         **timings,
         "screen_score": sampled[task.metric], "screen_texts": len(first),
         "quality_texts": len(first) if screened else total, "screened": int(screened is not None),
+        "quality_by_uncompressed": int(by_uncompressed is not None),
         "screened_by": screened or "",
         "kernels": json.dumps(artifact.matmul_kernels, sort_keys=True), "exporter": artifact.exporter,
         "kernel_modes": inputs.modes.dumps(),

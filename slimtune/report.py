@@ -45,6 +45,8 @@ def _row(record: TrialRecord, pareto: set[int], not_faster: set[int], figures: t
                               "not_faster": record.number in not_faster}
     row.update({k: (round(float(record.metrics[k]), 6) if k in record.metrics else "") for k in figures})
     row["quality_texts"] = record.metrics.get("quality_texts", "")  # fewer than all: screened by staged scoring
+    # 1: the uncompressed model's figures, the export having computed the same on the sample
+    row["quality_by_uncompressed"] = record.metrics.get("quality_by_uncompressed", "")
     row["latency_runs"] = record.metrics.get("latency_runs", "")  # fewer than timed_runs: the median was known
     row["hardware"] = record.metrics.get("hardware", "")
     row["node"] = record.metrics.get("node", "")

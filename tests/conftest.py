@@ -89,6 +89,12 @@ def tiny_csv(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def many_texts_csv(tmp_path_factory) -> Path:
+    """240 short labelled texts in three balanced topics: enough held-out texts for staged scoring."""
+    return write_csv(tmp_path_factory.mktemp("data") / "many.csv", topic_texts({"sport": 80, "money": 80, "tech": 80}))
+
+
+@pytest.fixture(scope="session")
 def imbalanced_csv(tmp_path_factory) -> Path:
     """88 texts: 40 sport, 40 money, 8 tech (the smallest class under a quarter of the largest)."""
     return write_csv(tmp_path_factory.mktemp("data") / "imbalanced.csv",

@@ -35,7 +35,7 @@ KINDS: dict[str, ModuleType] = {"classifier": classifier, "embedding-head": embe
                                 "embedding-fidelity": fidelity, "causal-lm": causal_lm}
 # Kinds whose raw outputs are too large to keep: each run's outputs are reduced before they are stacked.
 RUN_REDUCERS: dict[str, Callable[[Run], Run]] = {"causal-lm": causal_lm.reduced_run}
-_CACHE_FORMAT = 5  # bump when PreparedTask gains or changes fields
+_CACHE_FORMAT = 6  # bump when PreparedTask gains or changes fields
 
 
 @dataclass(frozen=True)

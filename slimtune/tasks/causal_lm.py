@@ -118,7 +118,7 @@ def prepare(loaded: LoadedModel, output: OutputSpec, max_length: int, cfg: TaskC
         train_ids=train_ids, train_mask=np.ones_like(train_ids),
         # No stored teacher outputs: a window's logits are tens of MB; recovery runs the teacher per step.
         train_targets=None,
-        labels=targets, reference_outputs=outputs[..., 1].copy(),
+        labels=targets, reference_outputs=outputs[..., 1].copy(), uncompressed_outputs=outputs,
     )
     return _with_reference(task, outputs)
 

@@ -157,6 +157,24 @@ def test_staged_scoring_gives_the_full_figures_and_the_sample_first(scored):
     assert len(rows) == 5 and list(rows) == sorted(rows)
 
 
+def test_an_export_of_the_uncompressed_model_takes_its_figures_on_every_text(scored):
+    import dataclasses
+
+    from slimtune.evaluators.quality import StagedQuality
+
+    _, task, path = scored
+    rows = task.sample_rows(5, seed=0)
+    assert task.uncompressed_outputs.shape[0] == len(task.input_ids)
+    same = StagedQuality(path, task, 1, rows).uncompressed_figures()
+    assert {m.name: m.value for m in same} == pytest.approx(task.reference)
+    assert [m.description for m in same] == [m.description for m in measure_quality(path, task)]
+    # outputs 1% away from the uncompressed model's are another function
+    moved = dataclasses.replace(task, uncompressed_outputs=task.uncompressed_outputs * 1.01)
+    assert StagedQuality(path, moved, 1, rows).uncompressed_figures() is None
+    kept_none = dataclasses.replace(task, uncompressed_outputs=None)  # a task saved before they were kept
+    assert StagedQuality(path, kept_none, 1, rows).uncompressed_figures() is None
+
+
 def test_contention_is_the_share_of_cpu_time_lost_to_other_work():
     from slimtune.evaluators.machine_load import LoadSample, contention, is_busy
 

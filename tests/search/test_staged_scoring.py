@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import json
 
-from slimtune.search.measure import dominating_point
+import pytest
+import torch
+
+from slimtune.config import LatencyConfig, ModelConfig, SearchConfig, TaskConfig
+from slimtune.evaluators.latency import latency_inputs
+from slimtune.evaluators.node_lock import NodeLock
+from slimtune.model import load_model
+from slimtune.plan import CompressionPlan, QuantSpec
+from slimtune.search.measure import PlanInputs, dominating_point, measure_plan
+from slimtune.search.trial import task_calibration
+from slimtune.tasks import choose_task, load_texts, prepare_task
+
+FAST_TIMING = LatencyConfig(batch_size=2, sequence_length=32, threads=1, warmup_runs=1, timed_runs=3, min_timed_runs=3)
 
 
 def _measured(folder, name, score, latency, size, texts=100, hardware="cpu-a"):
@@ -29,3 +41,28 @@ def test_a_minimised_metric_screens_the_other_way(tmp_path):
                  size_mb=30.0)
     assert dominating_point(screen_score=12.0, **check) == "int4"
     assert dominating_point(screen_score=10.1, **check) is None
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_model_dir, many_texts_csv, tmp_path_factory) -> PlanInputs:
+    loaded = load_model(str(tiny_model_dir))
+    model_cfg = ModelConfig(name=str(tiny_model_dir), max_length=32)
+    cfg = TaskConfig(data=str(many_texts_csv), text_column="body", label_column="topic", test_fraction=0.5)
+    data = load_texts(cfg)
+    task, _ = prepare_task(model_cfg, cfg, choose_task(model_cfg, cfg, loaded.source, data), loaded, data,
+                           tmp_path_factory.mktemp("cache"))
+    return PlanInputs(loaded.module, task, task_calibration(loaded.module, task),
+                      latency_inputs(task.input_ids, task.attention_mask, FAST_TIMING))
+
+
+def test_the_uncompressed_export_takes_the_uncompressed_figures_once_its_sample_matches(inputs, tmp_path):
+    task = inputs.task
+    measured = dict(latency_cfg=FAST_TIMING, threads=1, lock=NodeLock(tmp_path / "lock"), search=SearchConfig(),
+                    measured_dir=tmp_path)
+    fp32 = measure_plan(inputs, CompressionPlan(), tmp_path / "fp32.onnx", **measured)
+    assert fp32["screen_texts"] < len(task.input_ids) == fp32["quality_texts"] == 120
+    assert fp32["quality_by_uncompressed"] == 1 and fp32["accuracy"] == pytest.approx(task.reference["accuracy"])
+    linears = [n for n, m in inputs.model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("encoder.")]
+    int8 = measure_plan(inputs, CompressionPlan(quantize={n: QuantSpec("int8") for n in linears}),
+                        tmp_path / "int8.onnx", **measured)
+    assert int8["quality_by_uncompressed"] == 0 and int8["quality_texts"] == 120  # scored on every text itself
