@@ -3,12 +3,18 @@
 With several workers, trials end in an order that depends on the machine (a slow export, a busy
 core). Ray Tune's ``OptunaSearch`` tells Optuna of each trial as it ends, so the sampler's view
 when it proposes trial k, and with it the plan, depended on timing: two searches with the same
-seed proposed different plans. Here trial k is proposed after exactly trials 0 .. k-workers-1
-have been told, in their order, and no others: the sequence of plans depends on the seed, the
-configuration and the number of workers only. The price is a wait when an old trial is still
-running while newer ones have ended (its slot idles until it ends). An enqueued plan that fixes
-every value the space asks for (the reference points, the sensitivity seeds) is proposed without
-that wait: the sampler proposes nothing for it, so what it has heard of changes nothing.
+seed proposed different plans. Here trial k is proposed after exactly trials 0 .. k-lag-1 have
+been told, in their order, and no others: the sequence of plans depends on the seed, the
+configuration and the lag only. The price is a wait when an old trial is still running while
+newer ones have ended (its slot idles until it ends). The search runs with a lag of the number of
+workers plus one: with a lag of exactly the workers, one long trial (the fp32 reference, a GPTQ
+build) that outlasted two of the other slot's short ones (a screened plan, a repeated one) idled
+that slot, and Ray Tune, which keeps at most one idle trial actor while no trial is staged, then
+ended the other worker's actor, so the next trial paid a new process and the model's load again
+(about 9 s of an idle slot each time on a 2-core machine, twice in a 30-trial search). An enqueued
+plan that fixes every value the space asks for (the reference points, the sensitivity seeds) is
+proposed without that wait: the sampler proposes nothing for it, so what it has heard of changes
+nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from ray.tune.search.optuna import OptunaSearch
 class OrderedOptunaSearch(OptunaSearch):
     """``OptunaSearch`` whose proposals do not depend on which trial ends first (see module doc).
 
-    ``lag``: how many of the latest trials a proposal does not see (the number of workers).
+    ``lag``: how many of the latest trials a proposal does not see (at least the number of workers).
     Call ``flush()`` after the search so the study holds every result (``run_search`` does).
     """
 

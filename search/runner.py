@@ -177,7 +177,7 @@ def run_search(config: Config, ctx: TrialContext, space: SearchSpace, storage: P
         if go_on.study_uri else {}
     with quiet_optuna(), ray_output_settings():  # Optuna's INFO lines and Ray's tables, not over the display
         searcher = OrderedOptunaSearch(
-            lag=search.workers,
+            lag=search.workers + 1,  # one proposal of slack: see OrderedOptunaSearch
             space=DefineByRun(space),
             metric=[m for m, _ in goals],
             mode=[mode for _, mode in goals],
