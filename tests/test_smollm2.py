@@ -78,3 +78,17 @@ def test_python_docs_perplexity_is_a_language_models(smollm2, tmp_path):
 
     again = {m.name: m.value for m in score_task(task, torch_run(NextTokenLogits(smollm2.module)))}
     assert again["perplexity"] == pytest.approx(task.reference["perplexity"], rel=1e-5)
+
+
+def test_its_fp32_decoder_takes_the_uncompressed_figures_once_its_sample_matches(smollm2, tmp_path):
+    from slimtune.evaluators.quality import StagedQuality
+    from slimtune.export import build_artifact
+    from slimtune.plan import CompressionPlan
+
+    model_cfg, task_cfg = ModelConfig(name=BUILTIN_LLM, max_length=64), TaskConfig(eval_limit=10)
+    data = load_texts(task_cfg, default_data(task_cfg, smollm2.source))
+    task, _ = prepare_task(model_cfg, task_cfg, choose_task(model_cfg, task_cfg, smollm2.source, data), smollm2, data,
+                           tmp_path)
+    fp32 = build_artifact(smollm2.module, CompressionPlan(), tmp_path / "fp32.onnx", output=task.output).path
+    figures = StagedQuality(fp32, task, 2, task.sample_rows(3)).uncompressed_figures()
+    assert figures is not None and {m.name: m.value for m in figures} == pytest.approx(task.reference)
