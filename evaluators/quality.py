@@ -56,6 +56,8 @@ torch: 1.6e-6; with every Linear in int8: 0.20; SmolLM2's fp32 decoder: 1.5e-6 o
 log-probabilities).
 A causal LM's other channel, the top token, is held by the metrics: its agreement must stay 1."""
 SAME_METRICS = 1e-4
+"""Largest relative difference between the two's metrics on the sample: float noise stays below it,
+one text scored differently (1/112 of the default's sample accuracy) is far above it."""
 
 
 class StagedQuality:

@@ -11,7 +11,7 @@ workers plus one: with a lag of exactly the workers, one long trial (the fp32 re
 build) that outlasted two of the other slot's short ones (a screened plan, a repeated one) idled
 that slot, and Ray Tune, which keeps at most one idle trial actor while no trial is staged, then
 ended the other worker's actor, so the next trial paid a new process and the model's load again
-(about 9 s of an idle slot each time on a 2-core machine, twice in a 30-trial search). An enqueued
+(7 and 9 s of an idle slot, twice in a 30-trial search on a 2-core AMD EPYC). An enqueued
 plan that fixes every value the space asks for (the reference points, the sensitivity seeds) is
 proposed without that wait: the sampler proposes nothing for it, so what it has heard of changes
 nothing.

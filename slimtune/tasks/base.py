@@ -121,7 +121,8 @@ activations then stay in the cores' caches. A MiniLM run of 16 texts of 128 toke
 its widest layer alone, and scored 13-17% (int8) and 7% (fp32) slower per text in ONNX Runtime
 than runs of 4 texts (one thread, one or two scoring processes at once; torch: 7% slower at one
 thread, the same at two), on a 2-core AMD EPYC with 1 MB of L2 per core and 32 MB of L3. A run
-stays long enough that its fixed cost does not count: one text a run was 3-5% slower than four."""
+stays long enough that its fixed cost does not count: one text a run was 3-5% slower than four.
+A CPU with smaller caches loses more with larger runs; one without AVX-512 was not measured."""
 
 
 def texts_per_run(sequence_length: int) -> int:
