@@ -3,12 +3,13 @@
 For each bit width the space offers (4, 2), the model with every Linear at that width (round to
 nearest, the space's first block size) is built once with zero points and once symmetric, and
 each build is run at accuracy level 0 and 4 (the level set on the graph in memory): every mode is
-timed as the search times it, then scored by the task's metric on a fixed sample of the held-out
-texts, fastest first, only as far as the choice needs. ``EXACT`` (level 0, zero points) is the
-reference; a mode holds quality when its metric is no worse than the reference's by more than
-``tolerance`` (a fraction of the reference's value); the fastest mode that holds it is kept, so a
-mode slower than the exact one is never scored, and the scoring stops at the first faster mode
-that holds. A mode ONNX Runtime refuses on this machine is left out. Units: ms (latency), the
+timed as the search times it (the exact one first; a mode whose first runs are all no faster
+stops there, ``latency.EARLY_RUNS``), then scored by the task's metric on a fixed sample of the
+held-out texts, fastest first, only as far as the choice needs. ``EXACT`` (level 0, zero points)
+is the reference; a mode holds quality when its metric is no worse than the reference's by more
+than ``tolerance`` (a fraction of the reference's value); the fastest mode that holds it is kept,
+so a mode slower than the exact one is never scored, and the scoring stops at the first faster
+mode that holds. A mode ONNX Runtime refuses on this machine is left out. Units: ms (latency), the
 metric's own.
 
 Measured once per search and node (cached in the search's work folder, keyed by the hardware
@@ -130,9 +131,11 @@ def measure_modes(model, task: PreparedTask, linears: tuple[str, ...], bit_width
             built[symmetric] = onnx.load(str(path))
             path.unlink()
         for level, symmetric in CANDIDATES:
+            exact = next((f.latency_ms for f in timed if f.mode == CANDIDATES[0]), None)
             try:
                 graph = with_level(built[symmetric], level)
-                ms = as_dict(measure_latency(graph, feeds, timing, lock))["latency_ms"]
+                # a mode no faster than the exact one is never chosen: its first runs say so
+                ms = as_dict(measure_latency(graph, feeds, timing, lock, slower_than=exact))["latency_ms"]
                 timed.append(ModeFigures(bits, level, symmetric, float("nan"), ms))
             except Exception as exc:  # noqa: BLE001 - a mode this runtime refuses is left out, with why
                 refused.append(ModeFigures(bits, level, symmetric, float("nan"), float("nan"), first_line(exc)))

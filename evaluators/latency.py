@@ -60,8 +60,19 @@ def median_is_known(times: np.ndarray, precision: float | None) -> bool:
     return median - ordered[ranks[0]] <= precision * median and ordered[ranks[1]] - median <= precision * median
 
 
-def _stop_timing(times: np.ndarray, cfg: LatencyConfig) -> bool:
-    """After a timed run: ``times`` so far are enough (``median_is_known`` after the least runs)."""
+EARLY_RUNS = 4
+"""Timed runs after which a timing given a ``slower_than`` bound may end: when even the fastest of
+them took at least the bound, the caller has what it asked (the artifact is no faster than that)
+and the figures are those runs'. All four runs land at or above the true median with probability
+1/16, and above a bound set higher up the runs' spread far less often: about as often as a
+precise median (``median_precision``) would misplace a bound that close to it."""
+
+
+def _stop_timing(times: np.ndarray, cfg: LatencyConfig, slower_than: float | None = None) -> bool:
+    """After a timed run: ``times`` so far are enough (``median_is_known`` after the least runs),
+    or, after ``EARLY_RUNS``, all at or above ``slower_than`` ms."""
+    if slower_than is not None and len(times) == EARLY_RUNS and float(np.min(times)) >= slower_than:
+        return True
     return len(times) >= min(cfg.min_timed_runs, cfg.timed_runs) and median_is_known(times, cfg.median_precision)
 
 
@@ -81,10 +92,11 @@ def time_runs_ms(path: Path, feeds: dict[str, np.ndarray], cfg: LatencyConfig) -
 
 
 def time_batches_ms(sess, feeds: dict[str, np.ndarray], cfg: LatencyConfig,
-                    loads: list[float | None] | None = None) -> np.ndarray:
+                    loads: list[float | None] | None = None, slower_than: float | None = None) -> np.ndarray:
     """Wall times (ms) of the timed runs of ``sess`` on ``feeds`` after ``warmup_runs``: up to
-    ``timed_runs``, fewer once their median is known (``LatencyConfig.median_precision``);
-    ``loads``, when given, gets each timed run's contention (``machine_load``), read outside its timing."""
+    ``timed_runs``, fewer once their median is known (``LatencyConfig.median_precision``) or once
+    ``EARLY_RUNS`` all took at least ``slower_than`` ms; ``loads``, when given, gets each timed
+    run's contention (``machine_load``), read outside its timing."""
     for _ in range(cfg.warmup_runs):
         sess.run(None, feeds)
     times = np.empty(cfg.timed_runs)
@@ -95,7 +107,7 @@ def time_batches_ms(sess, feeds: dict[str, np.ndarray], cfg: LatencyConfig,
         times[i] = (time.perf_counter() - start) * 1e3
         if before is not None:
             loads.append(contention(before, take_sample(), cfg.threads, wall_s=times[i] / 1e3))
-        if _stop_timing(times[: i + 1], cfg):
+        if _stop_timing(times[: i + 1], cfg, slower_than):
             return times[: i + 1]
     return times
 
@@ -187,13 +199,14 @@ def greedy_generation(sess, prompt: np.ndarray, new_tokens: int, head_dim: int |
 
 
 def time_generation_ms(sess, prompt: np.ndarray, cfg: LatencyConfig, head_dim: int | None = None,
-                       share_buffer: bool = False,
-                       loads: list[float | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                       share_buffer: bool = False, loads: list[float | None] | None = None,
+                       slower_than: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(prefill ms per run, decode ms per step over all runs) of greedy generation at batch 1
     (``greedy_generation``) from ``prompt`` (1, tokens): ``warmup_runs`` untimed generations, then
     up to ``timed_runs`` timed ones of ``cfg.new_tokens`` tokens, fewer once the median of the
-    generations' median step times is known (``LatencyConfig.median_precision``); ``loads``, when
-    given, gets each timed generation's contention (``machine_load``)."""
+    generations' median step times is known (``LatencyConfig.median_precision``) or once
+    ``EARLY_RUNS`` of them all stepped at ``slower_than`` ms or slower; ``loads``, when given, gets
+    each timed generation's contention (``machine_load``)."""
     ttft, steps, step_medians = [], [], []
     for run in range(cfg.warmup_runs + cfg.timed_runs):
         before = take_sample() if loads is not None and run >= cfg.warmup_runs else None
@@ -204,7 +217,7 @@ def time_generation_ms(sess, prompt: np.ndarray, cfg: LatencyConfig, head_dim: i
             ttft.append(times[0])
             steps.extend(times[1:])
             step_medians.append(float(np.median(times[1:])))
-            if _stop_timing(np.asarray(step_medians), cfg):
+            if _stop_timing(np.asarray(step_medians), cfg, slower_than):
                 break
     return np.asarray(ttft), np.asarray(steps)
 
@@ -228,26 +241,30 @@ def generation_prompt(feeds: dict[str, np.ndarray]) -> np.ndarray:
     return feeds["input_ids"][:1, :max(1, length)].astype(np.int64)
 
 
-def _timed_once(sess, path: Path | bytes, feeds: dict[str, np.ndarray],
-                cfg: LatencyConfig) -> tuple[tuple[Metric, ...], float | None]:
+def _timed_once(sess, path: Path | bytes, feeds: dict[str, np.ndarray], cfg: LatencyConfig,
+                slower_than: float | None = None) -> tuple[tuple[Metric, ...], float | None]:
     """The figures of one timing of the session ``sess`` (of ``path``) and their contention (the
     median of the timed runs')."""
     loads: list[float | None] = []
     if is_decoder(sess.get_inputs()):
         figures = summarize_generation_ms(*time_generation_ms(sess, generation_prompt(feeds), cfg,
-                                                              share_buffer=shares_kv_buffer(path, sess), loads=loads))
+                                                              share_buffer=shares_kv_buffer(path, sess), loads=loads,
+                                                              slower_than=slower_than))
     else:
-        figures = summarize_ms(time_batches_ms(sess, feeds, cfg, loads=loads))
+        figures = summarize_ms(time_batches_ms(sess, feeds, cfg, loads=loads, slower_than=slower_than))
     return figures, median_contention(loads)
 
 
 def measure_latency(path: Path | bytes, feeds: dict[str, np.ndarray], cfg: LatencyConfig,
                     lock: NodeLock | None = None,
-                    hold: Callable[[], AbstractContextManager] | None = None) -> tuple[Metric, ...]:
+                    hold: Callable[[], AbstractContextManager] | None = None,
+                    slower_than: float | None = None) -> tuple[Metric, ...]:
     """Time ``path`` (a file, or a serialized graph in memory) on ``feeds`` (a decoder with a KV cache: generation from the first text of
     ``feeds``, module docstring); each attempt under ``lock`` held exclusively when given, or inside
     ``hold()`` (callers that hold it already pass neither). The session is opened before: opening
     it (graph optimisation, weight prepacking) is not what is timed and needs no quiet machine.
+    ``slower_than`` (ms): a caller that only needs to know whether the artifact is at least that
+    slow lets a timing end after ``EARLY_RUNS`` runs that all were (``latency_runs`` says how many).
 
     Other programs are not bound by the lock: a timing whose median run lost more than
     ``cfg.busy_threshold`` of its threads' CPU time to them (``machine_load``) is repeated up to
@@ -261,7 +278,7 @@ def measure_latency(path: Path | bytes, feeds: dict[str, np.ndarray], cfg: Laten
         if attempt:  # the pause without the node: the other trials work on while other programs' burst passes
             time.sleep(BUSY_PAUSE_S)
         with hold():
-            figures, lost = _timed_once(sess, path, feeds, cfg)
+            figures, lost = _timed_once(sess, path, feeds, cfg, slower_than)
         attempts.append((lost, figures))
         if lost is None or not is_busy(lost, cfg.busy_threshold):
             break

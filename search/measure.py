@@ -54,11 +54,11 @@ class PlanInputs:
     modes: KernelModes = EXACT
 
 
-def dominating_point(measured_dir: Path, goal: str, screen_score: float, texts: int, latency_ms: float,
-                     size_mb: float, margin: float, hardware: str) -> str | None:
-    """The measured result (file stem) in ``measured_dir`` that dominates a candidate for sure, if any:
-    on the same hardware, at most as slow and as large, and better on the same sampled texts by more
-    than ``margin`` (a fraction of its score). None when no measured point does."""
+def _better_and_smaller(measured_dir: Path, goal: str, screen_score: float, texts: int, size_mb: float,
+                        margin: float, hardware: str) -> Iterator[tuple[str, float]]:
+    """(file stem, latency ms) of each measured result in ``measured_dir`` on the same hardware that
+    is at most as large as a candidate and better on the same sampled texts by more than ``margin``
+    (a fraction of its score): it dominates the candidate unless the candidate is faster."""
     for path in sorted(measured_dir.glob("*.json")):
         try:
             other = json.loads(path.read_text())
@@ -69,9 +69,26 @@ def dominating_point(measured_dir: Path, goal: str, screen_score: float, texts: 
         theirs = float(other["screen_score"])
         better = screen_score < theirs - margin * abs(theirs) if goal == "max" else \
             screen_score > theirs + margin * abs(theirs)
-        if better and other["latency_ms"] <= latency_ms and other["size_mb"] <= size_mb:
-            return path.stem
-    return None
+        if better and other["size_mb"] <= size_mb:
+            yield path.stem, float(other["latency_ms"])
+
+
+def dominating_point(measured_dir: Path, goal: str, screen_score: float, texts: int, latency_ms: float,
+                     size_mb: float, margin: float, hardware: str) -> str | None:
+    """The measured result (file stem) in ``measured_dir`` that dominates a candidate for sure, if any:
+    on the same hardware, at most as slow and as large, and better on the same sampled texts by more
+    than ``margin`` (a fraction of its score). None when no measured point does."""
+    return next((stem for stem, theirs in _better_and_smaller(measured_dir, goal, screen_score, texts, size_mb,
+                                                              margin, hardware) if theirs <= latency_ms), None)
+
+
+def dominated_from_ms(measured_dir: Path, goal: str, screen_score: float, texts: int, size_mb: float,
+                      margin: float, hardware: str) -> float | None:
+    """The latency (ms) from which a candidate is dominated for sure (``dominating_point``): the
+    fastest of the measured points that are better on the sample and at most as large; None when
+    none is."""
+    return min((theirs for _, theirs in _better_and_smaller(measured_dir, goal, screen_score, texts, size_mb,
+                                                            margin, hardware)), default=None)
 
 
 def measure_plan(inputs: PlanInputs, plan: CompressionPlan, path: Path, latency_cfg: LatencyConfig,
@@ -81,10 +98,12 @@ def measure_plan(inputs: PlanInputs, plan: CompressionPlan, path: Path, latency_
 
     Staged scoring (``search.screen_fraction`` below 1 and a ``measured_dir`` of this search's
     results): the task's metric on a seeded sample of the held-out texts first (``screen_score``),
-    then latency and size; the remaining texts are scored unless a measured point already
+    then size and latency; the remaining texts are scored unless a measured point already
     dominates the candidate (``dominating_point``), in which case the sample's figures are its
     quality figures, ``quality_texts`` says how many texts, ``screened`` is 1 and ``screened_by``
-    is that point's measurement key. A plan that leaves the model as it is (``is_identity``) whose
+    is that point's measurement key. Its timing ends early too when the first runs already say
+    it is dominated (``dominated_from_ms`` as ``measure_latency``'s ``slower_than``): its latency
+    is then of ``EARLY_RUNS`` runs (``latency_runs``), all at least that point's. A plan that leaves the model as it is (``is_identity``) whose
     artifact computes what the uncompressed model computed on the sample
     (``StagedQuality.uncompressed_figures``) takes that model's figures on all held-out texts instead
     of scoring the rest (``quality_by_uncompressed`` 1).
@@ -115,14 +134,18 @@ def measure_plan(inputs: PlanInputs, plan: CompressionPlan, path: Path, latency_
             yield
             timings["latency_s"] += time.perf_counter() - started
 
-    latency = as_dict(measure_latency(path, inputs.feeds, latency_cfg, hold=timing))
     size = as_dict(measure_size(path))
+    staged = len(first) < total
+    screen = (METRIC_GOALS[task.metric], sampled[task.metric], len(first))
+    slower_than = (dominated_from_ms(measured_dir, *screen, size["size_mb"], search.screen_margin, inputs.hardware.key)
+                   if staged and not plan.is_identity else None)
+    latency = as_dict(measure_latency(path, inputs.feeds, latency_cfg, hold=timing, slower_than=slower_than))
     screened, by_uncompressed = None, None
-    if plan.is_identity and len(first) < total:
+    if plan.is_identity and staged:
         by_uncompressed = quality.uncompressed_figures()
-    if by_uncompressed is None and len(first) < total:
-        screened = dominating_point(measured_dir, METRIC_GOALS[task.metric], sampled[task.metric], len(first),
-                                    latency["latency_ms"], size["size_mb"], search.screen_margin, inputs.hardware.key)
+    if by_uncompressed is None and staged:
+        screened = dominating_point(measured_dir, *screen, latency["latency_ms"], size["size_mb"], search.screen_margin,
+                                    inputs.hardware.key)
     if by_uncompressed is not None:
         scored = as_dict(by_uncompressed)
     elif screened is None:

@@ -86,6 +86,32 @@ def test_timing_stops_once_the_median_is_known(scored):
     assert len(time_batches_ms(sess, feeds, loose.model_copy(update={"timed_runs": 4}))) == 4
 
 
+def test_timing_ends_after_its_first_runs_once_all_were_at_least_the_bound(scored):
+    from slimtune.evaluators.latency import EARLY_RUNS, time_batches_ms
+    from slimtune.evaluators.quality import session
+
+    _, task, path = scored
+    sess = session(path, 1)
+    cfg = LatencyConfig(batch_size=3, sequence_length=16, threads=1, warmup_runs=1, timed_runs=10,
+                        median_precision=None)
+    feeds = latency_inputs(task.input_ids, task.attention_mask, cfg)
+    assert len(time_batches_ms(sess, feeds, cfg, slower_than=1e-6)) == EARLY_RUNS
+    assert len(time_batches_ms(sess, feeds, cfg, slower_than=1e9)) == 10  # not that slow: timed in full
+    assert len(time_batches_ms(sess, feeds, cfg)) == 10
+
+
+def test_the_early_end_needs_every_one_of_the_first_runs_at_the_bound():
+    from slimtune.evaluators.latency import EARLY_RUNS, _stop_timing
+
+    cfg = LatencyConfig(timed_runs=20, median_precision=None)
+    slow = np.full(EARLY_RUNS, 5.0)
+    assert _stop_timing(slow, cfg, slower_than=5.0)
+    assert not _stop_timing(np.append(slow[1:], 4.9), cfg, slower_than=5.0)  # one run faster than the bound
+    assert not _stop_timing(slow[1:], cfg, slower_than=1.0)  # too few runs to say
+    assert not _stop_timing(np.append(slow, 5.0), cfg, slower_than=1.0)  # decided once, after the first runs
+    assert not _stop_timing(slow, cfg)
+
+
 def test_a_busy_retry_pauses_without_holding_the_node(scored, monkeypatch):
     import contextlib
 

@@ -130,3 +130,28 @@ def test_modes_change_nothing_without_blockwise_weights(tmp_path):
     assert "GatherBlockQuantized" in exact.kernels
     mixed = CompressionPlan(quantize={**plan.quantize, layout.linears[0]: QuantSpec("int4")})
     assert plan_bit_widths(mixed, layout) == (4,)
+
+
+def test_modes_are_timed_after_the_exact_one_and_bounded_by_it(tmp_path, monkeypatch):
+    import slimtune.evaluators.kernel_modes as kernel_modes
+
+    model = tiny_llama(300)
+    ids, targets = windows(np.random.default_rng(0).integers(0, 300, 6 * 16 + 1).astype(np.int64), 16, 16)
+    none = np.zeros((0, 16), np.int64)
+    task = PreparedTask(kind="causal-lm", metric="perplexity", metric_reason="", output=OutputSpec("lm"),
+                        input_ids=ids, attention_mask=np.ones_like(ids), calibration_ids=none, calibration_mask=none,
+                        train_ids=none, train_mask=none, train_targets=None, labels=targets,
+                        reference_outputs=np.zeros_like(targets))
+    bounds, measure = [], kernel_modes.measure_latency
+
+    def recorded(*args, slower_than=None, **kwargs):
+        bounds.append(slower_than)
+        return measure(*args, slower_than=slower_than, **kwargs)
+
+    monkeypatch.setattr(kernel_modes, "measure_latency", recorded)
+    latency = LatencyConfig(batch_size=1, sequence_length=8, new_tokens=4, warmup_runs=0, timed_runs=3)
+    feeds = {"input_ids": ids[:1, :8], "attention_mask": np.ones((1, 8), np.int64)}
+    figures = kernel_modes.measure_modes(model, task, discover_layout(model).linears, (4,), 32, feeds, latency, 1,
+                                         tmp_path / "work")
+    exact = next(f for f in figures if f.mode == CANDIDATES[0])
+    assert bounds == [None] + [exact.latency_ms] * (len(CANDIDATES) - 1)

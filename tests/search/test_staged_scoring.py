@@ -66,3 +66,32 @@ def test_the_uncompressed_export_takes_the_uncompressed_figures_once_its_sample_
     int8 = measure_plan(inputs, CompressionPlan(quantize={n: QuantSpec("int8") for n in linears}),
                         tmp_path / "int8.onnx", **measured)
     assert int8["quality_by_uncompressed"] == 0 and int8["quality_texts"] == 120  # scored on every text itself
+
+
+def test_a_dominated_candidate_stops_timing_after_its_first_runs(inputs, tmp_path):
+    from slimtune.evaluators.latency import EARLY_RUNS
+
+    linears = [n for n, m in inputs.model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("encoder.")]
+    plan = CompressionPlan(quantize={n: QuantSpec("int8") for n in linears})
+    timing = FAST_TIMING.model_copy(update={"timed_runs": 12, "min_timed_runs": 6, "median_precision": None})
+    lock = NodeLock(tmp_path / "lock")
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    first = measure_plan(inputs, plan, tmp_path / "first.onnx", timing, 1, lock, SearchConfig(), alone)
+    assert first["screened"] == 0 and first["latency_runs"] == 12  # nothing measured to compare with
+    crowded = tmp_path / "crowded"
+    crowded.mkdir()
+    # a point better on the same sampled texts, smaller and faster than any timing can be
+    _measured(crowded, "better", first["screen_score"] * 1.5 + 1.0, 1e-6, 1e-6, texts=first["screen_texts"],
+              hardware=inputs.hardware.key)
+    _measured(crowded, "slow", first["screen_score"] * 1.5 + 1.0, 1e9, 1e-6, texts=first["screen_texts"],
+              hardware=inputs.hardware.key)
+    again = measure_plan(inputs, plan, tmp_path / "again.onnx", timing, 1, lock, SearchConfig(), crowded)
+    assert again["screened"] == 1 and again["screened_by"] == "better"
+    assert again["latency_runs"] == EARLY_RUNS and again["quality_texts"] == again["screen_texts"]
+    slower = tmp_path / "slower"
+    slower.mkdir()
+    _measured(slower, "slow", first["screen_score"] * 1.5 + 1.0, 1e9, 1e-6, texts=first["screen_texts"],
+              hardware=inputs.hardware.key)
+    timed = measure_plan(inputs, plan, tmp_path / "timed.onnx", timing, 1, lock, SearchConfig(), slower)
+    assert timed["screened"] == 0 and timed["latency_runs"] == 12  # faster than the only better point: timed in full
