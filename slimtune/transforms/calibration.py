@@ -81,13 +81,19 @@ def _hidden_of(value) -> torch.Tensor:
     raise TypeError(f"cannot find the hidden state in a block output of type {type(value).__name__}")
 
 
+class BatchDone(Exception):  # noqa: N818 - a signal, not an error
+    """Raised by a forward hook once a batch has given every statistic asked of it: the rest of
+    that batch's forward pass (the layers after the last hooked one) is skipped."""
+
+
 @torch.no_grad()
 def run_masked_batches(model: nn.Module, input_ids: np.ndarray, attention_mask: np.ndarray,
                        hooks: list, current_mask: list[torch.Tensor], batch_size: int = 16) -> int:
     """Run ``model`` over the texts in batches, then remove ``hooks``; returns the non-padding tokens.
 
     While a batch runs, ``current_mask[0]`` holds its attention mask as float64 (batch, sequence),
-    so forward hooks can leave padding tokens out of their statistics.
+    so forward hooks can leave padding tokens out of their statistics; a hook that raises
+    ``BatchDone`` ends the batch's pass there.
     """
     tokens = 0
     try:
@@ -95,7 +101,10 @@ def run_masked_batches(model: nn.Module, input_ids: np.ndarray, attention_mask: 
             ids = torch.from_numpy(input_ids[start:start + batch_size])
             mask = torch.from_numpy(attention_mask[start:start + batch_size])
             current_mask[:] = [mask.double()]
-            model(input_ids=ids, attention_mask=mask)
+            try:
+                model(input_ids=ids, attention_mask=mask)
+            except BatchDone:
+                pass
             tokens += int(mask.sum())
     finally:
         for hook in hooks:

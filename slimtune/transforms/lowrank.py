@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from slimtune.plan import CompressionPlan, PlanError, factor_rank
-from slimtune.transforms.calibration import Calibration, run_masked_batches
+from slimtune.transforms.calibration import BatchDone, Calibration, run_masked_batches
 
 
 class LowRankLinear(nn.Module):
@@ -119,9 +119,11 @@ def input_magnitudes(model: nn.Module, names: list[str], calibration: Calibratio
                      batch_size: int = 16) -> dict[str, torch.Tensor]:
     """Linear name -> mean |x_j| (float64, per input channel) over the non-padding calibration tokens.
 
-    One forward pass of ``model`` as it is now (possibly already pruned) with hooks on ``names`` only.
-    An input whose leading dimensions are not (batch, sequence), such as a pooler's, is averaged
-    over all its rows.
+    One forward pass of ``model`` as it is now (possibly already pruned) with hooks on ``names`` only;
+    after the first batch, each batch's pass ends once every hooked Linear has seen its input as
+    often as in the first (``BatchDone``: the layers after the deepest one compute nothing these
+    statistics read, and the sums are the same). An input whose leading
+    dimensions are not (batch, sequence), such as a pooler's, is averaged over all its rows.
     """
     if calibration is None or calibration.input_ids is None or calibration.attention_mask is None:
         raise PlanError("low_rank_method 'asvd' needs calibration texts: pass the Calibration from "
@@ -129,16 +131,26 @@ def input_magnitudes(model: nn.Module, names: list[str], calibration: Calibratio
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     current_mask: list[torch.Tensor] = []
+    calls: dict[str, int] = {}  # name -> inputs recorded in this batch
+    per_pass: dict[str, int] = {}  # ... in the first batch's whole pass (a shared module runs more than once)
+    batch: list[torch.Tensor] = []  # the mask of the batch ``calls`` counts
 
     def recorder(name: str):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             x, mask = inputs[0].detach().abs().double(), current_mask[0]
+            if batch and batch[0] is not mask:  # a new batch
+                per_pass.update(calls if not per_pass else {})
+                calls.clear()
+            batch[:] = [mask]
             if x.shape[:-1] == mask.shape:
                 x, tokens = x * mask[..., None], int(mask.sum())
             else:
                 tokens = x.numel() // x.shape[-1]
             sums[name] = sums.get(name, 0) + x.reshape(-1, x.shape[-1]).sum(0)
             counts[name] = counts.get(name, 0) + tokens
+            calls[name] = calls.get(name, 0) + 1
+            if per_pass and calls == per_pass:
+                raise BatchDone
         return hook
 
     hooks = [model.get_submodule(name).register_forward_hook(recorder(name)) for name in names]

@@ -122,3 +122,46 @@ def test_plain_svd_factors_are_remembered_and_the_same(bert):
     scales = torch.rand(linear.in_features, dtype=torch.float64) + 0.5
     lowrank.factorise(linear, 16, scales)  # ASVD's scales follow each plan's activations: not kept
     assert len(lowrank._factor_cache) == 2
+
+
+class SharedLayer(nn.Module):
+    """One Linear applied twice in a pass (as ALBERT shares its layers), then a second Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(200, 16)
+        self.shared = nn.Linear(16, 16)
+        self.last = nn.Linear(16, 16)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.last(self.shared(self.shared(self.embed(input_ids))))
+
+
+def test_magnitudes_skip_the_layers_after_the_deepest_and_stay_the_same(bert):
+    ids = np.random.default_rng(0).integers(1, 1000, size=(48, 16)).astype(np.int64)
+    calibration = Calibration(input_ids=ids, attention_mask=np.ones_like(ids))
+    early = ["encoder.layer.0.intermediate.dense", "encoder.layer.0.attention.self.query"]
+    after = bert.encoder.layer[1]
+    passes = []
+    hook = after.register_forward_hook(lambda *a: passes.append(1))
+    try:
+        stopped = input_magnitudes(bert, early, calibration, batch_size=16)
+    finally:
+        hook.remove()
+    assert len(passes) == 1  # the first batch's whole pass counts the calls; the other two stop in layer 0
+    assert not bert.training
+    for name in early:  # the same sums as whole passes
+        whole = {}
+        handle = bert.get_submodule(name).register_forward_hook(
+            lambda m, i, o, whole=whole: whole.__setitem__("x", whole.get("x", 0) + i[0].detach().abs().double().sum((0, 1))))
+        with torch.no_grad():
+            for start in range(0, 48, 16):
+                bert(input_ids=torch.from_numpy(ids[start:start + 16]), attention_mask=torch.ones(16, 16, dtype=torch.long))
+        handle.remove()
+        torch.testing.assert_close(stopped[name], whole["x"] / (48 * 16), rtol=1e-12, atol=0)
+    shared, small = SharedLayer().eval(), ids % 200
+    both = input_magnitudes(shared, ["shared"], Calibration(input_ids=small, attention_mask=np.ones_like(small)),
+                            batch_size=16)["shared"]
+    emb = shared.embed(torch.from_numpy(small)).detach()
+    expected = (emb.abs().sum((0, 1)).double() + shared.shared(emb).detach().abs().sum((0, 1)).double()) / (2 * 48 * 16)
+    torch.testing.assert_close(both, expected, rtol=1e-5, atol=1e-8)  # both calls of the shared Linear, every batch
