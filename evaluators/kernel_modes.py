@@ -45,6 +45,11 @@ from slimtune.tasks import PreparedTask
 
 MODE_TOLERANCE = 0.01  # a mode may cost at most 1% of the exact mode's metric (perplexity +1%, accuracy -1%)
 SAMPLE_TEXTS = 32
+MODE_PRECISION = 0.05
+"""How well a mode's median time must be known (a fraction of it, ``LatencyConfig.median_precision``):
+modes closer than this run alike, so which of them is kept matters less than timing them longer.
+The default model's four ran within 3% or 12% of each other on a 2-core AMD EPYC (AVX-512 VNNI)
+depending on the run; timing them took 6.0 s at 2%, 4.6 s at 5%."""
 CANDIDATES = ((0, False), (4, False), (0, True), (4, True))  # (accuracy level, symmetric); the first is exact
 
 
@@ -117,7 +122,8 @@ def measure_modes(model, task: PreparedTask, linears: tuple[str, ...], bit_width
     needs (module docstring); builds in ``work``. ``lock``: held shared while building and
     scoring, exclusively while timing."""
     sample = task.sample_rows(min(SAMPLE_TEXTS, len(task.input_ids)), seed=0)
-    timing = LatencyConfig(**{**latency.model_dump(), "warmup_runs": 1, "timed_runs": max(3, latency.timed_runs // 2)})
+    timing = LatencyConfig(**{**latency.model_dump(), "warmup_runs": 1, "timed_runs": max(3, latency.timed_runs // 2),
+                              "median_precision": max(MODE_PRECISION, latency.median_precision or 0.0)})
     shared = lock.shared if lock is not None else nullcontext
     goal = METRIC_GOALS[task.metric]
     figures = []
