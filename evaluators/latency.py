@@ -63,9 +63,9 @@ def median_is_known(times: np.ndarray, precision: float | None) -> bool:
 EARLY_RUNS = 4
 """Timed runs after which a timing given a ``slower_than`` bound may end: when even the fastest of
 them took at least the bound, the caller has what it asked (the artifact is no faster than that)
-and the figures are those runs'. All four runs land at or above the true median with probability
-1/16, and above a bound set higher up the runs' spread far less often: about as often as a
-precise median (``median_precision``) would misplace a bound that close to it."""
+and the figures are those runs'. An artifact whose true median is below the bound ends early only
+if all four runs land above its median, with probability at most 1/16, and less often the further
+the bound sits above its median."""
 
 
 def _stop_timing(times: np.ndarray, cfg: LatencyConfig, slower_than: float | None = None) -> bool:
