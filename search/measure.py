@@ -103,10 +103,11 @@ def measure_plan(inputs: PlanInputs, plan: CompressionPlan, path: Path, latency_
     quality figures, ``quality_texts`` says how many texts, ``screened`` is 1 and ``screened_by``
     is that point's measurement key. Its timing ends early too when the first runs already say
     it is dominated (``dominated_from_ms`` as ``measure_latency``'s ``slower_than``): its latency
-    is then of ``EARLY_RUNS`` runs (``latency_runs``), all at least that point's. A plan that leaves the model as it is (``is_identity``) whose
-    artifact computes what the uncompressed model computed on the sample
-    (``StagedQuality.uncompressed_figures``) takes that model's figures on all held-out texts instead
-    of scoring the rest (``quality_by_uncompressed`` 1).
+    is then of ``EARLY_RUNS`` runs (``latency_runs``), all at least that point's. A plan that
+    leaves the model as it is (``is_identity``) is always timed in full, and when its artifact
+    computes what the uncompressed model computed on the sample
+    (``StagedQuality.uncompressed_figures``) it takes that model's figures on all held-out texts
+    instead of scoring the rest (``quality_by_uncompressed`` 1).
     Building holds ``lock`` shared stage by stage, scoring (``threads`` ORT threads) batch by batch;
     latency holds it exclusively. Timings: ``compress_s``, ``export_s``, ``quantize_s``, ``recover_s`` (the
     artifact's build), ``quality_s`` (scoring), ``latency_s`` (timing), ``wait_s`` (waiting for the lock).

@@ -122,8 +122,8 @@ def input_magnitudes(model: nn.Module, names: list[str], calibration: Calibratio
     One forward pass of ``model`` as it is now (possibly already pruned) with hooks on ``names`` only;
     after the first batch, each batch's pass ends once every hooked Linear has seen its input as
     often as in the first (``BatchDone``: the layers after the deepest one compute nothing these
-    statistics read, and the sums are the same). An input whose leading
-    dimensions are not (batch, sequence), such as a pooler's, is averaged over all its rows.
+    statistics read, and the sums are the same). An input whose leading dimensions are not
+    (batch, sequence), such as a pooler's, is averaged over all its rows.
     """
     if calibration is None or calibration.input_ids is None or calibration.attention_mask is None:
         raise PlanError("low_rank_method 'asvd' needs calibration texts: pass the Calibration from "
@@ -138,8 +138,9 @@ def input_magnitudes(model: nn.Module, names: list[str], calibration: Calibratio
     def recorder(name: str):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             x, mask = inputs[0].detach().abs().double(), current_mask[0]
-            if batch and batch[0] is not mask:  # a new batch
-                per_pass.update(calls if not per_pass else {})
+            if batch and batch[0] is not mask:  # a new batch: the first one's counts are a whole pass's
+                if not per_pass:
+                    per_pass.update(calls)
                 calls.clear()
             batch[:] = [mask]
             if x.shape[:-1] == mask.shape:
