@@ -3,7 +3,8 @@
 During the search, trials share the machine (their timed runs hold the node lock, but caches, turbo
 clocks and memory traffic still differ from run to run). Before the front is published, every
 front point's artifact is timed again, one at a time, in a fixed order (trial number), with
-nothing else running. The search-time figures are kept as ``search_latency_ms`` /
+nothing else running, and with them the references the front is read against (fp32, the
+one-click reference). The search-time figures are kept as ``search_latency_ms`` /
 ``search_latency_p90_ms``; ``latency_ms`` becomes the isolated one, the front is recomputed, and
 points that join it are re-measured too, until the front is stable.
 """
@@ -45,17 +46,22 @@ def remeasure(record: TrialRecord, isolated: dict[str, float]) -> TrialRecord:
 
 def remeasure_front(records: list[TrialRecord], objectives: Objectives, retime: Retime,
                     on_remeasured: Remeasured | None = None,
-                    progress: Callable[[int], None] | None = None) -> tuple[list[TrialRecord], set[int]]:
+                    progress: Callable[[int], None] | None = None,
+                    baselines: frozenset[int] = frozenset()) -> tuple[list[TrialRecord], set[int]]:
     """Re-time the front until it is stable; returns the updated records and the published front.
 
     ``retime(record)`` times the record's artifact where it lies (``isolated_latency`` there); a
     point it cannot time keeps its search-time figures (``remeasured`` absent) and a warning says so.
+    ``baselines``: trial numbers of the points the front is read against (fp32, the one-click
+    reference), re-timed in the same window whether on the front or not: a machine whose speed
+    drifts during a search (a 2-core AMD EPYC VM ran the same int8 plan 1.7x faster five minutes
+    later) would otherwise set a front timed at the end against references timed at the start.
     """
     by_number = {r.number: r for r in records}
     front = pareto_numbers(records, objectives)
     done: set[int] = set()
     while True:
-        pending = sorted(n for n in front - done if by_number[n].metrics.get("artifact"))
+        pending = sorted(n for n in (front | (baselines & set(by_number))) - done if by_number[n].metrics.get("artifact"))
         if not pending:
             return [by_number[r.number] for r in records], front
         for number in pending:

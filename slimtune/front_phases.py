@@ -13,8 +13,12 @@ from rich.console import Console
 
 from slimtune.config import Config
 from slimtune.phases import Phase
+from slimtune.plots import ONE_CLICK
 from slimtune.search.records import TrialRecord
 from slimtune.tasks import PreparedTask
+
+BASELINES = ("fp32", *ONE_CLICK)
+"""The reference points a front is read against: re-timed with it (``remeasure_front``'s ``baselines``)."""
 
 
 def keep_front_artifacts(records: list[TrialRecord], pareto: set[int], models_dir: Path) -> None:
@@ -88,11 +92,14 @@ def remeasure_front_points(records: list[TrialRecord], goals, task: PreparedTask
             return on_node(node, isolated_latency, artifact, feeds, config.latency, lock)
         return isolated_latency(artifact, feeds, config.latency, lock)
 
+    baselines = frozenset(r.number for r in records if r.status == "completed" and r.reference in BASELINES)
     with Phase(console, "re-measuring the front's latency in isolation") as phase:
         records, pareto = remeasure_front(records, goals, retime, tracker.trial_remeasured,
-                                          progress=lambda done: phase.update(done, detail="points timed"))
+                                          progress=lambda done: phase.update(done, detail="points timed"),
+                                          baselines=baselines)
     changes = [r.metrics["latency_ms"] / r.metrics["search_latency_ms"] for r in records if r.metrics.get("remeasured")]
     if changes:
-        console.print(f"front re-measured in isolation: {len(changes)} points, latency x{statistics.median(changes):.2f} "
-                      f"of the search-time figure (median; range {min(changes):.2f}-{max(changes):.2f})")
+        console.print(f"front and references re-measured in isolation: {len(changes)} points, latency "
+                      f"x{statistics.median(changes):.2f} of the search-time figure (median; range "
+                      f"{min(changes):.2f}-{max(changes):.2f})")
     return records, pareto

@@ -46,3 +46,24 @@ def test_a_point_that_cannot_be_retimed_keeps_its_search_time_figures():
 
     updated, front = remeasure_front([record(0, 5.0)], objectives("accuracy"), lost)
     assert front == {0} and updated[0].metrics["latency_ms"] == 5.0 and "remeasured" not in updated[0].metrics
+
+
+def test_the_references_a_front_is_read_against_are_retimed_with_it():
+    def record(number, latency, accuracy, reference=""):
+        return TrialRecord(number=number, trial_id=str(number), params={}, status="completed", reference=reference,
+                           metrics={"accuracy": accuracy, "latency_ms": latency, "latency_p90_ms": latency,
+                                    "latency_spread": 0.0, "size_mb": 1.0, "plan_digest": str(number),
+                                    "artifact": f"/m{number}.onnx", "hardware": "cpu"})
+
+    # fp32 (0) is dominated by 2; 1 is dominated too and no baseline: never re-timed
+    records = [record(0, 10.0, 0.9, "fp32"), record(1, 9.0, 0.8), record(2, 5.0, 0.95)]
+    timed = []
+
+    def retime(record):
+        timed.append(record.number)
+        return {"latency_ms": record.metrics["latency_ms"] / 2, "latency_p90_ms": 1.0, "latency_spread": 0.0}
+
+    updated, front = remeasure_front(records, objectives("accuracy"), retime, baselines=frozenset({0, 7}))
+    assert timed == [0, 2] and front == {2}  # trial-number order; 7 is no record here
+    assert updated[0].metrics["latency_ms"] == 5.0 and updated[0].metrics["search_latency_ms"] == 10.0
+    assert "remeasured" not in updated[1].metrics

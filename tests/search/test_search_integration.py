@@ -27,6 +27,7 @@ def test_results_folder_holds_the_front(finished_search):
     trials = list(csv.DictReader((out / "trials.csv").open()))
     sampled, recovered = trials[:finished_search.trials], trials[finished_search.trials:]
     assert {t["reference"] for t in sampled[:2]} == {"fp32", "uniform-int8"}  # enqueued first
+    assert all(float(t["search_latency_ms"]) > 0 for t in sampled[:2])  # re-timed with the front, on it or not
     # Recovery mode 'front': each shape-changing point of the sampled front was distilled and measured again.
     assert recovered, "the tiny front always holds the enqueued uniform-int8-ffn points, which change shapes"
     originals = {t["trial"]: t for t in sampled}
