@@ -54,8 +54,9 @@ def remeasure_front(records: list[TrialRecord], objectives: Objectives, retime: 
     point it cannot time keeps its search-time figures (``remeasured`` absent) and a warning says so.
     ``baselines``: trial numbers of the points the front is read against (fp32, the one-click
     reference), re-timed in the same window whether on the front or not: a machine whose speed
-    drifts during a search (a 2-core AMD EPYC VM ran the same int8 plan 1.7x faster five minutes
-    later) would otherwise set a front timed at the end against references timed at the start.
+    drifts (on a 2-core AMD EPYC VM the same uniform-int8 file timed 78.9 ms in one search and 47.2 ms
+    in another 17 minutes later) would otherwise set a front timed at the end against references
+    timed at the start.
     """
     by_number = {r.number: r for r in records}
     front = pareto_numbers(records, objectives)
