@@ -258,11 +258,14 @@ def _timed_once(sess, path: Path | bytes, feeds: dict[str, np.ndarray], cfg: Lat
 def measure_latency(path: Path | bytes, feeds: dict[str, np.ndarray], cfg: LatencyConfig,
                     lock: NodeLock | None = None,
                     hold: Callable[[], AbstractContextManager] | None = None,
-                    slower_than: float | None = None) -> tuple[Metric, ...]:
+                    slower_than: float | None = None,
+                    opening: Callable[[], AbstractContextManager] | None = None) -> tuple[Metric, ...]:
     """Time ``path`` (a file, or a serialized graph in memory) on ``feeds`` (a decoder with a KV cache: generation from the first text of
     ``feeds``, module docstring); each attempt under ``lock`` held exclusively when given, or inside
-    ``hold()`` (callers that hold it already pass neither). The session is opened before: opening
-    it (graph optimisation, weight prepacking) is not what is timed and needs no quiet machine.
+    ``hold()`` (callers that hold it already pass neither). The session is opened before, inside
+    ``opening()`` (default: ``lock`` held shared): opening it (graph optimisation, weight
+    prepacking) is not what is timed and needs no quiet machine, but is heavy work that must not
+    run while another trial times.
     ``slower_than`` (ms): a caller that only needs to know whether the artifact is at least that
     slow lets a timing end after ``EARLY_RUNS`` runs that all were (``latency_runs`` says how many).
 
@@ -272,7 +275,9 @@ def measure_latency(path: Path | bytes, feeds: dict[str, np.ndarray], cfg: Laten
     ``cpu_contention`` (fraction) is among the figures, and ``machine_busy`` is 1.0 when even that
     attempt was over the threshold."""
     attempts: list[tuple[float | None, tuple[Metric, ...]]] = []
-    sess = session(path, cfg.threads)
+    opening = opening or (lock.shared if lock is not None else contextlib.nullcontext)
+    with opening():
+        sess = session(path, cfg.threads)
     hold = hold or (lock.exclusive if lock is not None else contextlib.nullcontext)
     for attempt in range(cfg.busy_retries + 1):
         if attempt:  # the pause without the node: the other trials work on while other programs' burst passes

@@ -73,7 +73,8 @@ class StagedQuality:
         gets the cores after one batch, not after the whole scoring)."""
         self.task, self.first = task, np.asarray(first)
         self.rest = np.setdiff1d(np.arange(len(task.input_ids)), self.first)
-        run = scoring_run(task.kind, session_run(session(path, threads)))
+        with hold():  # opening a session is heavy work too
+            run = scoring_run(task.kind, session_run(session(path, threads)))
 
         def held_run(feeds: dict[str, np.ndarray]) -> np.ndarray:
             with hold():

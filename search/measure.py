@@ -140,7 +140,8 @@ def measure_plan(inputs: PlanInputs, plan: CompressionPlan, path: Path, latency_
     screen = (METRIC_GOALS[task.metric], sampled[task.metric], len(first))
     slower_than = (dominated_from_ms(measured_dir, *screen, size["size_mb"], search.screen_margin, inputs.hardware.key)
                    if staged and not plan.is_identity else None)
-    latency = as_dict(measure_latency(path, inputs.feeds, latency_cfg, hold=timing, slower_than=slower_than))
+    latency = as_dict(measure_latency(path, inputs.feeds, latency_cfg, hold=timing, slower_than=slower_than,
+                                      opening=lock.shared))
     screened, by_uncompressed = None, None
     if plan.is_identity and staged:
         by_uncompressed = quality.uncompressed_figures()

@@ -171,6 +171,8 @@ def measure_modes_on_node(ctx: TrialContext) -> None:
     need no modes) run meanwhile, and a later trial with blockwise weights finds them measured
     instead of waiting with its slot idle."""
     torch.set_num_threads(build_threads(ctx.config))
+    with NodeLock(Path(ctx.lock_path)).shared():  # loading is heavy work: not while a trial times
+        worker_state(ctx)
     trial_modes(ctx, ctx.lock_path)
 
 
