@@ -134,12 +134,14 @@ def measure_modes(model, task: PreparedTask, linears: tuple[str, ...], bit_width
         for symmetric in (False, True):
             path = build_artifact(model, plan, work / f"{bits}-{symmetric}.onnx", output=task.output, hold=shared,
                                   modes=KernelModes(symmetric=(bits,) if symmetric else ())).path
-            built[symmetric] = onnx.load(str(path))
+            with shared():  # reading and copying whole graphs is heavy work too: not while a trial times
+                built[symmetric] = onnx.load(str(path))
             path.unlink()
         for level, symmetric in CANDIDATES:
             exact = next((f.latency_ms for f in timed if f.mode == CANDIDATES[0]), None)
             try:
-                graph = with_level(built[symmetric], level)
+                with shared():
+                    graph = with_level(built[symmetric], level)
                 # a mode no faster than the exact one is never chosen: its first runs say so
                 ms = as_dict(measure_latency(graph, feeds, timing, lock, slower_than=exact))["latency_ms"]
                 timed.append(ModeFigures(bits, level, symmetric, float("nan"), ms))
@@ -156,7 +158,8 @@ def _scored_as_needed(timed: list[ModeFigures], built: dict[bool, onnx.ModelProt
     up to the first that holds; nothing when the exact mode is the fastest."""
 
     def score(f: ModeFigures) -> ModeFigures:
-        graph = with_level(built[f.symmetric], f.level)
+        with shared():
+            graph = with_level(built[f.symmetric], f.level)
         try:
             metric = as_dict(StagedQuality(graph, task, threads, sample, hold=shared).first_stage())[task.metric]
         except Exception as exc:  # noqa: BLE001 - timed but refused on the texts: left out, with why
