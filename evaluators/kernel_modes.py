@@ -48,8 +48,11 @@ SAMPLE_TEXTS = 32
 MODE_PRECISION = 0.05
 """How well a mode's median time must be known (a fraction of it, ``LatencyConfig.median_precision``):
 modes closer than this run alike, so which of them is kept matters less than timing them longer.
-The default model's four ran within 3% or 12% of each other on a 2-core AMD EPYC (AVX-512 VNNI)
-depending on the run; timing them took 6.0 s at 2%, 4.6 s at 5%."""
+The default model's four ran within 3% or 12% of each other on a 2-core AMD EPYC VM (avx2
+avx512f avx512bw avx512_vnni), depending on the run; timing them took 6.0 s at 2% (modes at
+157-162 ms) and 4.6 s at 5% (at 115-128 ms: the VM ran faster then, so part of the difference is
+the machine's). On a CPU without VNNI, level 4's int8 compute may be far slower or faster than
+level 0, and modes that far apart are ranked the same at either precision."""
 CANDIDATES = ((0, False), (4, False), (0, True), (4, True))  # (accuracy level, symmetric); the first is exact
 
 

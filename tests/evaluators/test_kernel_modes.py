@@ -83,7 +83,8 @@ def test_modes_reach_every_blockwise_kernel(tmp_path):
     assert fast.size_bytes < exact.size_bytes
 
 
-def test_measured_modes_cover_every_candidate_and_are_cached(tmp_path):
+def _tiny_lm_modes_inputs():
+    """(tiny causal LM, its task of six 16-token windows, a short generation timing, its feeds)."""
     model = tiny_llama(300)
     ids, targets = windows(np.random.default_rng(0).integers(0, 300, 6 * 16 + 1).astype(np.int64), 16, 16)
     none = np.zeros((0, 16), np.int64)
@@ -92,7 +93,11 @@ def test_measured_modes_cover_every_candidate_and_are_cached(tmp_path):
                         train_ids=none, train_mask=none, train_targets=None, labels=targets,
                         reference_outputs=np.zeros_like(targets))
     latency = LatencyConfig(batch_size=1, sequence_length=8, new_tokens=4, warmup_runs=0, timed_runs=3)
-    feeds = {"input_ids": ids[:1, :8], "attention_mask": np.ones((1, 8), np.int64)}
+    return model, task, latency, {"input_ids": ids[:1, :8], "attention_mask": np.ones((1, 8), np.int64)}
+
+
+def test_measured_modes_cover_every_candidate_and_are_cached(tmp_path):
+    model, task, latency, feeds = _tiny_lm_modes_inputs()
     cache = tmp_path / "modes.json"
     modes, figures = measured_modes(model, task, discover_layout(model).linears, (4,), 32, feeds, latency, 1, cache)
     assert [(f["level"], f["symmetric"]) for f in figures] == list(CANDIDATES)
@@ -135,13 +140,7 @@ def test_modes_change_nothing_without_blockwise_weights(tmp_path):
 def test_modes_are_timed_after_the_exact_one_and_bounded_by_it(tmp_path, monkeypatch):
     import slimtune.evaluators.kernel_modes as kernel_modes
 
-    model = tiny_llama(300)
-    ids, targets = windows(np.random.default_rng(0).integers(0, 300, 6 * 16 + 1).astype(np.int64), 16, 16)
-    none = np.zeros((0, 16), np.int64)
-    task = PreparedTask(kind="causal-lm", metric="perplexity", metric_reason="", output=OutputSpec("lm"),
-                        input_ids=ids, attention_mask=np.ones_like(ids), calibration_ids=none, calibration_mask=none,
-                        train_ids=none, train_mask=none, train_targets=None, labels=targets,
-                        reference_outputs=np.zeros_like(targets))
+    model, task, latency, feeds = _tiny_lm_modes_inputs()
     bounds, measure = [], kernel_modes.measure_latency
 
     def recorded(*args, slower_than=None, **kwargs):
@@ -149,8 +148,6 @@ def test_modes_are_timed_after_the_exact_one_and_bounded_by_it(tmp_path, monkeyp
         return measure(*args, slower_than=slower_than, **kwargs)
 
     monkeypatch.setattr(kernel_modes, "measure_latency", recorded)
-    latency = LatencyConfig(batch_size=1, sequence_length=8, new_tokens=4, warmup_runs=0, timed_runs=3)
-    feeds = {"input_ids": ids[:1, :8], "attention_mask": np.ones((1, 8), np.int64)}
     figures = kernel_modes.measure_modes(model, task, discover_layout(model).linears, (4,), 32, feeds, latency, 1,
                                          tmp_path / "work")
     exact = next(f for f in figures if f.mode == CANDIDATES[0])
