@@ -1,16 +1,16 @@
 """Measure the kernel modes of the blockwise formats on this hardware target, for this model.
 
 For each bit width the space offers (4, 2), the model with every Linear at that width (round to
-nearest, the space's first block size) is built once with zero points and once symmetric, and
-each build is run at accuracy level 0 and 4 (the level set on the graph in memory): every mode is
-timed as the search times it (the exact one first; a mode whose first runs are all no faster
-stops there, ``latency.EARLY_RUNS``), then scored by the task's metric on a fixed sample of the
-held-out texts, fastest first, only as far as the choice needs. ``EXACT`` (level 0, zero points)
-is the reference; a mode holds quality when its metric is no worse than the reference's by more
-than ``tolerance`` (a fraction of the reference's value); the fastest mode that holds it is kept,
-so a mode slower than the exact one is never scored, and the scoring stops at the first faster
-mode that holds. A mode ONNX Runtime refuses on this machine is left out. Units: ms (latency), the
-metric's own.
+nearest, the space's first block size) is built once with zero points and once symmetric. Each
+build's blockwise kernels are timed at accuracy level 0 and 4 (the level set on the graph in
+memory) in ``blockwise_probe``'s graph, which holds them alone: the exact mode first, a mode whose
+first runs are all no faster stops there (``latency.EARLY_RUNS``). The modes are then scored, on
+the whole builds, by the task's metric on a fixed sample of the held-out texts, fastest first, only
+as far as the choice needs. ``EXACT`` (level 0, zero points) is the reference; a mode holds
+quality when its metric is no worse than the reference's by more than ``tolerance`` (a fraction of
+the reference's value); the fastest mode that holds it is kept, so a mode slower than the exact
+one is never scored, and the scoring stops at the first faster mode that holds. A mode ONNX
+Runtime refuses on this machine is left out. Units: ms (latency of the probe), the metric's own.
 
 Measured once per search and node (cached in the search's work folder, keyed by the hardware
 target, the model and task, the formats and the latency settings), by one worker at a time (the
@@ -23,10 +23,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -45,14 +47,6 @@ from slimtune.tasks import PreparedTask
 
 MODE_TOLERANCE = 0.01  # a mode may cost at most 1% of the exact mode's metric (perplexity +1%, accuracy -1%)
 SAMPLE_TEXTS = 32
-MODE_PRECISION = 0.05
-"""How well a mode's median time must be known (a fraction of it, ``LatencyConfig.median_precision``):
-modes closer than this run alike, so which of them is kept matters less than timing them longer.
-The default model's four ran within 3% or 12% of each other on a 2-core AMD EPYC VM (avx2
-avx512f avx512bw avx512_vnni), depending on the run; timing them took 6.0 s at 2% (modes at
-157-162 ms) and 4.6 s at 5% (at 115-128 ms: the VM ran faster then, so part of the difference is
-the machine's). On a CPU without VNNI, level 4's int8 compute may be far slower or faster than
-level 0, and modes that far apart are ranked the same at either precision."""
 CANDIDATES = ((0, False), (4, False), (0, True), (4, True))  # (accuracy level, symmetric); the first is exact
 
 
@@ -95,6 +89,52 @@ def with_level(built: onnx.ModelProto, level: int) -> bytes:
     return model.SerializeToString()
 
 
+def blockwise_probe(built: onnx.ModelProto, rows: int, seed: int = 0) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The blockwise kernels (MatMulNBits) of ``built`` alone, in their smallest repeating unit, and
+    inputs for them: what the kernel modes are timed on.
+
+    The modes change how these kernels run and nothing else: attention, norms and the fp32 MatMuls
+    take the same time in every mode and would only dilute the difference a timing must resolve
+    (timing MiniLM's whole 4-bit build in four modes took 4.6-6.0 s of both cores, exclusively).
+    The unit keeps each distinct kernel (K, N, bits, block size) as many times as the graph has it,
+    divided by the greatest common divisor of those counts: one layer of a uniform stack, so the
+    kernels weigh as they do in the model; a kernel that occurs once (an LM head) keeps them all.
+    Each kernel reads ``rows`` activation rows of its width K (the search's latency shape: an
+    encoder's batch x sequence tokens; 1 for a causal LM, whose latency is a generated token),
+    seeded normal values in the graph's float type."""
+    nodes = [n for n in built.graph.node if n.op_type == "MatMulNBits"]
+    if not nodes:
+        raise ValueError("the build has no MatMulNBits kernels to time")
+    attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+    shape = [(a["K"], a["N"], a["bits"], a["block_size"]) for a in attrs]
+    counts = Counter(shape)
+    unit = math.gcd(*counts.values())
+    kept, taken = [], Counter()
+    for node, key in zip(nodes, shape, strict=True):
+        if taken[key] < counts[key] // unit:
+            taken[key] += 1
+            kept.append((node, key[0]))
+    inits = {i.name: i for i in built.graph.initializer}
+    float_type = inits[kept[0][0].input[2]].data_type  # the scales: MatMulNBits' activation type
+    widths = sorted({k for _, k in kept})
+    probe_nodes, outputs = [], []
+    for i, (node, k) in enumerate(kept):
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.input[0], copy.output[0] = f"x{k}", f"y{i}"
+        del copy.output[1:]
+        probe_nodes.append(copy)
+        outputs.append(helper.make_tensor_value_info(f"y{i}", float_type, None))
+    weights = [inits[name] for node, _ in kept for name in node.input[1:] if name in inits]
+    graph = helper.make_graph(probe_nodes, "blockwise_probe",
+                              [helper.make_tensor_value_info(f"x{k}", float_type, [rows, k]) for k in widths],
+                              outputs, initializer=weights)
+    probe = helper.make_model(graph, opset_imports=list(built.opset_import), ir_version=built.ir_version)
+    rng = np.random.default_rng(seed)
+    dtype = helper.tensor_dtype_to_np_dtype(float_type)
+    return probe, {f"x{k}": rng.standard_normal((rows, k)).astype(dtype) for k in widths}
+
+
 def _holds(candidate: float, exact: float, goal: str, tolerance: float) -> bool:
     allowed = tolerance * abs(exact)
     return candidate >= exact - allowed if goal == "max" else candidate <= exact + allowed
@@ -125,28 +165,29 @@ def measure_modes(model, task: PreparedTask, linears: tuple[str, ...], bit_width
     needs (module docstring); builds in ``work``. ``lock``: held shared while building and
     scoring, exclusively while timing."""
     sample = task.sample_rows(min(SAMPLE_TEXTS, len(task.input_ids)), seed=0)
-    timing = LatencyConfig(**{**latency.model_dump(), "warmup_runs": 1, "timed_runs": max(3, latency.timed_runs // 2),
-                              "median_precision": max(MODE_PRECISION, latency.median_precision or 0.0)})
+    rows = 1 if task.output.kind == "lm" else int(np.asarray(feeds["input_ids"]).size)
     shared = lock.shared if lock is not None else nullcontext
     goal = METRIC_GOALS[task.metric]
     figures = []
     work.mkdir(parents=True, exist_ok=True)
     for bits in bit_widths:
         plan = CompressionPlan(quantize={name: QuantSpec(FORMAT_OF_BITS[bits], block) for name in linears})
-        built, timed, refused = {}, [], []
+        built, probes, timed, refused = {}, {}, [], []
         for symmetric in (False, True):
             path = build_artifact(model, plan, work / f"{bits}-{symmetric}.onnx", output=task.output, hold=shared,
                                   modes=KernelModes(symmetric=(bits,) if symmetric else ())).path
             with shared():  # reading and copying whole graphs is heavy work too: not while a trial times
                 built[symmetric] = onnx.load(str(path))
+                probes[symmetric] = blockwise_probe(built[symmetric], rows)
             path.unlink()
         for level, symmetric in CANDIDATES:
             exact = next((f.latency_ms for f in timed if f.mode == CANDIDATES[0]), None)
             try:
+                probe, probe_feeds = probes[symmetric]
                 with shared():
-                    graph = with_level(built[symmetric], level)
+                    graph = with_level(probe, level)
                 # a mode no faster than the exact one is never chosen: its first runs say so
-                ms = as_dict(measure_latency(graph, feeds, timing, lock, slower_than=exact))["latency_ms"]
+                ms = as_dict(measure_latency(graph, probe_feeds, latency, lock, slower_than=exact))["latency_ms"]
                 timed.append(ModeFigures(bits, level, symmetric, float("nan"), ms))
             except Exception as exc:  # noqa: BLE001 - a mode this runtime refuses is left out, with why
                 refused.append(ModeFigures(bits, level, symmetric, float("nan"), float("nan"), first_line(exc)))

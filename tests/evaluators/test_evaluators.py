@@ -253,3 +253,30 @@ def test_a_timing_other_programs_crowd_out_is_repeated_then_flagged(scored, monk
     assert len(attempts) == 2  # the first attempt and one retry
     quiet = {m.name: m.value for m in measure_latency(path, feeds, cfg, NodeLock(tmp_path / "lock"))}
     assert 0.0 <= quiet["cpu_contention"] < busy["cpu_contention"]
+
+
+def test_an_export_of_the_uncompressed_model_is_checked_on_a_few_texts_of_its_sample(scored, monkeypatch):
+    import dataclasses
+
+    import slimtune.evaluators.quality as quality
+    from slimtune.evaluators.quality import StagedQuality
+
+    _, task, path = scored
+    rows = task.sample_rows(8, seed=0)
+    scored_texts = []
+    run_batches = quality.run_batches
+    monkeypatch.setattr(quality, "run_batches", lambda run, ids, mask, *a, **k: (scored_texts.append(len(ids)),
+                                                                                 run_batches(run, ids, mask, *a, **k))[1])
+    same = StagedQuality(path, task, 1, rows)
+    sample = {m.name: m.value for m in same.first_stage(uncompressed_check=3)}
+    assert scored_texts == [3]  # the other five texts of the sample take the uncompressed model's outputs
+    expected = {m.name: m.value for m in measure_quality(path, task.held_out_rows(rows))}
+    assert sample == pytest.approx(expected)
+    assert {m.name: m.value for m in same.uncompressed_figures()} == pytest.approx(task.reference)
+    # another function is found on the checked texts: the whole sample is scored, once each, and
+    # it takes no uncompressed figures
+    scored_texts.clear()
+    moved = dataclasses.replace(task, uncompressed_outputs=task.uncompressed_outputs * 1.01)
+    other = StagedQuality(path, moved, 1, rows)
+    assert {m.name: m.value for m in other.first_stage(uncompressed_check=3)} == pytest.approx(expected)
+    assert scored_texts == [3, 5] and other.uncompressed_figures() is None

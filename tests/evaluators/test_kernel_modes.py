@@ -9,7 +9,7 @@ import pytest
 from onnx import helper
 
 from slimtune.config import LatencyConfig
-from slimtune.evaluators.kernel_modes import CANDIDATES, ModeFigures, choose_modes, measured_modes
+from slimtune.evaluators.kernel_modes import CANDIDATES, ModeFigures, blockwise_probe, choose_modes, measured_modes
 from slimtune.export import build_artifact
 from slimtune.export.modes import EXACT, KernelModes
 from slimtune.layout import discover_layout
@@ -152,3 +152,43 @@ def test_modes_are_timed_after_the_exact_one_and_bounded_by_it(tmp_path, monkeyp
                                          tmp_path / "work")
     exact = next(f for f in figures if f.mode == CANDIDATES[0])
     assert bounds == [None] + [exact.latency_ms] * (len(CANDIDATES) - 1)
+
+
+def _kernel_shapes(model: onnx.ModelProto) -> list[tuple[int, int]]:
+    return sorted((a["K"], a["N"]) for a in ({x.name: helper.get_attribute_value(x) for x in n.attribute}
+                                             for n in model.graph.node if n.op_type == "MatMulNBits"))
+
+
+def test_the_modes_probe_holds_one_layer_of_blockwise_kernels_and_computes_them(tmp_path):
+    import onnxruntime as ort
+    from collections import Counter
+
+    model = tiny_llama(300)
+    layout = discover_layout(model)
+    blocks = [n for n in layout.linears if ".layers." in n]
+    layers = len({n.split(".layers.")[1].split(".")[0] for n in blocks})
+    assert layers > 1
+    built = onnx.load(str(build_artifact(model, CompressionPlan(quantize={n: QuantSpec("int4") for n in blocks}),
+                                         tmp_path / "int4.onnx", output=OutputSpec("lm")).path))
+    probe, feeds = blockwise_probe(built, rows=5)
+    whole, unit = Counter(_kernel_shapes(built)), Counter(_kernel_shapes(probe))
+    assert {k: v * layers for k, v in unit.items()} == dict(whole)  # one layer, each kernel as often as in it
+    assert {n.op_type for n in probe.graph.node} == {"MatMulNBits"}
+    assert all(v.shape == (5, int(k[1:])) and v.dtype == np.float32 for k, v in feeds.items())
+    # the build's own kernels: the same weights and attributes, and they run on the probe's rows
+    built_inits = {i.name: i for i in built.graph.initializer}
+    probe_inits = {i.name: i for i in probe.graph.initializer}
+    originals = {tuple(n.input[1:]): n for n in built.graph.node if n.op_type == "MatMulNBits"}
+    for node in probe.graph.node:
+        assert list(node.attribute) == list(originals[tuple(node.input[1:])].attribute)
+        assert all(probe_inits[name] == built_inits[name] for name in node.input[1:] if name)
+    outputs = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    assert all(o.shape[0] == 5 and np.all(np.isfinite(o)) for o in outputs)
+    # counts without a common divisor (one layer's down projection left fp32) leave no smaller unit
+    uneven = CompressionPlan(quantize={n: QuantSpec("int4") for n in blocks if n != "model.layers.0.mlp.down_proj"})
+    assert len(uneven.quantize) == len(blocks) - 1
+    built = onnx.load(str(build_artifact(model, uneven, tmp_path / "uneven.onnx", output=OutputSpec("lm")).path))
+    assert _kernel_shapes(blockwise_probe(built, rows=1)[0]) == _kernel_shapes(built)
+    with pytest.raises(ValueError, match="no MatMulNBits"):
+        blockwise_probe(onnx.load(str(build_artifact(model, CompressionPlan(), tmp_path / "fp32.onnx",
+                                                     output=OutputSpec("lm")).path)), rows=5)
