@@ -47,6 +47,13 @@ from slimtune.tasks import PreparedTask
 
 MODE_TOLERANCE = 0.01  # a mode may cost at most 1% of the exact mode's metric (perplexity +1%, accuracy -1%)
 SAMPLE_TEXTS = 32
+COMPUTE_BOUND_ROWS = 64
+"""Activation rows from which a blockwise kernel is bound by compute, not by reading its weights:
+each 4-bit weight byte then takes 4 x rows = 256 or more flops, above the flops per byte of memory
+bandwidth of CPUs (tens). Below it (a causal LM's generated token: one row) the kernels run as fast
+as their weights stream from memory, which one layer's weights, small enough to stay in cache,
+would not show: SmolLM2's decode kernels timed 0.1-0.2 ms per token for one layer, level 4 at
+0.53-0.63x of level 0, against 0.77-0.80x in the whole build (2-core Xeon, avx512_vnni amx_int8)."""
 CANDIDATES = ((0, False), (4, False), (0, True), (4, True))  # (accuracy level, symmetric); the first is exact
 
 
@@ -96,9 +103,10 @@ def blockwise_probe(built: onnx.ModelProto, rows: int, seed: int = 0) -> tuple[o
     The modes change how these kernels run and nothing else: attention, norms and the fp32 MatMuls
     take the same time in every mode and would only dilute the difference a timing must resolve
     (timing MiniLM's whole 4-bit build in four modes took 4.6-6.0 s of both cores, exclusively).
-    The unit keeps each distinct kernel (K, N, bits, block size) as many times as the graph has it,
-    divided by the greatest common divisor of those counts: one layer of a uniform stack, so the
-    kernels weigh as they do in the model; a kernel that occurs once (an LM head) keeps them all.
+    From ``COMPUTE_BOUND_ROWS`` rows on, the unit keeps each distinct kernel (K, N, bits, block
+    size) as many times as the graph has it, divided by the greatest common divisor of those counts:
+    one layer of a uniform stack, so the kernels weigh as they do in the model; a kernel that occurs
+    once (an LM head) keeps them all. Fewer rows keep every kernel (below).
     Each kernel reads ``rows`` activation rows of its width K (the search's latency shape: an
     encoder's batch x sequence tokens; 1 for a causal LM, whose latency is a generated token),
     seeded normal values in the graph's float type."""
@@ -108,7 +116,7 @@ def blockwise_probe(built: onnx.ModelProto, rows: int, seed: int = 0) -> tuple[o
     attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
     shape = [(a["K"], a["N"], a["bits"], a["block_size"]) for a in attrs]
     counts = Counter(shape)
-    unit = math.gcd(*counts.values())
+    unit = math.gcd(*counts.values()) if rows >= COMPUTE_BOUND_ROWS else 1
     kept, taken = [], Counter()
     for node, key in zip(nodes, shape, strict=True):
         if taken[key] < counts[key] // unit:
