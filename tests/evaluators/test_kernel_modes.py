@@ -3,6 +3,8 @@ bytes of every blockwise layer, recorded and read back."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import onnx
 import pytest
@@ -168,7 +170,6 @@ def _kernel_shapes(model: onnx.ModelProto) -> list[tuple[int, int]]:
 
 def test_the_modes_probe_holds_one_layer_of_blockwise_kernels_and_computes_them(tmp_path):
     import onnxruntime as ort
-    from collections import Counter
 
     model = tiny_llama(300)
     layout = discover_layout(model)
