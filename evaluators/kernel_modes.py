@@ -50,10 +50,10 @@ SAMPLE_TEXTS = 32
 COMPUTE_BOUND_ROWS = 64
 """Activation rows from which a blockwise kernel is bound by compute, not by reading its weights:
 each 4-bit weight byte then takes 4 x rows = 256 or more flops, above the flops per byte of memory
-bandwidth of CPUs (tens). Below it (a causal LM's generated token: one row) the kernels run as fast
+bandwidth of CPUs (tens; fewer on an AVX2-only CPU, whose peak flops are lower). Below it (a causal LM's generated token: one row) the kernels run as fast
 as their weights stream from memory, which one layer's weights, small enough to stay in cache,
 would not show: SmolLM2's decode kernels timed 0.1-0.2 ms per token for one layer, level 4 at
-0.53-0.63x of level 0, against 0.77-0.80x in the whole build (2-core Xeon, avx512_vnni amx_int8)."""
+0.53-0.63x of level 0, against 0.75-0.80x in the whole build (2-core Xeon, avx512_vnni amx_int8)."""
 CANDIDATES = ((0, False), (4, False), (0, True), (4, True))  # (accuracy level, symmetric); the first is exact
 
 
@@ -101,8 +101,12 @@ def blockwise_probe(built: onnx.ModelProto, rows: int, seed: int = 0) -> tuple[o
     inputs for them: what the kernel modes are timed on.
 
     The modes change how these kernels run and nothing else: attention, norms and the fp32 MatMuls
-    take the same time in every mode and would only dilute the difference a timing must resolve
-    (timing MiniLM's whole 4-bit build in four modes took 4.6-6.0 s of both cores, exclusively).
+    take the same time in every mode and would only dilute the difference a timing must resolve.
+    On a 2-core Intel Xeon (avx512_vnni amx_int8) the default model's whole measurement took
+    6.8-7.6 s timing the whole builds and 3.3-3.4 s timing this probe, the same modes chosen in all
+    six runs (level 4 1.16-1.20x slower than level 0 in the whole build, 1.25-1.28x in the probe).
+    The probe is timed on the machine at hand like the builds were, so a CPU without AVX-512 or
+    VNNI, where level 4's int8 path ranks differently, gets its own ranking.
     From ``COMPUTE_BOUND_ROWS`` rows on, the unit keeps each distinct kernel (K, N, bits, block
     size) as many times as the graph has it, divided by the greatest common divisor of those counts:
     one layer of a uniform stack, so the kernels weigh as they do in the model; a kernel that occurs
