@@ -149,6 +149,44 @@ def calibration_feeds(input_ids: np.ndarray, attention_mask: np.ndarray, batch_s
             for i in range(0, len(input_ids), batch_size)]
 
 
+def _names_read(node: onnx.NodeProto) -> set[str]:
+    """The values ``node`` reads: its inputs and, for a node with subgraphs (If, Loop, Scan), every
+    name its subgraphs' nodes read (outer-scope values among them)."""
+    names = {name for name in node.input if name}
+    for attribute in node.attribute:
+        for graph in [attribute.g, *attribute.graphs] if attribute.type in (onnx.AttributeProto.GRAPH,
+                                                                            onnx.AttributeProto.GRAPHS) else []:
+            for inner in graph.node:
+                names |= _names_read(inner)
+    return names
+
+
+def hessian_probe(model: onnx.ModelProto, tensors: set[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that computes the named ``tensors`` (its outputs) and nothing else.
+
+    Only the nodes the tensors depend on are kept, in their order, with the initializers they
+    read: a group whose Linears sit in the first layers does not run the layers after them. The
+    kept nodes are the same nodes with the same inputs, so ONNX Runtime computes the same values
+    (``tests/export/test_gptq_probe.py`` checks the Hessians bit for bit against the whole graph's).
+    """
+    needed, kept = set(tensors), []
+    for node in reversed(model.graph.node):
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed |= _names_read(node)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    graph = probe.graph
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    initializers = [init for init in graph.initializer if init.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    del graph.output[:]
+    graph.output.extend(helper.make_empty_tensor_value_info(t) for t in sorted(tensors))
+    return probe
+
+
 def _hessians(model: onnx.ModelProto, tensors: set[str], feeds: Feeds,
               hold: Callable[[], AbstractContextManager] = nullcontext) -> dict[str, np.ndarray]:
     """2/n X^T X of every named activation over its n rows (tokens; padding tokens dropped), ``hold``
@@ -158,9 +196,7 @@ def _hessians(model: onnx.ModelProto, tensors: set[str], feeds: Feeds,
     """
     import onnxruntime as ort
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in sorted(tensors))
+    probe = hessian_probe(model, tensors)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1  # see _single_threaded
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
