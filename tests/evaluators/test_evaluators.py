@@ -137,6 +137,70 @@ def test_a_busy_retry_pauses_without_holding_the_node(scored, monkeypatch):
     assert figures["cpu_contention"] == 0.01 and figures["machine_busy"] == 0.0
 
 
+def _held_as(state: list[str], name: str):
+    import contextlib
+
+    @contextlib.contextmanager
+    def hold():
+        state[0] = name
+        yield
+        state[0] = "free"
+
+    return hold
+
+
+def test_warm_up_runs_beside_other_work_but_the_last_and_the_timed_runs_on_the_quiet_node(scored, monkeypatch):
+    import slimtune.evaluators.latency as latency
+
+    _, task, path = scored
+    state, runs = ["free"], []
+    opened = latency.session
+
+    class Recorded:  # the real session, each run noted with what was held
+        def __init__(self, sess):
+            self._sess = sess
+
+        def __getattr__(self, name):
+            return getattr(self._sess, name)
+
+        def run(self, *args, **kwargs):
+            runs.append(state[0])
+            return self._sess.run(*args, **kwargs)
+
+    monkeypatch.setattr(latency, "session", lambda *a: Recorded(opened(*a)))
+    cfg = LatencyConfig(batch_size=3, sequence_length=16, threads=1, warmup_runs=3, timed_runs=6,
+                        median_precision=None)
+    feeds = latency_inputs(task.input_ids, task.attention_mask, cfg)
+    hold, opening = _held_as(state, "exclusive"), _held_as(state, "shared")
+    figures = {m.name: m.value for m in measure_latency(path, feeds, cfg, hold=hold, opening=opening)}
+    assert runs == ["shared"] * 2 + ["exclusive"] * (1 + 6) and figures["latency_runs"] == 6
+    runs.clear()
+    measure_latency(path, feeds, cfg.model_copy(update={"warmup_runs": 1}), hold=hold, opening=opening)
+    assert runs == ["exclusive"] * (1 + 6)
+    runs.clear()
+    measure_latency(path, feeds, cfg.model_copy(update={"warmup_runs": 0}), hold=hold, opening=opening)
+    assert runs == ["exclusive"] * 6
+
+
+def test_a_decoders_warm_up_generations_split_the_same_way(monkeypatch, tmp_path):
+    import slimtune.evaluators.latency as latency
+    from slimtune.export.decoder import export_decoder
+    from tests.conftest import tiny_llama
+
+    path = export_decoder(tiny_llama(300), tmp_path / "decoder.onnx")
+    state, generations = ["free"], []
+    generate = latency.greedy_generation
+    monkeypatch.setattr(latency, "greedy_generation",
+                        lambda *a, **k: generations.append(state[0]) or generate(*a, **k))
+    cfg = LatencyConfig(sequence_length=8, threads=1, warmup_runs=2, timed_runs=3, new_tokens=2,
+                        median_precision=None)
+    feeds = {"input_ids": np.arange(1, 9, dtype=np.int64)[None], "attention_mask": np.ones((1, 8), np.int64)}
+    figures = {m.name: m.value for m in measure_latency(path, feeds, cfg, hold=_held_as(state, "exclusive"),
+                                                        opening=_held_as(state, "shared"))}
+    assert generations == ["shared"] + ["exclusive"] * (1 + 3)
+    assert figures["latency_runs"] == 3 and figures["ttft_ms"] > 0
+
+
 def test_summary_statistics():
     metrics = {m.name: m.value for m in summarize_ms(np.array([10.0, 10, 10, 10, 20]))}
     assert metrics["latency_ms"] == 10 and metrics["latency_p90_ms"] == 16.0
