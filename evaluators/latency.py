@@ -68,18 +68,6 @@ if all four runs land above its median, with probability at most 1/16, and less 
 the bound sits above its median."""
 
 
-QUIET_WARMUP_RUNS = 1
-"""Warm-up runs of a search's timing (``measure_latency``) run on the quiet node, right before the
-timed ones; the others run where the session is opened, beside other trials' work. The first runs
-of a session pay for its allocations and first touches of the weights, which need no quiet
-machine; one run on the quiet node brings the caches back. Measured both ways, four times each,
-interleaved, on three builds of the default model (uniform int8, 23 MB; int8 with 4-bit FFNs,
-63 MB; HQQ 4-bit, 22 MB; 8 x 128 tokens, 2 threads, a 2-core Intel Xeon with avx512_vnni
-amx_int8), the first two warm-up runs beside a busy process: medians 0.976-0.999 of those after
-three warm-up runs on the quiet node, within the 5% the repetitions spread among themselves. The
-node is held two runs less per timing (of 9 to 23)."""
-
-
 def _stop_timing(times: np.ndarray, cfg: LatencyConfig, slower_than: float | None = None) -> bool:
     """After a timed run: ``times`` so far are enough (``median_is_known`` after the least runs),
     or, after ``EARLY_RUNS``, all at or above ``slower_than`` ms."""
@@ -104,14 +92,12 @@ def time_runs_ms(path: Path, feeds: dict[str, np.ndarray], cfg: LatencyConfig) -
 
 
 def time_batches_ms(sess, feeds: dict[str, np.ndarray], cfg: LatencyConfig,
-                    loads: list[float | None] | None = None, slower_than: float | None = None,
-                    warmup_runs: int | None = None) -> np.ndarray:
-    """Wall times (ms) of the timed runs of ``sess`` on ``feeds`` after ``warmup_runs`` (default
-    ``cfg.warmup_runs``): up to ``timed_runs``, fewer once their median is known
-    (``LatencyConfig.median_precision``) or once ``EARLY_RUNS`` all took at least ``slower_than``
-    ms; ``loads``, when given, gets each timed run's contention (``machine_load``), read outside
-    its timing."""
-    for _ in range(cfg.warmup_runs if warmup_runs is None else warmup_runs):
+                    loads: list[float | None] | None = None, slower_than: float | None = None) -> np.ndarray:
+    """Wall times (ms) of the timed runs of ``sess`` on ``feeds`` after ``warmup_runs``: up to
+    ``timed_runs``, fewer once their median is known (``LatencyConfig.median_precision``) or once
+    ``EARLY_RUNS`` all took at least ``slower_than`` ms; ``loads``, when given, gets each timed
+    run's contention (``machine_load``), read outside its timing."""
+    for _ in range(cfg.warmup_runs):
         sess.run(None, feeds)
     times = np.empty(cfg.timed_runs)
     for i in range(cfg.timed_runs):
@@ -214,23 +200,20 @@ def greedy_generation(sess, prompt: np.ndarray, new_tokens: int, head_dim: int |
 
 def time_generation_ms(sess, prompt: np.ndarray, cfg: LatencyConfig, head_dim: int | None = None,
                        share_buffer: bool = False, loads: list[float | None] | None = None,
-                       slower_than: float | None = None, warmup_runs: int | None = None
-                       ) -> tuple[np.ndarray, np.ndarray]:
+                       slower_than: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(prefill ms per run, decode ms per step over all runs) of greedy generation at batch 1
-    (``greedy_generation``) from ``prompt`` (1, tokens): ``warmup_runs`` (default
-    ``cfg.warmup_runs``) untimed generations, then
+    (``greedy_generation``) from ``prompt`` (1, tokens): ``warmup_runs`` untimed generations, then
     up to ``timed_runs`` timed ones of ``cfg.new_tokens`` tokens, fewer once the median of the
     generations' median step times is known (``LatencyConfig.median_precision``) or once
     ``EARLY_RUNS`` of them all stepped at ``slower_than`` ms or slower; ``loads``, when given, gets
     each timed generation's contention (``machine_load``)."""
     ttft, steps, step_medians = [], [], []
-    warmup = cfg.warmup_runs if warmup_runs is None else warmup_runs
-    for run in range(warmup + cfg.timed_runs):
-        before = take_sample() if loads is not None and run >= warmup else None
+    for run in range(cfg.warmup_runs + cfg.timed_runs):
+        before = take_sample() if loads is not None and run >= cfg.warmup_runs else None
         _, times = greedy_generation(sess, prompt, cfg.new_tokens, head_dim, share_buffer)
         if before is not None:
             loads.append(contention(before, take_sample(), cfg.threads, wall_s=float(times.sum()) / 1e3))
-        if run >= warmup:
+        if run >= cfg.warmup_runs:
             ttft.append(times[0])
             steps.extend(times[1:])
             step_medians.append(float(np.median(times[1:])))
@@ -259,30 +242,17 @@ def generation_prompt(feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def _timed_once(sess, path: Path | bytes, feeds: dict[str, np.ndarray], cfg: LatencyConfig,
-                slower_than: float | None = None, warmup_runs: int | None = None
-                ) -> tuple[tuple[Metric, ...], float | None]:
-    """The figures of one timing of the session ``sess`` (of ``path``) after ``warmup_runs``
-    (default ``cfg.warmup_runs``) and their contention (the median of the timed runs')."""
+                slower_than: float | None = None) -> tuple[tuple[Metric, ...], float | None]:
+    """The figures of one timing of the session ``sess`` (of ``path``) and their contention (the
+    median of the timed runs')."""
     loads: list[float | None] = []
     if is_decoder(sess.get_inputs()):
         figures = summarize_generation_ms(*time_generation_ms(sess, generation_prompt(feeds), cfg,
                                                               share_buffer=shares_kv_buffer(path, sess), loads=loads,
-                                                              slower_than=slower_than, warmup_runs=warmup_runs))
+                                                              slower_than=slower_than))
     else:
-        figures = summarize_ms(time_batches_ms(sess, feeds, cfg, loads=loads, slower_than=slower_than,
-                                               warmup_runs=warmup_runs))
+        figures = summarize_ms(time_batches_ms(sess, feeds, cfg, loads=loads, slower_than=slower_than))
     return figures, median_contention(loads)
-
-
-def _warm_up(sess, path: Path | bytes, feeds: dict[str, np.ndarray], cfg: LatencyConfig, runs: int) -> None:
-    """``runs`` untimed runs of ``sess`` as a timing runs it (a decoder: whole generations)."""
-    if is_decoder(sess.get_inputs()):
-        share_buffer = shares_kv_buffer(path, sess)
-        for _ in range(runs):
-            greedy_generation(sess, generation_prompt(feeds), cfg.new_tokens, share_buffer=share_buffer)
-    else:
-        for _ in range(runs):
-            sess.run(None, feeds)
 
 
 def measure_latency(path: Path | bytes, feeds: dict[str, np.ndarray], cfg: LatencyConfig,
@@ -293,10 +263,9 @@ def measure_latency(path: Path | bytes, feeds: dict[str, np.ndarray], cfg: Laten
     """Time ``path`` (a file, or a serialized graph in memory) on ``feeds`` (a decoder with a KV cache: generation from the first text of
     ``feeds``, module docstring); each attempt under ``lock`` held exclusively when given, or inside
     ``hold()`` (callers that hold it already pass neither). The session is opened before, inside
-    ``opening()`` (default: ``lock`` held shared), with all but ``QUIET_WARMUP_RUNS`` of its
-    warm-up runs: opening it (graph optimisation, weight prepacking) and its first runs are not
-    what is timed and need no quiet machine, but are heavy work that must not run while another
-    trial times.
+    ``opening()`` (default: ``lock`` held shared): opening it (graph optimisation, weight
+    prepacking) is not what is timed and needs no quiet machine, but is heavy work that must not
+    run while another trial times.
     ``slower_than`` (ms): a caller that only needs to know whether the artifact is at least that
     slow lets a timing end after ``EARLY_RUNS`` runs that all were (``latency_runs`` says how many).
 
@@ -307,16 +276,14 @@ def measure_latency(path: Path | bytes, feeds: dict[str, np.ndarray], cfg: Laten
     attempt was over the threshold."""
     attempts: list[tuple[float | None, tuple[Metric, ...]]] = []
     opening = opening or (lock.shared if lock is not None else contextlib.nullcontext)
-    quiet_warmup = min(cfg.warmup_runs, QUIET_WARMUP_RUNS)
     with opening():
         sess = session(path, cfg.threads)
-        _warm_up(sess, path, feeds, cfg, cfg.warmup_runs - quiet_warmup)
     hold = hold or (lock.exclusive if lock is not None else contextlib.nullcontext)
     for attempt in range(cfg.busy_retries + 1):
         if attempt:  # the pause without the node: the other trials work on while other programs' burst passes
             time.sleep(BUSY_PAUSE_S)
         with hold():
-            figures, lost = _timed_once(sess, path, feeds, cfg, slower_than, quiet_warmup)
+            figures, lost = _timed_once(sess, path, feeds, cfg, slower_than)
         attempts.append((lost, figures))
         if lost is None or not is_busy(lost, cfg.busy_threshold):
             break

@@ -205,8 +205,7 @@ class LatencyConfig(_Frozen):
     batch_size: int = Field(8, ge=1)
     sequence_length: int = Field(128, ge=8)
     threads: int = Field(2, ge=1)
-    warmup_runs: int = Field(3, ge=0, description="untimed runs first; in a search all but the last run beside "
-                             "other trials' work (first-run costs need no quiet machine), the last on the quiet node")
+    warmup_runs: int = Field(3, ge=0)
     timed_runs: int = Field(20, ge=3, description="the most timed runs (causal LMs: generations) of one timing")
     median_precision: float | None = Field(0.02, gt=0, lt=1, description="timing stops once the median's 95% "
                                            "confidence interval (order statistics, no assumed distribution) lies "
