@@ -168,23 +168,29 @@ def hessian_probe(model: onnx.ModelProto, tensors: set[str]) -> onnx.ModelProto:
     read: a group whose Linears sit in the first layers does not run the layers after them. The
     kept nodes are the same nodes with the same inputs, so ONNX Runtime computes the same values
     (``tests/export/test_gptq_probe.py`` checks the Hessians bit for bit against the whole graph's).
+    The graph is copied with its weights set aside (``without_weights``): only the kept ones are
+    copied back, not every weight of the model.
     """
     needed, kept = set(tensors), []
     for node in reversed(model.graph.node):
         if needed.intersection(node.output):
             kept.append(node)
             needed |= _names_read(node)
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    graph = probe.graph
-    del graph.node[:]
-    graph.node.extend(reversed(kept))
-    initializers = [init for init in graph.initializer if init.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(initializers)
-    del graph.output[:]
-    graph.output.extend(helper.make_empty_tensor_value_info(t) for t in sorted(tensors))
-    return probe
+
+    def pruned_copy(weightless: onnx.ModelProto) -> onnx.ModelProto:
+        probe = onnx.ModelProto()
+        probe.CopyFrom(weightless)
+        graph = probe.graph
+        del graph.node[:]
+        graph.node.extend(reversed(kept))
+        initializers = [init for init in graph.initializer if init.name in needed]
+        del graph.initializer[:]
+        graph.initializer.extend(initializers)
+        del graph.output[:]
+        graph.output.extend(helper.make_empty_tensor_value_info(t) for t in sorted(tensors))
+        return probe
+
+    return without_weights(pruned_copy, model)
 
 
 def _hessians(model: onnx.ModelProto, tensors: set[str], feeds: Feeds,
