@@ -12,10 +12,12 @@ the reference's value); the fastest mode that holds it is kept, so a mode slower
 one is never scored, and the scoring stops at the first faster mode that holds. A mode ONNX
 Runtime refuses on this machine is left out. Units: ms (latency of the probe), the metric's own.
 
-Measured once per search and node (cached in the search's work folder, keyed by the hardware
-target, the model and task, the formats and the latency settings), by one worker at a time (the
-others wait for its result); only the timings hold the node's lock exclusively, the builds and the
-scoring hold it shared, so other trials go on building meanwhile.
+Measured once per hardware target, model and task, formats and latency settings (the cache key):
+a local search measures them before its trials, on the quiet machine, and files them with the
+machine's other measurements, so later searches and ``apply`` read them; a cluster's nodes measure
+their own once per search, by one worker at a time (the others wait for its result), the timings
+holding the node's lock exclusively and the builds and the scoring holding it shared, so other
+trials go on building meanwhile.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import math
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,17 +173,32 @@ def choose_modes(figures: list[ModeFigures], goal: str, tolerance: float = MODE_
     return KernelModes(levels=tuple(levels), symmetric=tuple(symmetric))
 
 
+STEPS_PER_WIDTH = 2 + len(CANDIDATES) + 1
+"""Progress steps of one bit width: its two builds, its candidates' timings, and its scoring."""
+ModesProgress = Callable[[int, int, str], None]
+"""(steps done, steps in all, what was just done): the measurement's progress, for a display."""
+
+
 def measure_modes(model, task: PreparedTask, linears: tuple[str, ...], bit_widths: tuple[int, ...], block: int,
                   feeds: dict, latency: LatencyConfig, threads: int, work: Path, tolerance: float = MODE_TOLERANCE,
-                  lock: NodeLock | None = None) -> list[ModeFigures]:
+                  lock: NodeLock | None = None, progress: ModesProgress | None = None) -> list[ModeFigures]:
     """Every candidate mode of every blockwise bit width timed, and scored as far as the choice
     needs (module docstring); builds in ``work``. ``lock``: held shared while building and
-    scoring, exclusively while timing."""
+    scoring, exclusively while timing. ``progress`` hears of each build, timing and scoring
+    (``STEPS_PER_WIDTH`` per bit width): a large model's builds take a while."""
     sample = task.sample_rows(min(SAMPLE_TEXTS, len(task.input_ids)), seed=0)
     rows = 1 if task.output.kind == "lm" else int(np.asarray(feeds["input_ids"]).size)
     shared = lock.shared if lock is not None else nullcontext
     goal = METRIC_GOALS[task.metric]
     figures = []
+    steps, done = STEPS_PER_WIDTH * len(bit_widths), 0
+
+    def step(what: str) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, steps, what)
+
     work.mkdir(parents=True, exist_ok=True)
     for bits in bit_widths:
         plan = CompressionPlan(quantize={name: QuantSpec(FORMAT_OF_BITS[bits], block) for name in linears})
@@ -192,6 +210,7 @@ def measure_modes(model, task: PreparedTask, linears: tuple[str, ...], bit_width
                 built[symmetric] = onnx.load(str(path))
                 probes[symmetric] = blockwise_probe(built[symmetric], rows)
             path.unlink()
+            step(f"{bits}-bit {'symmetric' if symmetric else 'with zero points'} built")
         for level, symmetric in CANDIDATES:
             exact = next((f.latency_ms for f in timed if f.mode == CANDIDATES[0]), None)
             try:
@@ -203,7 +222,9 @@ def measure_modes(model, task: PreparedTask, linears: tuple[str, ...], bit_width
                 timed.append(ModeFigures(bits, level, symmetric, float("nan"), ms))
             except Exception as exc:  # noqa: BLE001 - a mode this runtime refuses is left out, with why
                 refused.append(ModeFigures(bits, level, symmetric, float("nan"), float("nan"), first_line(exc)))
+            step(f"{bits}-bit level {level}{' sym' if symmetric else ''} timed")
         scored = _scored_as_needed(timed, built, task, sample, threads, goal, tolerance, shared)
+        step(f"{bits}-bit modes scored as far as the choice needs")
         figures += sorted(scored + refused, key=lambda f: CANDIDATES.index(f.mode))
     return figures
 
@@ -245,24 +266,35 @@ def modes_key(hardware: HardwareTarget, inputs_fingerprint: str, bit_widths: tup
     return fingerprint(hardware.key, inputs_fingerprint, str(bit_widths), str(block), latency.model_dump_json())
 
 
+def modes_record(modes: KernelModes, figures: list[dict]) -> str:
+    """The chosen modes and every candidate's figures as one JSON text (a cache file's content)."""
+    return json.dumps({"modes": modes.dumps(), "figures": figures}, indent=1)
+
+
+def read_modes_record(text: str) -> tuple[KernelModes, list[dict]]:
+    """(modes, figures) of a ``modes_record``."""
+    data = json.loads(text)
+    return KernelModes.loads(data["modes"]), data["figures"]
+
+
 def cached_modes(cache: Path, measure) -> tuple[KernelModes, list[dict]]:
     """(modes, figures) from ``cache`` when it exists, else from ``measure()`` -> (modes, figures),
     written atomically to ``cache``. One process measures at a time: the others wait and read its result."""
     cache.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_file(cache.with_name(cache.name + ".lock")):
         if cache.is_file():
-            data = json.loads(cache.read_text())
-            return KernelModes.loads(data["modes"]), data["figures"]
+            return read_modes_record(cache.read_text())
         modes, figures = measure()
-        write_atomically(cache, json.dumps({"modes": modes.dumps(), "figures": figures}, indent=1))
+        write_atomically(cache, modes_record(modes, figures))
     return modes, figures
 
 
 def measured_modes(model, task: PreparedTask, linears: tuple[str, ...], bit_widths: tuple[int, ...], block: int,
                    feeds: dict, latency: LatencyConfig, threads: int, cache: Path,
-                   tolerance: float = MODE_TOLERANCE, lock: NodeLock | None = None) -> tuple[KernelModes, list[dict]]:
+                   tolerance: float = MODE_TOLERANCE, lock: NodeLock | None = None,
+                   progress: ModesProgress | None = None) -> tuple[KernelModes, list[dict]]:
     """The chosen modes and every mode's figures, from ``cache`` or measured (``measure_modes``,
-    under ``lock`` as it says)."""
+    under ``lock`` as it says, telling ``progress``)."""
     if not bit_widths:
         return EXACT, []
 
@@ -270,7 +302,7 @@ def measured_modes(model, task: PreparedTask, linears: tuple[str, ...], bit_widt
         work = cache.with_name(cache.stem + ".work")
         try:
             figures = measure_modes(model, task, linears, bit_widths, block, feeds, latency, threads, work,
-                                    tolerance, lock)
+                                    tolerance, lock, progress)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return choose_modes(figures, METRIC_GOALS[task.metric], tolerance), [f.as_dict() for f in figures]

@@ -216,10 +216,12 @@ def run_search(config: Config, ctx: TrialContext, space: SearchSpace, storage: P
 
 
 def start_kernel_modes(ctx: TrialContext) -> list:
-    """When the space offers blockwise formats: this search's kernel modes measured on every node
-    with CPUs as a Ray task that reserves none (``trial.measure_modes_on_node``), started with the
-    search; the references run meanwhile. Its references, for ``stop_tasks``."""
-    if not search_bit_widths(ctx.config):
+    """When the space offers blockwise formats and the driver did not measure them before the search
+    (``ctx.known_modes``: a local search, whose one node is the driver's machine): this search's
+    kernel modes measured on every node with CPUs as a Ray task that reserves none
+    (``trial.measure_modes_on_node``), started with the search; the references run meanwhile. Its
+    references, for ``stop_tasks``."""
+    if not search_bit_widths(ctx.config) or ctx.known_modes:
         return []
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

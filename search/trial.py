@@ -26,7 +26,7 @@ import torch
 
 from slimtune.config import BLOCKWISE_FORMATS, WEIGHT_FORMAT_BITS, Config, LatencyConfig
 from slimtune.evaluators.hardware import HardwareTarget, fingerprint
-from slimtune.evaluators.kernel_modes import measured_modes, modes_key
+from slimtune.evaluators.kernel_modes import measured_modes, modes_key, read_modes_record
 from slimtune.evaluators.latency import latency_inputs
 from slimtune.evaluators.node_lock import NodeLock
 from slimtune.export.modes import EXACT, KernelModes
@@ -57,6 +57,9 @@ class TrialContext:
     lock_path: str
     shipment: Shipment | None = None
     excluded: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # options the sensitivity profile narrowed away
+    # Kernel modes the driver measured on its machine before the search (``prepare.machine_kernel_modes``):
+    # (modes key, ``kernel_modes.modes_record``). A worker whose key is here takes them instead of measuring.
+    known_modes: tuple[tuple[str, str], ...] = ()
     # The driver's activation statistics (``task_calibration`` less its training texts, which every
     # worker has in the task): workers skip measuring them again. Not part of the context's identity.
     calibration: Calibration | None = field(default=None, compare=False, hash=False)
@@ -151,14 +154,19 @@ def plan_bit_widths(plan: CompressionPlan, layout: ModelLayout) -> tuple[int, ..
 
 @functools.lru_cache(maxsize=2)
 def trial_modes(ctx: TrialContext, lock_path: str) -> tuple[KernelModes, tuple[dict, ...]]:
-    """This node's kernel modes for the search's blockwise formats (``slimtune.evaluators.kernel_modes``),
-    measured once per search and hardware target by one worker (the others wait for it), timed
-    under the node's exclusive lock, and cached. Asked for by the first trial whose plan has
-    blockwise weights: the trials before it do not wait."""
+    """This node's kernel modes for the search's blockwise formats (``slimtune.evaluators.kernel_modes``):
+    the ones the driver measured before the search when they are this node's (``known_modes``, a
+    local search), else measured once per search and hardware target by one worker (the others
+    wait for it), timed under the node's exclusive lock, and cached. Asked for by the first trial
+    whose plan has blockwise weights: the trials before it do not wait."""
     state = worker_state(ctx)
     inputs, config = state.inputs, ctx.config
     widths = search_bit_widths(config)
     key = modes_key(inputs.hardware, state.inputs_fingerprint, widths, config.space.block_sizes[0], config.latency)
+    known = dict(ctx.known_modes).get(key)
+    if known is not None:
+        modes, figures = read_modes_record(known)
+        return modes, tuple(figures)
     modes, figures = measured_modes(inputs.model, inputs.task, state.space.layout.linears, widths,
                                     config.space.block_sizes[0], inputs.feeds, config.latency, config.latency.threads,
                                     ctx.trial_dir / "kernel-modes" / f"{key}.json", lock=NodeLock(Path(lock_path)))

@@ -1,5 +1,6 @@
 """Before a search, an export or a benchmark measures anything: the data read, the task kind
-chosen, the model loaded, the scored task prepared (cached), and the sensitivity profile.
+chosen, the model loaded, the scored task prepared (cached), the sensitivity profile, and this
+machine's 4-bit kernel modes (cached).
 
 Nothing here prints: long steps report to a ``PhaseFactory`` (``slimtune.phases``) and the
 findings come back as values (``Prepared.findings``), which the CLI prints.
@@ -94,3 +95,51 @@ def sensitivity_guidance(prepared: Prepared, space, calibration, results: Path,
                       f"({'cached' if cached else f'{profile.seconds:.0f} s'}); below {config.search.quality_floor:.0%} "
                       f"of the uncompressed {profile.metric_name} alone, not offered: {removed}; "
                       f"{len(guidance.seeds)} seed plans")
+
+
+MODES_FOLDER = Path(".work") / "kernel-modes"
+"""Where, under the results folder, a machine's measured kernel modes are filed (one JSON file per
+cache key): read by every later search and ``apply`` on the same machine, model, task and formats."""
+
+
+@dataclass(frozen=True)
+class MachineModes:
+    """This machine's kernel modes for a prepared model and task: the key they are filed under
+    (``kernel_modes.modes_key``), the chosen modes and every candidate mode's figures."""
+
+    key: str
+    modes: Any  # KernelModes
+    figures: tuple[dict, ...]
+
+    def record(self) -> str:
+        """The modes and figures as their cache file holds them (``kernel_modes.modes_record``)."""
+        from slimtune.evaluators.kernel_modes import modes_record
+
+        return modes_record(self.modes, list(self.figures))
+
+
+def machine_kernel_modes(prepared: Prepared, results: Path, phase: PhaseFactory | None = None) -> MachineModes | None:
+    """The blockwise kernel modes of this machine for the prepared model and task
+    (``slimtune.evaluators.kernel_modes``): measured once, on the machine as it is now (nothing
+    else of slimtune's runs yet), and filed under ``results/MODES_FOLDER``; None when the space
+    offers no blockwise format."""
+    from slimtune.evaluators.hardware import current_target, fingerprint
+    from slimtune.evaluators.kernel_modes import measured_modes, modes_key
+    from slimtune.evaluators.latency import latency_inputs
+    from slimtune.evaluators.node_lock import NodeLock
+    from slimtune.search.shipping import inputs_fingerprints
+    from slimtune.search.trial import search_bit_widths
+
+    config, task, phase = prepared.config, prepared.task, phase or QUIET
+    widths = search_bit_widths(config)
+    if not widths:
+        return None
+    block = config.space.block_sizes[0]
+    inputs = fingerprint(*inputs_fingerprints(prepared.loaded.source, prepared.task_path.read_bytes()))
+    key = modes_key(current_target(), inputs, widths, block, config.latency)
+    feeds = latency_inputs(task.input_ids, task.attention_mask, config.latency)
+    with phase(f"{'/'.join(map(str, widths))}-bit kernel modes of this machine (once, then cached)") as shown:
+        modes, figures = measured_modes(prepared.loaded.module, task, prepared.layout.linears, widths, block, feeds,
+                                        config.latency, config.latency.threads, results / MODES_FOLDER / f"{key}.json",
+                                        lock=NodeLock(), progress=lambda done, total, what: shown.update(done, total, what))
+    return MachineModes(key, modes, tuple(figures))

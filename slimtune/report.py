@@ -152,13 +152,16 @@ def _mode_text(figure: dict[str, Any], metric: str) -> str:
     return f"{name} {figure['latency_ms']:.2f} ms {scored}"
 
 
+def kernel_modes_line(hardware: str, described: str, figures: list[dict[str, Any]], metric: str) -> str:
+    """One hardware target's chosen modes (``described``) and what each candidate measured."""
+    measured = "; ".join(_mode_text(f, metric) for f in figures)
+    return f"kernel modes on {hardware}: {described}" + (f" (measured: {measured})" if measured else "")
+
+
 def kernel_modes_lines(records: list[TrialRecord], metric: str) -> list[str]:
     """One console line per hardware target: the chosen modes and what each candidate measured."""
-    lines = []
-    for hardware, found in kernel_modes_by_target(records).items():
-        measured = "; ".join(_mode_text(f, metric) for f in found["figures"])
-        lines.append(f"kernel modes on {hardware}: {found['described']}" + (f" (measured: {measured})" if measured else ""))
-    return lines
+    return [kernel_modes_line(hardware, found["described"], found["figures"], metric)
+            for hardware, found in kernel_modes_by_target(records).items()]
 
 
 def kernel_summary(kernels_json: str) -> str:

@@ -22,12 +22,13 @@ import ray
 from rich.console import Console
 
 from slimtune.config import Config, config_to_yaml
+from slimtune.evaluators.hardware import current_target
 from slimtune.evaluators.node_lock import default_lock_path
 from slimtune.files import staged_folder
 from slimtune.front_phases import keep_front_artifacts, recover_front_points, remeasure_front_points
 from slimtune.phases import Phase, phases_on
-from slimtune.prepare import Prepared, prepare, sensitivity_guidance
-from slimtune.report import write_results
+from slimtune.prepare import MachineModes, Prepared, machine_kernel_modes, prepare, sensitivity_guidance
+from slimtune.report import kernel_modes_line, write_results
 from slimtune.search.front_progress import FrontProgress, hypervolume
 from slimtune.search.objectives import objectives
 from slimtune.search.pareto import not_faster_numbers
@@ -90,7 +91,7 @@ class SearchSession:
         """A new search: prepared, its space profiled, Ray started, its MLflow parent run and its
         resumable state written."""
         uri = config.tracking.uri or default_tracking_uri(results)
-        prepared, space, calibration, guidance = _prepare_search(config, uri, results, console)
+        prepared, space, calibration, guidance, modes = _prepare_search(config, uri, results, console)
         config = prepared.config
         work, tracker = results / ".work" / name, None
         try:
@@ -107,7 +108,7 @@ class SearchSession:
             _stop_local_ray(config)
             raise
         return cls(name, out, results, prepared, space, guidance.seeds if guidance else None, tracker,
-                   _trial_context(prepared, state, work, calibration, guidance), Continuation(study_uri(work), name),
+                   _trial_context(prepared, state, work, calibration, guidance, modes), Continuation(study_uri(work), name),
                    console)
 
     @classmethod
@@ -116,7 +117,7 @@ class SearchSession:
         trials kept (in MLflow too), its unfinished ones closed, and the trials and time it has left."""
         work = results / ".work" / name
         state = _take_over(work, console)
-        prepared, space, calibration, guidance = _prepare_search(config, state.tracking_uri, results, console)
+        prepared, space, calibration, guidance, modes = _prepare_search(config, state.tracking_uri, results, console)
         config, tracker = prepared.config, None
         try:
             tracker = MlflowSearchRun.attach(state.tracking_uri, state.parent_run_id, space)
@@ -138,7 +139,7 @@ class SearchSession:
             _stop_local_ray(config)
             raise
         return cls(name, out, results, prepared, space, guidance.seeds if guidance else None, tracker,
-                   _trial_context(prepared, state, work, calibration, guidance), continuation, console, earlier)
+                   _trial_context(prepared, state, work, calibration, guidance, modes), continuation, console, earlier)
 
     def run(self) -> list[TrialRecord]:
         """The trials left (with the live progress display), then front recovery (recovery mode
@@ -201,7 +202,9 @@ def _stop_local_ray(config: Config) -> None:
 
 def _prepare_search(config: Config, uri: str, results: Path, console: Console):
     """Checks that fail fast (the store, the cluster), then the prepared task, the calibration
-    statistics, the space (narrowed by the sensitivity profile) and a running Ray."""
+    statistics, the space (narrowed by the sensitivity profile), this machine's kernel modes (a
+    local search: measured before Ray starts, on the quiet machine, or read from the results
+    folder) and a running Ray."""
     check_reachable(uri)  # both before minutes of preparation
     check_cluster(config.search.address)
     prepared = prepare(config, results, phases_on(console))
@@ -219,17 +222,23 @@ def _prepare_search(config: Config, uri: str, results: Path, console: Console):
     console.print(f"space: {len(prepared.layout.blocks)} blocks in {len(space.groups)} groups, "
                   f"{sum(len(v) > 1 for v in space.dimensions().values())} open dimensions; "
                   f"references: {', '.join(space.reference_points()) or 'none in this space'}")
+    modes = None if config.search.address else machine_kernel_modes(prepared, results, phases_on(console))
+    if modes is not None:  # a local search's one node is this machine: its trials take these
+        console.print(kernel_modes_line(current_target().key, modes.modes.describe(), list(modes.figures),
+                                        task.metric))
     start_ray(config.search.address)
-    return prepared, space, calibration, guidance
+    return prepared, space, calibration, guidance, modes
 
 
-def _trial_context(prepared: Prepared, state: SearchState, work: Path, calibration, guidance) -> TrialContext:
+def _trial_context(prepared: Prepared, state: SearchState, work: Path, calibration, guidance,
+                   modes: MachineModes | None) -> TrialContext:
     search_id = f"{state.name}-{int(state.started_at)}"
     return TrialContext(config=prepared.config, model_source=prepared.loaded.source,
                         task_path=str(prepared.task_path.resolve()), work_dir=str(work.resolve()),
                         lock_path=str(default_lock_path()),
                         shipment=ship(search_id, prepared.loaded.source, prepared.task_path),
-                        excluded=guidance.excluded if guidance else (), calibration=calibration.without_training())
+                        excluded=guidance.excluded if guidance else (), calibration=calibration.without_training(),
+                        known_modes=((modes.key, modes.record()),) if modes else ())
 
 
 def _take_over(work: Path, console: Console) -> SearchState:

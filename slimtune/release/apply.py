@@ -16,16 +16,15 @@ from rich.console import Console
 from torch import nn
 
 from slimtune.config import Config
-from slimtune.evaluators.hardware import current_target, fingerprint
-from slimtune.evaluators.kernel_modes import measured_modes, modes_key
+from slimtune.evaluators.hardware import current_target
 from slimtune.evaluators.latency import latency_inputs
 from slimtune.evaluators.node_lock import NodeLock
+from slimtune.export.modes import EXACT
 from slimtune.files import staged_folder
 from slimtune.phases import Phase, phases_on
 from slimtune.plan import CompressionPlan, PlanError
 from slimtune.search.measure import PlanInputs, measure_plan
-from slimtune.search.shipping import inputs_fingerprints
-from slimtune.search.trial import search_bit_widths, task_calibration
+from slimtune.search.trial import task_calibration
 
 
 def read_plan(path: Path) -> CompressionPlan:
@@ -62,7 +61,7 @@ class AppliedPlan:
 def apply_plan(plan_path: Path, model_name: str, config: Config, out: Path, results: Path,
                console: Console | None = None) -> AppliedPlan:
     """Compress ``model_name`` with the plan, score and time it on ``config``'s task; write ``out``."""
-    from slimtune.prepare import prepare
+    from slimtune.prepare import machine_kernel_modes, prepare
 
     console = console or Console(quiet=True)
     if out.exists():
@@ -75,15 +74,9 @@ def apply_plan(plan_path: Path, model_name: str, config: Config, out: Path, resu
     model, task = prepared.loaded.module, prepared.task
     check_plan_fits(plan, model)
     feeds = latency_inputs(task.input_ids, task.attention_mask, config.latency)
-    widths = search_bit_widths(config)
-    key = modes_key(current_target(), fingerprint(*inputs_fingerprints(prepared.loaded.source,
-                                                                       prepared.task_path.read_bytes())),
-                    widths, config.space.block_sizes[0], config.latency)
-    with Phase(console, "measuring the 4-bit kernel modes on this machine"):
-        modes, _ = measured_modes(model, task, prepared.layout.linears, widths, config.space.block_sizes[0], feeds,
-                                  config.latency, config.latency.threads,
-                                  results / ".work" / "kernel-modes" / f"{key}.json", lock=NodeLock())
-    inputs = PlanInputs(model=model, task=task, calibration=task_calibration(model, task), feeds=feeds, modes=modes)
+    measured_modes = machine_kernel_modes(prepared, results, phases_on(console))
+    inputs = PlanInputs(model=model, task=task, calibration=task_calibration(model, task), feeds=feeds,
+                        modes=measured_modes.modes if measured_modes else EXACT)
     with staged_folder(out) as staging:
         with Phase(console, f"applying the plan to {model_name} and measuring it"):
             measured = measure_plan(inputs, plan, staging / "model.onnx", config.latency, config.latency.threads,

@@ -1,5 +1,6 @@
-"""A search whose space offers blockwise formats starts measuring its kernel modes with its first
-trials, as a Ray task on every node, so a later 4-bit trial finds them measured."""
+"""A cluster search whose space offers blockwise formats starts measuring its kernel modes with its
+first trials, as a Ray task on every node, so a later 4-bit trial finds them measured; a local
+search's trials take the modes its driver measured before the search."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import pytest
 import ray
 
 from slimtune.config import Config
-from slimtune.prepare import prepare
+from slimtune.prepare import machine_kernel_modes, prepare
 from slimtune.search.runner import start_kernel_modes, start_ray, stop_tasks
-from slimtune.search.trial import TrialContext
+from slimtune.search.trial import TrialContext, trial_modes
 
 pytestmark = pytest.mark.slow
 
@@ -35,3 +36,24 @@ def test_the_modes_are_measured_on_the_node_as_the_search_starts(tiny_config, tm
     (cache,) = (tmp_path / "work" / "kernel-modes").glob("*.json")
     measured = json.loads(cache.read_text())
     assert {(f["level"], f["symmetric"]) for f in measured["figures"]} == {(0, False), (4, False), (0, True), (4, True)}
+
+
+def test_a_local_search_takes_the_modes_its_driver_measured(tiny_config, tmp_path, monkeypatch):
+    import slimtune.search.trial as trial
+
+    config = Config.model_validate(tiny_config(space={"group_size": 2, "block_sizes": [32], "int4_methods": ["rtn"]}))
+    prepared = prepare(config, tmp_path / "results")
+    measured = machine_kernel_modes(prepared, tmp_path / "results")
+    ctx = TrialContext(config=prepared.config, model_source=prepared.loaded.source, task_path=str(prepared.task_path),
+                       work_dir=str(tmp_path / "work"), lock_path=str(tmp_path / "lock"),
+                       known_modes=((measured.key, measured.record()),))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the driver's modes are taken, not measured again")
+
+    monkeypatch.setattr(trial, "measured_modes", refuse)
+    assert start_kernel_modes(ctx) == []  # no task: nothing left to measure (and no Ray needed to say so)
+    assert trial_modes(ctx, ctx.lock_path) == (measured.modes, measured.figures)
+    other = TrialContext(**{**ctx.__dict__, "known_modes": (("another machine's key", measured.record()),)})
+    with pytest.raises(AssertionError, match="not measured again"):  # not this node's: it measures its own
+        trial_modes(other, other.lock_path)

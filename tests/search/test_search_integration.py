@@ -109,3 +109,10 @@ def test_a_second_search_with_the_same_name_is_refused(finished_search, search_c
          "--name", name, "--results-dir", str(results)], capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 2 and "already exists" in done.stderr
+
+
+def test_a_local_search_measures_its_kernel_modes_before_its_trials_and_files_them(finished_search):
+    stdout = finished_search.stdout
+    assert stdout.index("kernel modes of this machine (once, then cached): done") < stdout.index("trial-000")
+    (filed,) = (finished_search.results / ".work" / "kernel-modes").glob("*.json")  # kept for later searches
+    assert '"figures"' in filed.read_text()
