@@ -11,10 +11,16 @@ workers plus one: with a lag of exactly the workers, one long trial (the fp32 re
 build) that outlasted two of the other slot's short ones (a screened plan, a repeated one) idled
 that slot, and Ray Tune, which keeps at most one idle trial actor while no trial is staged, then
 ended the other worker's actor, so the next trial paid a new process and the model's load again
-(7 and 9 s of an idle slot, twice in a 30-trial search on a 2-core AMD EPYC). An enqueued
-plan that fixes every value the space asks for (the reference points, the sensitivity seeds) is
-proposed without that wait: the sampler proposes nothing for it, so what it has heard of changes
-nothing.
+(7 and 9 s of an idle slot, twice in a 30-trial search on a 2-core AMD EPYC). A trial counts as
+ended when it reports its result (a trial reports once, its measured figures, as its last act),
+not when Ray Tune ends it after: the results a waiting proposal needs arrive a step earlier, while
+the trial's actor still runs, so Ray Tune stages the proposed trials before it decides whether to
+keep that actor, and keeps it for one of them. Waiting until the end made a slot that had waited
+for a long trial cost a new process and the model's load again: Tune, with no trial staged,
+kept the waiting slot's idle actor and ended the long trial's (a 4.6 s gap and a 2.8 s load in
+one of two 30-trial searches on a 2-core Intel Xeon). An enqueued plan that fixes every value the
+space asks for (the reference points, the sensitivity seeds) is proposed without waiting: the
+sampler proposes nothing for it, so what it has heard of changes nothing.
 """
 
 from __future__ import annotations
@@ -73,9 +79,20 @@ class OrderedOptunaSearch(OptunaSearch):
             return False
         return True
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """A trial's one result: it has ended for the proposals (module doc)."""
+        if trial_id not in self._ot_trials or trial_id in self._completed_trials or trial_id in self._ended:
+            return super().on_trial_result(trial_id, result)
+        self._end(trial_id, result, False)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id not in self._ot_trials or trial_id in self._completed_trials:
+        if trial_id not in self._ot_trials:
             return super().on_trial_complete(trial_id, result, error)
+        if trial_id in self._completed_trials or trial_id in self._ended:
+            return  # ended on its result: told, or waiting for its turn
+        self._end(trial_id, result, error)  # no result: failed, or stopped before it measured
+
+    def _end(self, trial_id: str, result: dict | None, error: bool) -> None:
         self._ended[trial_id] = (result, error)
         self._tell_up_to(max(0, len(self._order) - self.lag))
 
