@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from slimtune.config import BUILTIN_LLM, Config
+from slimtune.export.modes import KernelModes
 from slimtune.layout import ModelLayout, discover_layout
 from slimtune.model import LoadedModel, load_model, resolve_model_source
 from slimtune.phases import QUIET, PhaseFactory
@@ -108,7 +109,7 @@ class MachineModes:
     (``kernel_modes.modes_key``), the chosen modes and every candidate mode's figures."""
 
     key: str
-    modes: Any  # KernelModes
+    modes: KernelModes
     figures: tuple[dict, ...]
 
     def record(self) -> str:

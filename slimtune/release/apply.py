@@ -74,9 +74,9 @@ def apply_plan(plan_path: Path, model_name: str, config: Config, out: Path, resu
     model, task = prepared.loaded.module, prepared.task
     check_plan_fits(plan, model)
     feeds = latency_inputs(task.input_ids, task.attention_mask, config.latency)
-    measured_modes = machine_kernel_modes(prepared, results, phases_on(console))
+    machine_modes = machine_kernel_modes(prepared, results, phases_on(console))
     inputs = PlanInputs(model=model, task=task, calibration=task_calibration(model, task), feeds=feeds,
-                        modes=measured_modes.modes if measured_modes else EXACT)
+                        modes=machine_modes.modes if machine_modes else EXACT)
     with staged_folder(out) as staging:
         with Phase(console, f"applying the plan to {model_name} and measuring it"):
             measured = measure_plan(inputs, plan, staging / "model.onnx", config.latency, config.latency.threads,
