@@ -80,12 +80,21 @@ def _node_id() -> str:
     return socket.gethostname()
 
 
-@functools.lru_cache(maxsize=4)
-def current_target(provider: str = CPU_PROVIDER) -> HardwareTarget:
+@functools.lru_cache(maxsize=1)
+def _machine() -> tuple[str, int, str]:
+    """(CPU model, logical cores, ONNX Runtime version): read once per process."""
     import onnxruntime as ort
 
-    return HardwareTarget(cpu=_cpu_model(), cores=os.cpu_count() or 1, onnxruntime=ort.__version__,
-                          provider=provider, node=_node_id())
+    return _cpu_model(), os.cpu_count() or 1, ort.__version__
+
+
+def current_target(provider: str = CPU_PROVIDER) -> HardwareTarget:
+    """This machine as a hardware target. The node is read each time, not kept: a driver that asked
+    before it started Ray (its kernel modes are measured first) would otherwise name its host
+    instead of its Ray node for every point it measures after, and the front's re-timing, which
+    runs each point on the node the figure names, could not find it."""
+    cpu, cores, onnxruntime = _machine()
+    return HardwareTarget(cpu=cpu, cores=cores, onnxruntime=onnxruntime, provider=provider, node=_node_id())
 
 
 def fingerprint(*parts: str) -> str:

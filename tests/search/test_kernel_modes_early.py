@@ -57,3 +57,20 @@ def test_a_local_search_takes_the_modes_its_driver_measured(tiny_config, tmp_pat
     other = TrialContext(**{**ctx.__dict__, "known_modes": (("another machine's key", measured.record()),)})
     with pytest.raises(AssertionError, match="not measured again"):  # not this node's: it measures its own
         trial_modes(other, other.lock_path)
+
+
+def test_a_driver_that_measured_before_ray_started_names_its_ray_node_after():
+    """The driver measures its kernel modes before Ray starts; the points it measures later (front
+    recovery) must name the Ray node that the front's re-timing runs them on, not the host."""
+    from slimtune.evaluators.hardware import current_target
+
+    if ray.is_initialized():
+        ray.shutdown()
+    before = current_target()
+    start_ray(None)
+    try:
+        after = current_target()
+        assert after.node == ray.get_runtime_context().get_node_id() != before.node
+        assert after.key == before.key  # the same target: only the node's name changed
+    finally:
+        ray.shutdown()
