@@ -11,16 +11,17 @@ workers plus one: with a lag of exactly the workers, one long trial (the fp32 re
 build) that outlasted two of the other slot's short ones (a screened plan, a repeated one) idled
 that slot, and Ray Tune, which keeps at most one idle trial actor while no trial is staged, then
 ended the other worker's actor, so the next trial paid a new process and the model's load again
-(7 and 9 s of an idle slot, twice in a 30-trial search on a 2-core AMD EPYC). A trial counts as
-ended when it reports its result (a trial reports once, its measured figures, as its last act),
-not when Ray Tune ends it after: the results a waiting proposal needs arrive a step earlier, while
+(7 and 9 s of an idle slot, twice in a 30-trial search on a 2-core AMD EPYC, avx512_vnni). A
+trial counts as ended when it reports its result (a trial reports once, its measured figures, as
+its last act), not when Ray Tune ends it after: the results a waiting proposal needs arrive a step earlier, while
 the trial's actor still runs, so Ray Tune stages the proposed trials before it decides whether to
 keep that actor, and keeps it for one of them. Waiting until the end made a slot that had waited
 for a long trial cost a new process and the model's load again: Tune, with no trial staged,
 kept the waiting slot's idle actor and ended the long trial's (a 4.6 s gap and a 2.8 s load in
-one of two 30-trial searches on a 2-core Intel Xeon). An enqueued plan that fixes every value the
-space asks for (the reference points, the sensitivity seeds) is proposed without waiting: the
-sampler proposes nothing for it, so what it has heard of changes nothing.
+one of two 30-trial searches on a 2-core Intel Xeon, avx512_vnni amx_int8; how often it happens
+depends on how unequal the trials are, not on the CPU's instructions). An enqueued plan that
+fixes every value the space asks for (the reference points, the sensitivity seeds) is proposed
+without waiting: the sampler proposes nothing for it, so what it has heard of changes nothing.
 """
 
 from __future__ import annotations
